@@ -1,0 +1,3 @@
+from pcmoe.cli import main
+
+raise SystemExit(main())

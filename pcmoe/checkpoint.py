@@ -1,0 +1,161 @@
+"""Read a Hugging Face checkpoint folder without memory-mapping it.
+
+We parse the safetensors headers ourselves so that every tensor is known by file and byte range.
+Reads go through `os.preadv` straight into a caller's buffer (a slot of an expert bank, or a fresh
+tensor), and the range is then dropped from the page cache: memory stays what the runtime
+allocated, and every expert load costs a real disk read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder that pcmoe cannot use; the message says what is wrong and what to do."""
+
+
+DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+    def slice0(self, index: int) -> TensorInfo:
+        """The contiguous sub-tensor `t[index]` of a tensor stacked along dim 0."""
+        per = self.nbytes // self.shape[0]
+        return TensorInfo(f"{self.name}[{index}]", self.file, self.dtype, self.shape[1:],
+                          self.offset + index * per, per)
+
+
+def _read_header(path: Path) -> dict[str, TensorInfo]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path} is truncated (no safetensors header); re-download or re-save it")
+        (hlen,) = struct.unpack("<Q", raw)
+        if hlen > min(size, 100 << 20):
+            raise CheckpointError(f"{path} is not a safetensors file (bad header length); re-save it")
+        try:
+            header = json.loads(f.read(hlen))
+        except ValueError as e:
+            raise CheckpointError(f"{path} has a corrupt safetensors header ({e}); re-save it") from None
+    header.pop("__metadata__", None)
+    base = 8 + hlen
+    out = {}
+    for name, meta in header.items():
+        if meta["dtype"] not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {meta['dtype']}, which pcmoe does not support")
+        start, end = meta["data_offsets"]
+        if base + end > size:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {name} ends at byte {base + end} but the file has {size} bytes; "
+                "re-download or re-save the checkpoint")
+        out[name] = TensorInfo(name, path, DTYPES[meta["dtype"]], tuple(meta["shape"]), base + start, end - start)
+    return out
+
+
+class Checkpoint:
+    """The tensors of a checkpoint folder, by name, plus its config.json."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"checkpoint folder {self.folder} does not exist; pass the folder that "
+                                  "holds config.json and the *.safetensors files")
+        cfg = self.folder / "config.json"
+        if not cfg.exists():
+            raise CheckpointError(f"{self.folder} has no config.json; is it a Hugging Face checkpoint folder?")
+        try:
+            self.config_dict = json.loads(cfg.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{cfg} is not valid JSON ({e})") from None
+        files = sorted(self.folder.glob("*.safetensors"))
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            listed = {self.folder / f for f in json.loads(index.read_text())["weight_map"].values()}
+            missing = [p.name for p in listed if not p.exists()]
+            if missing:
+                raise CheckpointError(f"{self.folder} is missing shard(s) {', '.join(sorted(missing))} "
+                                      "named in model.safetensors.index.json; download them")
+            files = sorted(listed)
+        if not files:
+            raise CheckpointError(f"{self.folder} has no *.safetensors files (pcmoe reads safetensors only; "
+                                  "convert .bin checkpoints with save_pretrained)")
+        self.tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            self.tensors.update(_read_header(f))
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    # -- file handles ------------------------------------------------------------------------
+
+    def fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                fd = os.open(path, os.O_RDONLY)
+                if hasattr(os, "posix_fadvise"):
+                    # Random access: no readahead, so nothing beyond what we ask for enters the cache.
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                self._fds[path] = fd
+            return self._fds[path]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def evict_page_cache(self) -> None:
+        """Drop every file of the checkpoint from the OS page cache (clean pages only)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for path in {t.file for t in self.tensors.values()}:
+            os.posix_fadvise(self.fd(path), 0, 0, os.POSIX_FADV_DONTNEED)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def read_into(self, info: TensorInfo, dest: torch.Tensor, evict: bool = True) -> None:
+        """Read a tensor's bytes into `dest` (contiguous, same dtype and number of elements)."""
+        if dest.dtype != info.dtype or not dest.is_contiguous() or dest.numel() * dest.element_size() != info.nbytes:
+            raise ValueError(f"read_into: destination does not match {info.name} ({info.dtype}, {info.shape})")
+        buf = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
+        fd = self.fd(info.file)
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [buf[done:]], info.offset + done)
+            if n <= 0:
+                raise OSError(f"short read of {info.name} from {info.file} at byte {info.offset + done}")
+            done += n
+        if evict and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
+
+    def read(self, info: TensorInfo, dtype: torch.dtype | None = None, evict: bool = True) -> torch.Tensor:
+        """A new tensor holding the data, converted to `dtype` if given."""
+        out = torch.empty(info.shape, dtype=info.dtype)
+        self.read_into(info, out, evict=evict)
+        return out if dtype is None or dtype == info.dtype else out.to(dtype)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __getitem__(self, name: str) -> TensorInfo:
+        return self.tensors[name]

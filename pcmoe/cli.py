@@ -1,0 +1,303 @@
+"""Command line: pcmoe <command> --help for each.
+
+  info      what a checkpoint holds and the smallest budget it can be served in
+  generate  stream text under a budget, then a statistics table
+  eval      perplexity of a document stream (or accuracy of a frame stream) under a budget
+  profile   record which experts a text uses (for static-frequency and warm starts)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from pcmoe.budget import format_bytes as _fmt_bytes
+
+DEFAULT_MODEL = "models/pcmoe-lm"
+
+
+# -- shared options --------------------------------------------------------------------------
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint folder (default: {DEFAULT_MODEL})")
+
+
+def _add_load_options(p: argparse.ArgumentParser) -> None:
+    from pcmoe.policies import POLICIES
+    from pcmoe.routing import STRATEGIES
+
+    _add_model(p)
+    g = p.add_argument_group("memory and policy")
+    g.add_argument("--budget", help="weight memory: bytes with a unit (2GB, 800MiB), a share of the model "
+                                    "(50%%) or of its experts (50%%experts); default: everything resident")
+    g.add_argument("--policy", default="committee", choices=POLICIES, help="serving policy (default: committee)")
+    g.add_argument("--plan", help="plan JSON with per-layer committee sizes (instead of a uniform split)")
+    g.add_argument("--dtype", default="auto", help="weights dtype: auto (as stored), float32, bfloat16")
+    g = p.add_argument_group("committee")
+    g.add_argument("--strategy", default="exchange", choices=STRATEGIES,
+                   help="a token whose expert is absent: exchange to a member, skip it, or hybrid")
+    g.add_argument("--gate-weights", default="renorm", choices=("renorm", "original"),
+                   help="exchange weights: renormalised over members (A) or the full-softmax ones (B)")
+    g.add_argument("--tau", type=float, default=0.05, help="hybrid: skip substitutes whose gate is below tau")
+    g.add_argument("--update-every", type=int, default=16, help="committee update period F (default 16)")
+    g.add_argument("--update-unit", default="tokens", choices=("tokens", "inputs"), help="unit of F")
+    g.add_argument("--swap-bytes", type=int, help="swap I/O allowance per forward step in bytes (default 2 experts)")
+    g.add_argument("--importance", default="window", choices=("window", "ema"), help="importance aggregation")
+    g.add_argument("--margin", type=float, default=0.1, help="hysteresis margin for swaps (default 0.1)")
+    g.add_argument("--spare-slots", type=int, default=1, help="extra slots per layer swaps load into")
+    g.add_argument("--sync-swaps", action="store_true", help="load swaps inline (same outputs, for testing)")
+    g.add_argument("--profile", help="routing profile JSON (from `pcmoe profile`): warm start / static-frequency")
+    g.add_argument("--topk", type=int, help="topk-reduce: experts kept per token")
+    g.add_argument("--seed", type=int, default=0, help="random-keep seed")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--io-bandwidth", help="emulate storage: MB/s, or emmc (300), ufs (2000), nvme (3000)")
+    g.add_argument("--no-evict", action="store_true", help="leave read ranges in the page cache")
+    g.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load_engine(args):
+    import pcmoe
+
+    return pcmoe.load(
+        args.model, budget=args.budget, policy=args.policy, plan=args.plan, dtype=args.dtype,
+        strategy=args.strategy, renorm=args.gate_weights == "renorm", tau=args.tau,
+        update_every=args.update_every, update_unit=args.update_unit, bytes_per_step=args.swap_bytes,
+        importance=args.importance, margin=args.margin, spare_slots=args.spare_slots,
+        synchronous=args.sync_swaps, profile=args.profile, topk=args.topk, seed=args.seed,
+        io_bandwidth=args.io_bandwidth, evict=not args.no_evict, threads=args.threads,
+        progress=not args.quiet and sys.stderr.isatty())
+
+
+def print_stats(stats: dict, out=sys.stdout) -> None:
+    rows = [
+        ("policy", stats["policy"]),
+        ("budget", _fmt_bytes(stats["budget_bytes"])),
+        ("resident weights", f"{_fmt_bytes(stats['resident_bytes'])} "
+                             f"(experts {_fmt_bytes(stats['resident_expert_bytes'])}, "
+                             f"full model {_fmt_bytes(stats['full_model_bytes'])})"),
+        ("committee sizes", " ".join(map(str, stats["committee_sizes"]))),
+        ("hit rate", f"{stats['hit_rate']:.3f} ({stats['hits']}/{stats['choices']})"),
+        ("router mass outside", f"{stats['router_mass_outside']:.3f}"),
+        ("exchanged / skipped", f"{stats['exchanged']} / {stats['skipped']}"),
+        ("swaps (failed)", f"{stats['swaps']} ({stats['swap_failures']}) in {stats['updates']} updates"),
+        ("bytes read", f"{_fmt_bytes(stats['bytes_read'])} in {stats['reads']} reads, {stats['read_s']:.3f} s"),
+        ("stall", f"{stats['stall_s']:.3f} s"),
+        ("peak RSS", _fmt_bytes(stats["peak_rss_bytes"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}", file=out)
+    print(f"  {'layer':<6}{'size':>5}{'hits':>8}{'misses':>8}{'outside':>9}{'swaps':>7}", file=out)
+    for layer in stats["per_layer"]:
+        print(f"  {layer['layer']:<6}{layer['committee_size']:>5}{layer['hits']:>8}{layer['misses']:>8}"
+              f"{layer['router_mass_outside']:>9.3f}{layer['swaps']:>7}", file=out)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    import pcmoe
+    from pcmoe.budget import minimum_budget
+
+    engine = pcmoe.load(args.model, policy="committee", budget="100%", progress=False, evict=True)
+    try:
+        sizes = engine.sizes
+        info = {
+            "model": str(args.model),
+            "model_type": engine.config.model_type,
+            "moe_layers": len(engine.blocks),
+            "experts_per_layer": sizes.num_experts[0],
+            "experts_per_token": engine.family.top_k,
+            "dtype": str(engine.load_info["dtype"]),
+            "nonexpert_bytes": sizes.nonexpert,
+            "expert_bytes": sizes.expert[0],
+            "all_expert_bytes": sizes.all_experts,
+            "full_model_bytes": sizes.full,
+            "minimum_budget_committee": minimum_budget(sizes, 1),
+            "minimum_budget_static": minimum_budget(sizes, 0),
+            "tokenizer": engine.tokenizer is not None,
+            "torch": torch.__version__,
+        }
+    finally:
+        engine.close()
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{info['model']}: {info['model_type']}, {info['moe_layers']} MoE layers x {info['experts_per_layer']} "
+          f"experts (top-{info['experts_per_token']}), weights {info['dtype']}")
+    print(f"  non-expert weights   {_fmt_bytes(info['nonexpert_bytes'])}")
+    print(f"  one expert           {_fmt_bytes(info['expert_bytes'])}")
+    print(f"  all experts          {_fmt_bytes(info['all_expert_bytes'])} "
+          f"({info['all_expert_bytes'] / info['full_model_bytes']:.1%} of the weights)")
+    print(f"  full model           {_fmt_bytes(info['full_model_bytes'])}")
+    print(f"  minimum budget       {_fmt_bytes(info['minimum_budget_committee'])} (committee: 1 member + 1 spare "
+          f"slot per layer); {_fmt_bytes(info['minimum_budget_static'])} for static policies")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    engine = _load_engine(args)
+    try:
+        prompt = args.prompt
+        if args.chat:
+            if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
+                raise SystemExit("error: --chat needs a tokenizer with a chat template")
+            prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                          tokenize=False, add_generation_prompt=True)
+        last = None
+        print(args.prompt if not args.chat else "", end="", flush=True)
+        for step in engine.generate(prompt, max_new_tokens=args.max_tokens, temperature=args.temperature,
+                                    top_p=args.top_p, seed=args.seed_sample, stop=args.stop):
+            print(step.text, end="", flush=True)
+            last = step
+        print()
+        if last is not None:
+            n = last.index + 1
+            decode_tps = (n - 1) / last.decode_s if n > 1 and last.decode_s > 0 else 0.0
+            print(f"\n{last.prompt_tokens} prompt tokens in {last.prefill_s:.3f} s, {n} generated at "
+                  f"{decode_tps:.1f} tok/s (finish: {last.finish_reason})")
+            print_stats(last.stats)
+            if args.json:
+                print(json.dumps({k: v for k, v in last.stats.items() if k != "per_layer"}))
+    finally:
+        engine.close()
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pcmoe.engine import peak_rss_bytes, rss_bytes
+
+    baseline_rss = rss_bytes()
+    engine = _load_engine(args)
+    try:
+        if engine.family.seq2seq:
+            raise SystemExit("error: eval supports decoder-only LMs and the pcmoe vision MoE")
+        if engine.config.model_type == "pcmoe_vit_moe":
+            from pcmoe.models.vit_moe import evaluate_stream
+
+            result = evaluate_stream(engine, args.data, frames=args.frames, seed=args.stream_seed,
+                                     progress=not args.quiet and sys.stderr.isatty())
+        else:
+            from pcmoe.evaluate import perplexity, read_documents
+
+            if not args.data:
+                raise SystemExit("error: eval of a language model needs --data FILE.txt")
+            result = perplexity(engine, read_documents(args.data), window=args.window, max_tokens=args.max_tokens,
+                                progress=not args.quiet and sys.stderr.isatty())
+        stats = engine.stats()
+    finally:
+        engine.close()
+    summary = dict(result)
+    for k in ("budget_bytes", "resident_bytes", "resident_expert_bytes", "nonexpert_bytes", "full_model_bytes",
+              "hit_rate", "router_mass_outside", "bytes_read", "stall_s", "swaps", "swap_failures", "exchanged",
+              "skipped", "committee_sizes", "policy"):
+        summary[k] = stats[k]
+    summary["peak_rss_bytes"] = peak_rss_bytes()
+    summary["runtime_rss_before_load_bytes"] = baseline_rss
+    summary["model"] = str(args.model)
+    if "ppl" in result:
+        print(f"perplexity {result['ppl']:.3f} over {result['tokens']} tokens of {result['documents']} documents, "
+              f"{result['tokens_per_s']:.1f} tok/s")
+    else:
+        print(f"accuracy {result['accuracy']:.4f} over {result['frames']} frames, "
+              f"{result['frames_per_s']:.1f} frames/s")
+    print_stats(stats)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from pathlib import Path
+
+    from pcmoe.budget import atomic_write_text
+    from pcmoe.evaluate import perplexity, read_documents
+
+    args.policy = "on-demand" if args.budget else "full"  # exact routing either way
+    engine = _load_engine(args)
+    try:
+        result = perplexity(engine, read_documents(args.data), window=args.window, max_tokens=args.max_tokens,
+                            progress=not args.quiet and sys.stderr.isatty())
+        profile = engine.importance_profile()
+    finally:
+        engine.close()
+    profile["tokens"] = result["tokens"]
+    profile["source"] = os.path.basename(args.data)
+    atomic_write_text(Path(args.out), json.dumps(profile))
+    print(f"wrote {args.out}: routing of {result['tokens']} tokens (ppl {result['ppl']:.2f})")
+    return 0
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pcmoe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = sub.add_parser("info", help="describe a checkpoint and its minimum budget")
+    _add_model(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="generate text under a memory budget")
+    _add_load_options(p)
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed-sample", type=int, help="sampling seed")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--json", action="store_true", help="also print the statistics as one JSON line")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="perplexity (LM) or frame-stream accuracy (vision) under a budget")
+    _add_load_options(p)
+    p.add_argument("--data", help="text file of documents (separated by a blank line + '=====' or form feeds); "
+                                  "vision: omit for the Fashion-MNIST test frame stream")
+    p.add_argument("--window", type=int, default=256, help="tokens per forward pass (default 256)")
+    p.add_argument("--max-tokens", type=int, help="stop after this many scored tokens")
+    p.add_argument("--frames", type=int, default=2000, help="vision: frames in the stream (default 2000)")
+    p.add_argument("--stream-seed", type=int, default=0, help="vision: frame-stream seed")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("profile", help="record expert usage on a text (static-frequency, warm starts)")
+    _add_load_options(p)
+    p.add_argument("--data", required=True, help="profiling text (same format as eval)")
+    p.add_argument("--out", required=True, help="output profile JSON")
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--max-tokens", type=int)
+    p.set_defaults(func=cmd_profile)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    args = build_parser().parse_args(argv)
+    from pcmoe.engine import PcmoeError
+
+    try:
+        return args.func(args)
+    except PcmoeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

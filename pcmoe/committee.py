@@ -1,0 +1,74 @@
+"""The Parameter Committee of one MoE layer: which experts are resident, and in which slot.
+
+Pure bookkeeping: ids and small integer tensors, no weights and no I/O. A layer owns S slots
+(its committee size plus spare slots that swaps load into). `mask` is what masked gating uses:
+an expert is a member exactly while its slot holds it and it has been switched in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerCommittee:
+    def __init__(self, num_experts: int, num_slots: int):
+        if not 1 <= num_slots:
+            raise ValueError("a layer needs at least one slot")
+        self.num_experts = num_experts
+        self.num_slots = num_slots
+        self.expert_to_slot = torch.full((num_experts,), -1, dtype=torch.long)  # [N], -1 = absent
+        self.slot_to_expert = [-1] * num_slots                                  # [S], -1 = empty
+        self.mask = torch.zeros(num_experts, dtype=torch.bool)                 # [N] members
+        self.reserved: set[int] = set()  # empty slots an in-flight load is writing into
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def members(self) -> list[int]:
+        return [e for e in self.slot_to_expert if e >= 0]
+
+    def is_member(self, expert: int) -> bool:
+        return bool(self.mask[expert])
+
+    def free_slots(self) -> list[int]:
+        return [s for s, e in enumerate(self.slot_to_expert) if e < 0 and s not in self.reserved]
+
+    def slots_of(self, idx: torch.Tensor) -> torch.Tensor:
+        """Map expert ids (any shape, -1 allowed) to slots, -1 where absent."""
+        return torch.where(idx >= 0, self.expert_to_slot[idx.clamp(min=0)], idx.new_full((), -1))
+
+    # -- changes (called between forward passes only) ----------------------------------------
+
+    def install(self, expert: int, slot: int) -> None:
+        if self.slot_to_expert[slot] >= 0:
+            raise RuntimeError(f"slot {slot} still holds expert {self.slot_to_expert[slot]}")
+        if self.mask[expert]:
+            raise RuntimeError(f"expert {expert} is already resident")
+        self.reserved.discard(slot)
+        self.slot_to_expert[slot] = expert
+        self.expert_to_slot[expert] = slot
+        self.mask[expert] = True
+
+    def evict(self, expert: int) -> int:
+        """Remove a member; its slot becomes free (the caller may then overwrite it)."""
+        slot = int(self.expert_to_slot[expert])
+        if slot < 0:
+            raise RuntimeError(f"expert {expert} is not resident")
+        self.mask[expert] = False
+        self.expert_to_slot[expert] = -1
+        self.slot_to_expert[slot] = -1
+        return slot
+
+    def reserve(self, slot: int) -> None:
+        if self.slot_to_expert[slot] >= 0 or slot in self.reserved:
+            raise RuntimeError(f"slot {slot} is not free")
+        self.reserved.add(slot)
+
+    def release(self, slot: int) -> None:
+        self.reserved.discard(slot)
+
+    def switch(self, incoming: int, outgoing: int, slot: int) -> None:
+        """Atomically (between two forwards) swap `outgoing` for `incoming`, which was loaded into
+        the reserved `slot`. The outgoing expert's slot becomes free afterwards, never before."""
+        self.install(incoming, slot)
+        if outgoing >= 0:
+            self.evict(outgoing)

@@ -1,0 +1,723 @@
+"""Load a Hugging Face MoE checkpoint under a memory budget and serve it.
+
+    engine = pcmoe.load("models/pcmoe-lm", budget="50%experts", policy="committee")
+    for step in engine.generate("def fibonacci(", max_new_tokens=32):
+        print(step.text, end="")
+    print(engine.stats())
+
+Loading never materialises a non-resident expert: the transformers model is built with its
+parameters on the meta device, non-expert tensors are read from the safetensors files, each MoE
+block is replaced by a CommitteeMoE with a slot bank sized by the budget, and the initial members
+are read into their slots expert by expert.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pcmoe.budget import (
+    BudgetError,
+    ModelBytes,
+    atomic_write_text,
+    check_plan,
+    format_bytes,
+    minimum_budget,
+    parse_budget,
+    read_plan,
+    slots_for,
+    uniform_sizes,
+)
+from pcmoe.checkpoint import Checkpoint, CheckpointError
+from pcmoe.committee import LayerCommittee
+from pcmoe.importance import ImportanceTracker, top_experts
+from pcmoe.models import FAMILIES
+from pcmoe.moe import CommitteeMoE, SlotExperts
+from pcmoe.policies import (
+    ALL_RESIDENT_POLICIES,
+    DYNAMIC_POLICIES,
+    POLICIES,
+    MaskedGatingController,
+    OnDemandController,
+    TopkReduceController,
+)
+from pcmoe.routing import STRATEGIES
+from pcmoe.scheduler import SwapScheduler
+from pcmoe.store import STORAGE_PROFILES, ExpertStore
+
+PROFILE_FORMAT = "pcmoe-profile/1"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+class PcmoeError(Exception):
+    """Any user-facing error of load(); the CLI prints it as one line."""
+
+
+@dataclass
+class LoadOptions:
+    """Everything load() accepts besides the checkpoint, budget, policy and plan."""
+
+    dtype: str = "auto"            # compute/storage dtype of weights: auto (as on disk), float32, bfloat16
+    strategy: str = "exchange"     # exchange | skip | hybrid (paper §5)
+    renorm: bool = True            # exchange weights renormalised over members (A) or original (B)
+    tau: float = 0.05              # hybrid: skip a substitute whose gate is below tau
+    update_every: int = 16         # committee update period F ...
+    update_unit: str = "tokens"    # ... counted in tokens or inputs (requests / documents)
+    bytes_per_step: int | None = None  # swap I/O allowance per forward step (default: 2 experts)
+    importance: str = "window"     # window | ema
+    ema_decay: float = 0.5
+    margin: float = 0.1            # hysteresis: a newcomer must beat a member by this factor
+    spare_slots: int = 1           # extra slots per layer that swaps load into
+    io_bandwidth: float | str | None = None  # MB/s (or emmc / ufs / nvme) storage emulation
+    synchronous: bool = False      # load swaps inline (tests); same outputs as async
+    seed: int = 0                  # random-keep
+    profile: str | None = None     # importance profile: initial committee / static-frequency
+    topk: int | None = None        # topk-reduce: experts kept per token
+    threads: int | None = None
+    evict: bool = True             # drop read ranges from the page cache
+    cache_dir: str | None = None   # where expert norms are cached
+    progress: bool = True
+
+
+@dataclass
+class GenerationStep:
+    token_id: int
+    text: str                      # the newly decodable text (may be "")
+    index: int                     # 0-based position among generated tokens
+    finish_reason: str | None = None   # None, "length", "stop" or "eos"
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stats: dict = field(default_factory=dict)  # engine.stats(), on the last step only
+
+
+# ------------------------------------------------------------------------------------------------
+# Building the model without its experts
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters are created on the meta device (no memory); buffers stay real, so computed
+    non-persistent buffers such as rotary frequencies keep their values."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=False)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _load_config(ckpt: Checkpoint):
+    from transformers import AutoConfig
+
+    model_type = ckpt.config_dict.get("model_type")
+    if model_type in FAMILIES:
+        try:
+            return AutoConfig.from_pretrained(ckpt.folder)
+        except Exception as e:  # a malformed config.json
+            raise CheckpointError(f"cannot read {ckpt.folder}/config.json: {e}") from None
+    if model_type == "pcmoe_vit_moe":
+        from pcmoe.models.vit_moe import VitMoeConfig
+
+        return VitMoeConfig.from_dict(ckpt.config_dict)
+    moe_keys = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
+    supported = ", ".join(sorted(FAMILIES) + ["pcmoe_vit_moe"])
+    if any(k in ckpt.config_dict for k in moe_keys):
+        raise CheckpointError(f"model_type {model_type!r} is a MoE family pcmoe does not support yet "
+                              f"(supported: {supported})")
+    raise CheckpointError(f"{ckpt.folder} holds a dense model (model_type {model_type!r}, no MoE layers); "
+                          f"pcmoe serves MoE checkpoints ({supported})")
+
+
+def _family_of(config):
+    if config.model_type == "pcmoe_vit_moe":
+        from pcmoe.models.vit_moe import VitMoeFamily
+
+        return VitMoeFamily(config)
+    return FAMILIES[config.model_type](config)
+
+
+def _build_skeleton(config, family, dtype):
+    if config.model_type == "pcmoe_vit_moe":
+        from pcmoe.models.vit_moe import VitMoeForImageClassification
+
+        with _parameters_on_meta():
+            model = VitMoeForImageClassification(config)
+        return model.to(dtype)
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if family.seq2seq else AutoModelForCausalLM
+    with _parameters_on_meta():
+        model = auto.from_config(config, dtype=dtype)
+    return model
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    parent_name, _, name = key.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if name in parent._parameters:
+        parent._parameters[name] = nn.Parameter(value, requires_grad=False)
+    else:
+        parent._buffers[name] = value
+
+
+def _fingerprint(ckpt: Checkpoint) -> str:
+    """Identifies the checkpoint's contents cheaply: headers, sizes and a few sampled bytes."""
+    h = hashlib.sha1()
+    for path in sorted({t.file for t in ckpt.tensors.values()}):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            for pos in (0, size // 3, 2 * size // 3, max(0, size - 4096)):
+                f.seek(pos)
+                h.update(f.read(4096))
+    return h.hexdigest()[:16]
+
+
+def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, unit="expert", dynamic_ncols=True)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """A loaded model, its committees and policy. `engine.model` is the transformers model."""
+
+    def __init__(self, *, model, tokenizer, family, ckpt, store, blocks, committees, trackers, controllers,
+                 scheduler, sizes, committee_sizes, slots, budget, policy, options, expert_norms, load_info):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.family = family
+        self.config = model.config
+        self.checkpoint = ckpt
+        self.store = store
+        self.blocks = blocks
+        self.committees = committees
+        self.trackers = trackers
+        self.controllers = controllers
+        self.scheduler = scheduler
+        self.sizes = sizes
+        self.committee_sizes = committee_sizes
+        self.slots = slots
+        self.budget = budget
+        self.policy = policy
+        self.options = options
+        self.expert_norms = expert_norms
+        self.load_info = load_info
+        self._new_input = None     # set by begin_input(); None = detect from the KV cache
+        self._t_start = time.perf_counter()
+        self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._closed = False
+
+    # -- step boundaries -----------------------------------------------------------------------
+
+    def begin_input(self) -> None:
+        """Mark the next forward as the first of a new input (request, document, frame); later
+        forwards count as its continuation until end_input()."""
+        self._new_input = True
+
+    def end_input(self) -> None:
+        """Back to detecting new inputs from the KV cache (a forward without one starts an input)."""
+        self._new_input = None
+
+    def _before_forward(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("pixel_values", kwargs.get("inputs_embeds"))
+        tokens = int(ids.shape[0] * ids.shape[1]) if ids is not None and ids.dim() >= 2 else 1
+        dec = kwargs.get("decoder_input_ids")
+        if dec is not None:
+            tokens += int(dec.numel())
+        if self._new_input is not None:  # managed by begin_input()/end_input()
+            new_input, self._new_input = self._new_input, False
+        else:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            new_input = cache is None or cache.get_seq_length() == 0
+        if self.scheduler is not None:
+            self.scheduler.begin_step(tokens, new_input)
+        return None
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise PcmoeError("this checkpoint has no tokenizer; pass token ids instead of text")
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @torch.inference_mode()
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+                 stop_on_eos: bool = True) -> Iterator[GenerationStep]:
+        """Yield one GenerationStep per generated token; the last one carries engine.stats()."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise PcmoeError("the prompt is empty")
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if limit and len(ids) + max_new_tokens > limit and not self.family.seq2seq:
+            raise PcmoeError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's context of {limit} tokens")
+        gen = torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**31))
+        eos = self._eos_ids() if stop_on_eos else set()
+        stop = [s for s in (stop or []) if s]
+        new_ids: list[int] = []
+        emitted = ""
+        self.begin_input()
+        t0 = time.perf_counter()
+        logits, state = self._prefill(ids)
+        prefill_s = time.perf_counter() - t0
+        for i in range(max_new_tokens):
+            if i > 0:
+                logits = self._decode_step(state, new_ids[-1])
+            token = _sample(logits, temperature, top_p, gen)
+            new_ids.append(token)
+            finish = "eos" if token in eos else None
+            delta = ""
+            if finish is None and self.tokenizer is not None:
+                text = self._decode(new_ids)
+                if not text.endswith("\ufffd"):  # else an incomplete UTF-8 sequence: wait for more
+                    delta, emitted = text[len(emitted):], text
+                hit = min((emitted.find(s) for s in stop if s in emitted), default=-1)
+                if hit >= 0:
+                    start = len(emitted) - len(delta)
+                    delta = emitted[start:hit] if hit > start else ""
+                    emitted, finish = emitted[:hit], "stop"
+            if finish is None and len(new_ids) >= max_new_tokens:
+                finish = "length"
+            step = GenerationStep(token, delta, i, finish, len(ids), prefill_s,
+                                  time.perf_counter() - t0 - prefill_s)
+            if finish is not None:
+                step.stats = self.stats()
+            yield step
+            if finish is not None:
+                break
+        self.end_input()
+
+    def _prefill(self, ids: list[int]):
+        """Next-token logits [V] after the prompt, and the decoding state (KV cache...)."""
+        from transformers import DynamicCache
+
+        input_ids = torch.tensor([ids])
+        if self.family.seq2seq:
+            enc = self.model.get_encoder()(input_ids=input_ids)
+            start = torch.tensor([[self.config.decoder_start_token_id]])
+            out = self.model(encoder_outputs=enc, decoder_input_ids=start, use_cache=True)
+            return out.logits[0, -1].float(), {"enc": enc, "cache": out.cache}
+        cache = DynamicCache(config=self.config)
+        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float(), {"cache": cache}
+
+    def _decode_step(self, state: dict, token: int) -> torch.Tensor:
+        ids = torch.tensor([[token]])
+        if self.family.seq2seq:
+            out = self.model(encoder_outputs=state["enc"], decoder_input_ids=ids, cache=state["cache"],
+                             use_cache=True)
+            state["cache"] = out.cache
+        else:
+            out = self.model(input_ids=ids, cache=state["cache"], use_cache=True)
+        return out.logits[0, -1].float()
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(self.config, "eos_token_id", None)
+        out = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            out.add(self.tokenizer.eos_token_id)
+        return out
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    def reset_stats(self) -> None:
+        from pcmoe.routing import GatingStats
+        from pcmoe.scheduler import SchedulerStats
+        from pcmoe.store import StoreStats
+
+        for c in self.controllers:
+            c.stats = GatingStats()
+            c.stall_s = 0.0
+        self.store.stats = StoreStats()
+        if self.scheduler is not None:
+            self.scheduler.stats = SchedulerStats(per_layer_swaps=[0] * len(self.committees))
+        self._t_start = time.perf_counter()
+
+    def stats(self) -> dict:
+        layers = []
+        tot = {"choices": 0, "hits": 0, "exchanged": 0, "skipped": 0, "mass_total": 0.0, "mass_outside": 0.0}
+        for layer, (c, committee) in enumerate(zip(self.controllers, self.committees)):
+            s = c.stats
+            for k in tot:
+                tot[k] += getattr(s, k)
+            layers.append({
+                "layer": layer, "block": self.blocks[layer].block_name, "experts": committee.num_experts,
+                "committee_size": self.committee_sizes[layer], "slots": committee.num_slots,
+                "members": sorted(committee.members()), "choices": s.choices, "hits": s.hits,
+                "misses": s.choices - s.hits, "exchanged": s.exchanged, "skipped": s.skipped,
+                "router_mass_outside": s.mass_outside / s.mass_total if s.mass_total else 0.0,
+                "swaps": self.scheduler.stats.per_layer_swaps[layer] if self.scheduler else 0,
+            })
+        st = self.store.stats
+        sched = self.scheduler.stats if self.scheduler else None
+        stall = sum(c.stall_s for c in self.controllers) + (sched.stall_s if sched else 0.0)
+        resident_expert_bytes = sum(b * s for b, s in zip(self.sizes.expert, self.slots))
+        return {
+            "policy": self.policy,
+            "budget_bytes": self.budget,
+            "nonexpert_bytes": self.sizes.nonexpert,
+            "resident_expert_bytes": resident_expert_bytes,
+            "resident_bytes": self.sizes.nonexpert + resident_expert_bytes,
+            "full_model_bytes": self.sizes.full,
+            "committee_sizes": list(self.committee_sizes),
+            "choices": tot["choices"],
+            "hits": tot["hits"],
+            "misses": tot["choices"] - tot["hits"],
+            "hit_rate": tot["hits"] / tot["choices"] if tot["choices"] else 1.0,
+            "router_mass_outside": tot["mass_outside"] / tot["mass_total"] if tot["mass_total"] else 0.0,
+            "exchanged": tot["exchanged"],
+            "skipped": tot["skipped"],
+            "swaps": sched.swaps if sched else 0,
+            "swap_failures": sched.swap_failures if sched else 0,
+            "updates": sched.updates if sched else 0,
+            "bytes_read": st.bytes_read,
+            "reads": st.reads,
+            "read_s": st.read_s,
+            "read_errors": st.errors,
+            "stall_s": stall,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "rss_bytes": rss_bytes(),
+            "load": self.load_info,
+            "per_layer": layers,
+        }
+
+    def importance_profile(self) -> dict:
+        """Importance and routing counts accumulated since load (unmasked routing)."""
+        return {
+            "format": PROFILE_FORMAT,
+            "model_type": self.config.model_type,
+            "num_experts": [c.num_experts for c in self.committees],
+            "importance": [t.total.add(t.window * t.expert_norms).tolist() for t in self.trackers],
+            "counts": [t.counts.tolist() for t in self.trackers],
+        }
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.scheduler is not None:
+            self.scheduler.close()
+        self._hook.remove()
+        self.checkpoint.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def load(checkpoint_dir: str | os.PathLike, budget=None, policy: str = "committee", plan=None,
+         **options) -> Engine:
+    """Load a checkpoint folder under a memory budget; see LoadOptions for the options."""
+    unknown = set(options) - set(LoadOptions.__dataclass_fields__)
+    if unknown:
+        raise PcmoeError(f"unknown load option(s): {', '.join(sorted(unknown))}")
+    opts = LoadOptions(**options)
+    try:
+        return _load(Path(checkpoint_dir), budget, policy, plan, opts)
+    except (CheckpointError, BudgetError) as e:
+        raise PcmoeError(str(e)) from None
+
+
+def _validate(policy: str, opts: LoadOptions, family) -> None:
+    if policy not in POLICIES:
+        raise PcmoeError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if opts.strategy not in STRATEGIES:
+        raise PcmoeError(f"unknown strategy {opts.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if opts.update_unit not in ("tokens", "inputs"):
+        raise PcmoeError("update_unit must be 'tokens' or 'inputs'")
+    if opts.update_every < 1:
+        raise PcmoeError("update_every must be at least 1")
+    if opts.spare_slots < 1 and policy in DYNAMIC_POLICIES:
+        raise PcmoeError("the committee policy needs at least one spare slot per layer to swap into")
+    if policy == "topk-reduce":
+        k = family.top_k
+        if opts.topk is None:
+            opts.topk = max(1, k // 2)
+        if not 1 <= opts.topk < k:
+            raise PcmoeError(f"topk-reduce needs 1 <= topk < {k} (the model's experts per token)")
+    if policy == "static-frequency" and not opts.profile:
+        raise PcmoeError("static-frequency needs a routing profile: pass profile=FILE "
+                         "(make one with `pcmoe profile --model DIR --data FILE.txt`)")
+
+
+def _resolve_dtype(opts: LoadOptions, first_expert_dtype: torch.dtype) -> torch.dtype:
+    if opts.dtype in (None, "auto"):
+        return first_expert_dtype if first_expert_dtype.is_floating_point else torch.float32
+    if isinstance(opts.dtype, torch.dtype):
+        return opts.dtype
+    if opts.dtype not in _DTYPES:
+        raise PcmoeError(f"unknown dtype {opts.dtype!r}; use auto, float32, bfloat16 or float16")
+    return _DTYPES[opts.dtype]
+
+
+def _io_bandwidth(value) -> float | None:
+    if value in (None, "", 0):
+        return None
+    if isinstance(value, str) and value.lower() in STORAGE_PROFILES:
+        return STORAGE_PROFILES[value.lower()]
+    try:
+        mbps = float(value)
+    except ValueError:
+        raise PcmoeError(f"io_bandwidth {value!r} must be MB/s or one of {', '.join(STORAGE_PROFILES)}") from None
+    if mbps <= 0:
+        raise PcmoeError("io_bandwidth must be positive")
+    return mbps
+
+
+def _expert_norms(ckpt: Checkpoint, store: ExpertStore, num_experts: list[int],
+                  opts: LoadOptions) -> list[torch.Tensor]:
+    """||E_i|| per layer, streamed from disk once and cached by checkpoint fingerprint."""
+    key = _fingerprint(ckpt)
+    shipped = ckpt.folder / "pcmoe_expert_norms.json"
+    cache_root = Path(opts.cache_dir or os.environ.get("PCMOE_CACHE") or Path.home() / ".cache" / "pcmoe")
+    cached = cache_root / key / "expert_norms.json"
+    for path in (shipped, cached):
+        if path.exists():
+            with contextlib.suppress(ValueError, KeyError):
+                data = json.loads(path.read_text())
+                if data["fingerprint"] == key and [len(n) for n in data["norms"]] == num_experts:
+                    return [torch.tensor(n, dtype=torch.float64) for n in data["norms"]]
+    pairs = [(layer, e) for layer, n in enumerate(num_experts) for e in range(n)]
+    values = [store.expert_norm(layer, e) for layer, e in _progress(pairs, "expert norms", opts.progress)]
+    norms, i = [], 0
+    for n in num_experts:
+        norms.append(values[i:i + n])
+        i += n
+    with contextlib.suppress(OSError):
+        atomic_write_text(cached, json.dumps({"fingerprint": key, "norms": norms}))
+    return [torch.tensor(n, dtype=torch.float64) for n in norms]
+
+
+def _read_profile(path, model_type: str, num_experts: list[int]) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise PcmoeError(f"profile {p} does not exist; make one with `pcmoe profile`")
+    try:
+        data = json.loads(p.read_text())
+    except ValueError as e:
+        raise PcmoeError(f"profile {p} is not valid JSON ({e})") from None
+    if data.get("format") != PROFILE_FORMAT or data.get("num_experts") != num_experts:
+        raise PcmoeError(f"profile {p} does not match this model (expected format {PROFILE_FORMAT} "
+                         f"and experts per layer {num_experts})")
+    return data
+
+
+def _initial_members(policy, layer, n, norms, profile, opts) -> list[int]:
+    N = len(norms)
+    if n >= N:
+        return list(range(N))
+    if policy == "random-keep":
+        return sorted(random.Random(opts.seed * 1000 + layer).sample(range(N), n))
+    if policy == "static-frequency":
+        return top_experts(torch.tensor(profile["counts"][layer]), n)
+    if profile is not None and policy in ("committee", "on-demand"):
+        return top_experts(torch.tensor(profile["importance"][layer]), n)
+    return top_experts(norms, n)  # magnitude-keep, and the default warm start
+
+
+def _load(folder: Path, budget_spec, policy: str, plan, opts: LoadOptions) -> Engine:
+    t_load = time.perf_counter()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    ckpt = Checkpoint(folder)
+    config = _load_config(ckpt)
+    family = _family_of(config)
+    _validate(policy, opts, family)
+
+    # The weights' dtype: as stored (the commonest floating dtype on disk) unless asked otherwise.
+    stored = [t.dtype for t in ckpt.tensors.values() if t.dtype.is_floating_point]
+    dtype = _resolve_dtype(opts, max(set(stored), key=stored.count) if stored else torch.float32)
+    model = _build_skeleton(config, family, dtype)  # parameters on meta: no memory
+    block_names = [name for name, m in model.named_modules() if type(m).__name__ in family.block_classes]
+    if not block_names:
+        raise PcmoeError(f"{folder}: no MoE blocks found in the {config.model_type} model (all layers dense?)")
+    N = family.num_experts
+    pieces = [[family.expert_pieces(ckpt, name, e) for e in range(N)] for name in block_names]
+
+    # Non-expert tensors: every parameter/persistent buffer outside the expert banks.
+    expert_prefixes = tuple(f"{name}.experts." for name in block_names)
+    meta_state = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(expert_prefixes)}
+    nonexpert: dict[str, object] = {}
+    missing: set[str] = set()
+    for key in meta_state:
+        disk = next((d for d in family.disk_keys(key) if d in ckpt), None)
+        if disk is None:
+            missing.add(key)
+        else:
+            nonexpert[key] = ckpt[disk]
+    tied_map = model.get_expanded_tied_weights_keys(all_submodels=True) if hasattr(
+        model, "get_expanded_tied_weights_keys") else {}
+    tied = set(tied_map) | set(tied_map.values())
+    untied_missing = sorted(k for k in missing if k not in tied and meta_state[k].device.type == "meta")
+    if untied_missing:
+        raise PcmoeError(f"{folder}: the checkpoint lacks {len(untied_missing)} tensor(s) the model needs, "
+                         f"e.g. {untied_missing[0]}; it does not match its config.json")
+
+    def nbytes_as(info, target):
+        return info.nbytes // info.dtype.itemsize * target.itemsize
+
+    nonexpert_bytes = sum(nbytes_as(info, meta_state[k].dtype) for k, info in nonexpert.items())
+    expert_bytes = [sum(nbytes_as(p.info, dtype) for p in pieces[layer][0]) for layer in range(len(block_names))]
+    sizes = ModelBytes(nonexpert_bytes, expert_bytes, [N] * len(block_names))
+
+    # Committee sizes and slots.
+    spare = opts.spare_slots if policy in DYNAMIC_POLICIES else 0
+    budget = parse_budget(budget_spec, sizes)
+    if plan is not None:
+        plan_data = read_plan(plan)
+        for k, v in plan_data.get("options", {}).items():
+            if k in LoadOptions.__dataclass_fields__:
+                setattr(opts, k, v)
+        committee_sizes = check_plan(plan_data, config.model_type, sizes.num_experts)
+        if policy in ALL_RESIDENT_POLICIES:
+            committee_sizes = list(sizes.num_experts)
+    elif policy in ALL_RESIDENT_POLICIES or budget is None:
+        committee_sizes = list(sizes.num_experts)
+    else:
+        committee_sizes = uniform_sizes(budget, sizes, spare, policy)
+    slots = slots_for(committee_sizes, sizes, spare)
+    need = sizes.slots_bytes(slots)
+    if budget is not None and need > budget:
+        if policy in ALL_RESIDENT_POLICIES:
+            raise PcmoeError(f"policy {policy} keeps every expert resident ({format_bytes(need)}) but the budget "
+                             f"is {format_bytes(budget)}; raise the budget or use committee/on-demand")
+        raise PcmoeError(f"the plan needs {format_bytes(need)} of weights but the budget is {format_bytes(budget)} "
+                         f"(minimum {format_bytes(minimum_budget(sizes, spare))})")
+    if budget is None:
+        budget = need
+
+    # Load non-expert tensors into the skeleton.
+    for key, info in nonexpert.items():
+        _set_tensor(model, key, ckpt.read(info, meta_state[key].dtype, evict=opts.evict))
+    if missing and hasattr(model, "tie_weights"):
+        model.tie_weights(missing_keys=missing, recompute_mapping=True)
+
+    # Replace MoE blocks by committee blocks with slot banks.
+    blocks = []
+    for layer, name in enumerate(block_names):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        experts = SlotExperts(family.kernel(), slots[layer], dtype)
+        block = CommitteeMoE(getattr(parent, attr), family, experts, layer, name)
+        setattr(parent, attr, block)
+        blocks.append(block)
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise PcmoeError(f"{folder}: tensor {leftover[0]} was not loaded; the checkpoint does not match its config")
+    model.eval()
+
+    store = ExpertStore(ckpt, pieces, io_bandwidth_mbps=_io_bandwidth(opts.io_bandwidth), evict=opts.evict)
+    norms = _expert_norms(ckpt, store, sizes.num_experts, opts)
+    profile = _read_profile(opts.profile, config.model_type, sizes.num_experts) if opts.profile else None
+
+    committees, trackers, controllers = [], [], []
+    fill = []
+    for layer in range(len(blocks)):
+        committee = LayerCommittee(N, slots[layer])
+        members = _initial_members(policy, layer, committee_sizes[layer], norms[layer], profile, opts)
+        for slot, e in enumerate(members):
+            fill.append((layer, e, slot))
+        committees.append(committee)
+        trackers.append(ImportanceTracker(norms[layer], opts.importance, opts.ema_decay))
+    for layer, e, slot in _progress(fill, "loading experts", opts.progress):
+        if not store.load(layer, e, blocks[layer].experts.slot(slot)):
+            raise PcmoeError(f"{folder}: cannot read expert {e} of {block_names[layer]} (I/O error after retries)")
+        committees[layer].install(e, slot)
+
+    def load_into_slot(layer: int, expert: int, slot: int) -> bool:
+        return store.load(layer, expert, blocks[layer].experts.slot(slot))
+
+    for layer, block in enumerate(blocks):
+        committee, tracker = committees[layer], trackers[layer]
+        if policy == "on-demand":
+            ctrl = OnDemandController(committee, tracker, load_into_slot, layer)
+        elif policy == "topk-reduce":
+            ctrl = TopkReduceController(committee, tracker, opts.topk)
+        else:
+            strategy = opts.strategy
+            ctrl = MaskedGatingController(committee, tracker, opts.renorm, strategy, opts.tau)
+        block.controller = ctrl
+        controllers.append(ctrl)
+
+    scheduler = None
+    if policy in DYNAMIC_POLICIES and any(n < N for n in committee_sizes):
+        scheduler = SwapScheduler(
+            committees, trackers, committee_sizes, expert_bytes, load_into_slot,
+            update_every=opts.update_every, unit=opts.update_unit,
+            bytes_per_step=opts.bytes_per_step or 2 * max(expert_bytes), margin=opts.margin,
+            synchronous=opts.synchronous)
+
+    tokenizer = None
+    if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        with contextlib.suppress(Exception):
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    load_info = {"seconds": time.perf_counter() - t_load, "bytes_read": store.stats.bytes_read,
+                 "dtype": str(dtype).replace("torch.", "")}
+    engine = Engine(model=model, tokenizer=tokenizer, family=family, ckpt=ckpt, store=store, blocks=blocks,
+                    committees=committees, trackers=trackers, controllers=controllers, scheduler=scheduler,
+                    sizes=sizes, committee_sizes=committee_sizes, slots=slots, budget=budget, policy=policy,
+                    options=opts, expert_norms=norms, load_info=load_info)
+    engine.reset_stats()
+    return engine

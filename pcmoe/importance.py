@@ -1,0 +1,89 @@
+"""Expert importance (paper eq. 1) and committee selection.
+
+importance(E_i, X) = sum over the tokens x of X that the *unmasked* router sends to E_i of
+                     ||x|| * |G(x)_i| * ||E_i||
+
+Decisions (see docs/DESIGN.md): G(x)_i is the combine weight the unmasked router gives expert i
+(what would multiply E_i(x)); ||x|| is the L2 norm of the MoE layer's input; ||E_i|| is the
+Frobenius norm of all of the expert's weights. Pure tensor code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ImportanceTracker:
+    """Importance of the experts of one layer, accumulated over an update window.
+
+    mode "window": the score used at an update is the importance summed since the last update.
+    mode "ema":    score <- decay * score + (1 - decay) * window importance.
+    """
+
+    def __init__(self, expert_norms: torch.Tensor, mode: str = "window", ema_decay: float = 0.5):
+        if mode not in ("window", "ema"):
+            raise ValueError(f"importance mode must be 'window' or 'ema', not {mode!r}")
+        self.expert_norms = expert_norms.double()               # [N]
+        self.mode = mode
+        self.ema_decay = ema_decay
+        self.window = torch.zeros_like(self.expert_norms)       # [N] sum of ||x||*|G| since the update
+        self.score = torch.zeros_like(self.expert_norms)        # [N] what the last update decided on
+        self.total = torch.zeros_like(self.expert_norms)        # [N] importance since load (profiles)
+        self.counts = torch.zeros_like(self.expert_norms)       # [N] tokens routed (unmasked)
+
+    def accumulate(self, x_norm: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> None:
+        """x_norm [T], idx [T, k] (unmasked routing, -1 = none), weights [T, k]."""
+        valid = idx >= 0
+        contrib = (x_norm.double()[:, None] * weights.double().abs())[valid]   # [pairs]
+        experts = idx[valid]
+        self.window.index_add_(0, experts, contrib)
+        self.counts.index_add_(0, experts, torch.ones_like(contrib))
+
+    def close_window(self) -> torch.Tensor:
+        """End the update window; returns the score [N] to choose the committee by."""
+        window = self.window * self.expert_norms
+        self.total += window
+        if self.mode == "window":
+            self.score = window
+        else:
+            self.score = self.ema_decay * self.score + (1 - self.ema_decay) * window
+        self.window = torch.zeros_like(self.window)
+        return self.score
+
+
+def plan_swaps(score: torch.Tensor, members: list[int], size: int, margin: float = 0.0) -> list[tuple[int, int]]:
+    """Swaps (incoming, outgoing) that move the committee towards the `size` highest-scoring experts.
+
+    Ties favour current members (no swap for equal scores), then lower ids. Hysteresis: the best
+    remaining candidate replaces the worst remaining member only if its score exceeds the member's
+    by the factor (1 + margin); an expert with zero score never comes in. Returned best gain first.
+    If the committee has fewer than `size` members, extra entries have outgoing = -1.
+    """
+    member_set = set(members)
+    order = sorted(range(len(score)), key=lambda e: (-float(score[e]), e not in member_set, e))
+    target = set(order[:size])
+    incoming = [e for e in order if e in target and e not in member_set]             # best first
+    outgoing = [e for e in reversed(order) if e in member_set and e not in target]   # worst first
+    swaps: list[tuple[int, int]] = []
+    free = size - len(members)
+    for e in incoming:
+        if float(score[e]) <= 0.0:
+            break
+        if free > 0:
+            swaps.append((e, -1))
+            free -= 1
+            continue
+        if not outgoing:
+            break
+        out = outgoing[0]
+        if float(score[e]) <= float(score[out]) * (1.0 + margin):
+            break
+        swaps.append((e, out))
+        outgoing.pop(0)
+    return swaps
+
+
+def top_experts(score: torch.Tensor, size: int) -> list[int]:
+    """The `size` highest-scoring experts (ties: lower id first), e.g. an initial committee."""
+    order = sorted(range(len(score)), key=lambda e: (-float(score[e]), e))
+    return sorted(order[:size])

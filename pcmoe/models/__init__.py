@@ -1,0 +1,1 @@
+from pcmoe.models.families import FAMILIES  # noqa: F401

@@ -1,0 +1,115 @@
+"""The expert bank (slots) and the MoE block that replaces a transformers MoE block.
+
+Dimension legend:  T tokens, H hidden size, I expert intermediate size, S slots, k experts per token.
+
+The bank holds S expert slots as stacked tensors ([S, 2I, H] etc.); `forward` takes slot ids, so
+the kernel never knows which expert sits in a slot nor that slots are ever swapped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------
+# Expert kernels: the weights of one expert and its computation.
+
+
+class GluKernel:
+    """act(x Wg^T) * (x Wu^T), then W_down (Mixtral, Qwen, OLMoE, DeepSeek, PhiMoE)."""
+
+    def __init__(self, hidden: int, intermediate: int, act):
+        self.tensors = {"gate_up": (2 * intermediate, hidden), "down": (hidden, intermediate)}
+        self.act = act
+
+    def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)      # [T, I] each
+        return F.linear(self.act(gate) * up, w["down"])            # [T, H]
+
+
+class GptOssKernel:
+    """gpt-oss: transposed weights with biases, interleaved gate/up, clamped SwiGLU."""
+
+    def __init__(self, hidden: int, intermediate: int, alpha: float, limit: float):
+        self.tensors = {"gate_up": (hidden, 2 * intermediate), "gate_up_bias": (2 * intermediate,),
+                        "down": (intermediate, hidden), "down_bias": (hidden,)}
+        self.alpha, self.limit = alpha, limit
+
+    def __call__(self, x, w):
+        gate_up = x @ w["gate_up"] + w["gate_up_bias"]             # [T, 2I]
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        glu = gate * torch.sigmoid(gate * self.alpha)
+        return ((up + 1) * glu) @ w["down"] + w["down_bias"]       # [T, H]
+
+
+class MlpKernel:
+    """Switch Transformers: W_o act(W_i x)."""
+
+    def __init__(self, hidden: int, intermediate: int, act):
+        self.tensors = {"wi": (intermediate, hidden), "wo": (hidden, intermediate)}
+        self.act = act
+
+    def __call__(self, x, w):
+        return F.linear(self.act(F.linear(x, w["wi"])), w["wo"])
+
+
+class SlotExperts(nn.Module):
+    """S expert slots of one layer. Weights live in plain tensors (not parameters), one per
+    weight kind, stacked over slots, so a slot is a contiguous view a swap can overwrite."""
+
+    def __init__(self, kernel, num_slots: int, dtype: torch.dtype):
+        super().__init__()
+        self.kernel = kernel
+        self.num_slots = num_slots
+        self.bank = {name: torch.zeros((num_slots, *shape), dtype=dtype) for name, shape in kernel.tensors.items()}
+
+    @property
+    def slot_nbytes(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in self.bank.values())
+
+    def slot(self, s: int) -> dict[str, torch.Tensor]:
+        return {name: t[s] for name, t in self.bank.items()}
+
+    def forward(self, x: torch.Tensor, slot_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], slot_idx [T, k] (-1 = no expert), weights [T, k] -> [T, H]."""
+        out = torch.zeros_like(x)
+        if x.shape[0] == 1:  # decode: a handful of experts, no gather/scatter
+            for j, s in enumerate(slot_idx[0].tolist()):
+                if s >= 0:
+                    out += self.kernel(x, self.slot(s)) * weights[0, j].to(x.dtype)
+            return out
+        for s in torch.unique(slot_idx[slot_idx >= 0]).tolist():
+            tok, pos = torch.where(slot_idx == s)                  # [t_s]
+            h = self.kernel(x[tok], self.slot(s)) * weights[tok, pos, None].to(x.dtype)
+            out.index_add_(0, tok, h)
+        return out
+
+
+class CommitteeMoE(nn.Module):
+    """Drop-in replacement for a transformers MoE block.
+
+    Keeps the original block's router and shared-expert submodules under their own names (so the
+    checkpoint's non-expert keys still load), swaps the fused experts for a SlotExperts bank, and
+    routes through a controller (the serving policy: committee, on-demand, ...)."""
+
+    def __init__(self, original: nn.Module, family, experts: SlotExperts, layer: int, name: str):
+        super().__init__()
+        for child_name, child in original.named_children():
+            if child_name != "experts":
+                self.add_module(child_name, child)
+        self.experts = experts
+        self.family = family
+        self.layer = layer          # index among the model's MoE blocks
+        self.block_name = name      # module path in the model
+        self.controller = None      # set by the engine
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        shape = hidden_states.shape                                 # [B, S, H]
+        x = hidden_states.reshape(-1, shape[-1])                    # [T, H]
+        logits = self.family.router_logits(self, x)                 # [T, N]
+        y = self.controller.forward(self, x, logits, tuple(shape[:-1]))  # [T, H]
+        y = self.family.add_shared(self, x, y)
+        return self.family.pack_output(y.reshape(shape))

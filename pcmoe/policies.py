@@ -1,0 +1,125 @@
+"""Serving policies: how each MoE layer routes tokens and runs experts under its resident set.
+
+A controller sits in every CommitteeMoE block. All policies share the slot bank, the committee
+(slot table + mask) and the statistics; they differ in routing and in what happens on a miss.
+
+  full              all experts resident, the model's own routing (reference)
+  committee         the paper: masked gating to a dynamic committee refreshed by swaps
+  random-keep       masked gating to a fixed random subset (v1 "Random keep")
+  magnitude-keep    masked gating to the fixed largest-||E_i|| subset (ACL "Pruning")
+  static-frequency  masked gating to the fixed most-used subset of a profiling text
+  on-demand         exact: an LRU cache of experts, misses loaded from disk before they run
+  topk-reduce       all experts resident, each token keeps only its top-k' experts
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import torch
+
+from pcmoe.committee import LayerCommittee
+from pcmoe.importance import ImportanceTracker
+from pcmoe.routing import GatingStats, Route, gate
+
+POLICIES = ("full", "committee", "random-keep", "magnitude-keep", "static-frequency", "on-demand", "topk-reduce")
+DYNAMIC_POLICIES = ("committee",)       # need spare slots and a scheduler
+STATIC_KEEP_POLICIES = ("random-keep", "magnitude-keep", "static-frequency")
+ALL_RESIDENT_POLICIES = ("full", "topk-reduce")
+
+
+class LayerController:
+    """Shared state of one layer; subclasses implement `route_and_run`."""
+
+    def __init__(self, committee: LayerCommittee, tracker: ImportanceTracker, renorm: bool = True):
+        self.committee = committee
+        self.tracker = tracker
+        self.renorm = renorm
+        self.stats = GatingStats()
+        self.stall_s = 0.0
+
+    def _select(self, block, batch_shape, k=None):
+        return lambda logits, mask: block.family.select(block, logits, mask, self.renorm, batch_shape, k)
+
+    def _track(self, x: torch.Tensor, full: Route) -> None:
+        self.tracker.accumulate(x.float().norm(dim=-1), full.idx, full.weights)
+
+    def forward(self, block, x, logits, batch_shape) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class MaskedGatingController(LayerController):
+    """full, committee and the fixed-subset policies: route only to members (masked gating)."""
+
+    def __init__(self, committee, tracker, renorm=True, strategy="exchange", tau=0.0):
+        super().__init__(committee, tracker, renorm)
+        self.strategy, self.tau = strategy, tau
+
+    def forward(self, block, x, logits, batch_shape):
+        exe, full, stats = gate(self._select(block, batch_shape), logits, self.committee.mask, self.strategy, self.tau)
+        self.stats.add(stats)
+        self._track(x, full)
+        return block.experts(x, self.committee.slots_of(exe.idx), exe.weights)
+
+
+class TopkReduceController(LayerController):
+    """Every token keeps its top-k' experts, weighted by the model's own rule over those k'."""
+
+    def __init__(self, committee, tracker, k: int):
+        super().__init__(committee, tracker)
+        self.k = k
+
+    def forward(self, block, x, logits, batch_shape):
+        full = self._select(block, batch_shape)(logits, None)
+        self._track(x, full)
+        kept = self._select(block, batch_shape, self.k)(logits, None)
+        valid = full.idx >= 0
+        dropped = int(valid.sum()) - int((kept.idx >= 0).sum())
+        self.stats.add(GatingStats(choices=int(valid.sum()), hits=int(valid.sum()), skipped=dropped,
+                                   mass_total=float(full.weights.float().sum())))
+        return block.experts(x, self.committee.slots_of(kept.idx), kept.weights)
+
+
+class OnDemandController(LayerController):
+    """Exact: the model's own routing; a miss evicts the least recently used expert of the layer
+    and loads the needed one from disk before it runs (time counted as stall)."""
+
+    def __init__(self, committee, tracker, load, layer: int):
+        super().__init__(committee, tracker)
+        self.load = load     # load(layer, expert, slot) -> bool
+        self.layer = layer
+        self.lru: OrderedDict[int, None] = OrderedDict((e, None) for e in committee.members())
+        self.failed = 0
+
+    def forward(self, block, x, logits, batch_shape):
+        full = self._select(block, batch_shape)(logits, None)
+        self._track(x, full)
+        valid = full.idx >= 0
+        resident = self.committee.mask[full.idx.clamp(min=0)] & valid
+        miss = valid & ~resident
+        self.stats.add(GatingStats(choices=int(valid.sum()), hits=int(resident.sum()),
+                                   mass_total=float(full.weights.float().sum()),
+                                   mass_outside=float(full.weights.float()[miss].sum())))
+        slots = self.committee.slots_of(full.idx)                 # -1 for misses: computed below
+        y = block.experts(x, slots, full.weights)
+        for e in torch.unique(full.idx[resident]).tolist():
+            self.lru.move_to_end(e)
+        for e in torch.unique(full.idx[miss]).tolist():
+            free = self.committee.free_slots()
+            if free:
+                slot = free[0]
+            else:
+                victim, _ = self.lru.popitem(last=False)          # its tokens were computed above
+                slot = self.committee.evict(victim)
+            t0 = time.perf_counter()
+            ok = self.load(self.layer, e, slot)
+            self.stall_s += time.perf_counter() - t0
+            if not ok:  # serving goes on without this expert's contribution
+                self.failed += 1
+                self.stats.skipped += int((full.idx == e).sum())
+                continue
+            self.committee.install(e, slot)
+            self.lru[e] = None
+            y = y + block.experts(x, torch.where(full.idx == e, slot, -1), full.weights)
+        return y

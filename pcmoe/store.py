@@ -1,0 +1,99 @@
+"""The disk tier: read one expert's weights from the checkpoint straight into a slot.
+
+An expert is a list of `Piece`s: an on-disk tensor (or one expert's slice of a tensor stacked over
+experts) and the rows of the slot buffer it fills. Reads bypass memory-mapping (`os.preadv` into
+the slot) and the range is dropped from the page cache afterwards, so resident memory is only what
+the slots hold and every load is a real disk read. Optional bandwidth emulation slows reads down to
+an edge device's storage speed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pcmoe.checkpoint import Checkpoint, TensorInfo
+
+# Typical sequential read speeds (MB/s) of edge storage, for --io-bandwidth.
+STORAGE_PROFILES = {"emmc": 300.0, "ufs": 2000.0, "nvme": 3000.0}
+
+
+@dataclass(frozen=True)
+class Piece:
+    info: TensorInfo          # where the bytes are
+    dest: str                 # which weight of the expert bank ("gate_up", "down", ...)
+    rows: tuple[int, int] | None = None  # row range of the slot it fills; None = the whole slot
+
+
+@dataclass
+class StoreStats:
+    reads: int = 0
+    bytes_read: int = 0
+    read_s: float = 0.0       # wall time inside reads (including emulated slowness)
+    errors: int = 0           # failed read attempts (each retried)
+    failed_loads: int = 0     # loads that failed after all retries
+
+
+class ExpertStore:
+    def __init__(self, checkpoint: Checkpoint, pieces: list[list[list[Piece]]], *,
+                 io_bandwidth_mbps: float | None = None, retries: int = 2, evict: bool = True):
+        """pieces[layer][expert] lists the pieces of that expert."""
+        self.checkpoint = checkpoint
+        self.pieces = pieces
+        self.io_bandwidth = io_bandwidth_mbps * 1e6 if io_bandwidth_mbps else None
+        self.retries = retries
+        self.evict = evict
+        self.stats = StoreStats()
+        self._lock = threading.Lock()
+
+    def expert_nbytes(self, layer: int, expert: int = 0) -> int:
+        return sum(p.info.nbytes for p in self.pieces[layer][expert])
+
+    def read_expert(self, layer: int, expert: int, slot: dict[str, torch.Tensor]) -> None:
+        """Fill `slot` (dest name -> that slot's tensor) with the expert's weights; raises on error."""
+        t0 = time.perf_counter()
+        nbytes = 0
+        for piece in self.pieces[layer][expert]:
+            dest = slot[piece.dest]
+            if piece.rows is not None:
+                dest = dest[piece.rows[0]:piece.rows[1]]
+            self._read_piece(piece, dest)
+            nbytes += piece.info.nbytes
+        if self.io_bandwidth:
+            # Emulated storage: a read takes at least nbytes / bandwidth.
+            time.sleep(max(0.0, nbytes / self.io_bandwidth - (time.perf_counter() - t0)))
+        with self._lock:
+            self.stats.reads += 1
+            self.stats.bytes_read += nbytes
+            self.stats.read_s += time.perf_counter() - t0
+
+    def _read_piece(self, piece: Piece, dest: torch.Tensor) -> None:
+        if dest.dtype == piece.info.dtype and dest.is_contiguous():
+            self.checkpoint.read_into(piece.info, dest.view(piece.info.shape) if dest.dim() else dest,
+                                      evict=self.evict)
+        else:  # a checkpoint stored in another dtype than the one we compute in
+            dest.copy_(self.checkpoint.read(piece.info, evict=self.evict).view(dest.shape))
+
+    def load(self, layer: int, expert: int, slot: dict[str, torch.Tensor]) -> bool:
+        """read_expert with retries; False (and counted) if every attempt failed."""
+        for _ in range(self.retries + 1):
+            try:
+                self.read_expert(layer, expert, slot)
+                return True
+            except OSError:
+                with self._lock:
+                    self.stats.errors += 1
+        with self._lock:
+            self.stats.failed_loads += 1
+        return False
+
+    def expert_norm(self, layer: int, expert: int) -> float:
+        """Frobenius norm of all of the expert's weights, read from disk (nothing kept)."""
+        total = 0.0
+        for piece in self.pieces[layer][expert]:
+            t = self.checkpoint.read(piece.info, evict=self.evict)
+            total += float(t.double().pow(2).sum())
+        return total ** 0.5

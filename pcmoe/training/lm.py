@@ -1,0 +1,312 @@
+"""Train pcmoe's default language model: a small Qwen3-MoE on the offline technical-text corpus.
+
+Stages (each resumable, each writes its outputs atomically under the work directory):
+  corpus     -> <work>/corpus/{train,val}_<domain>.txt        (pcmoe.training.corpus)
+  tokenizer  -> <work>/tokenizer/  byte-level BPE, ChatML-style chat template
+  tokens     -> <work>/tokens/{train,val}_<domain>.u16        token ids, documents joined by EOS
+  train      -> <work>/ckpt.pt (model + optimiser + step), <work>/log.jsonl
+  export     -> <out>/  config.json, model.safetensors (bf16), tokenizer files
+
+The model is a stock transformers `Qwen3MoeForCausalLM`, so the checkpoint loads with plain
+`from_pretrained` and converts with llama.cpp's converter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pcmoe.training.corpus import DOC_SEPARATOR, DOMAINS, write_corpus
+
+EOS = "<|endoftext|>"
+SPECIAL_TOKENS = [EOS, "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class ModelShape:
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    num_experts: int = 16
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 256
+    max_position_embeddings: int = 1024
+    router_aux_loss_coef: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    shape: ModelShape = field(default_factory=ModelShape)
+    seq_len: int = 256
+    batch_size: int = 16
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 200
+    max_steps: int = 6000
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_tokens: int = 32768  # per domain, for the periodic estimate; export evaluates everything
+    ckpt_every: int = 50
+    seed: int = 0
+    threads: int = 1
+    # bf16 autocast for the matmuls (fp32 master weights): 1.35x faster on CPUs with AVX-512 BF16.
+    bf16: bool = True
+    # Sampling weight of each domain's training tokens (None = proportional to size).
+    domain_weights: dict | None = None
+
+
+def build_config(shape: ModelShape):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.moe_intermediate_size * shape.num_experts_per_tok,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=shape.head_dim,
+        max_position_embeddings=shape.max_position_embeddings,
+        num_experts=shape.num_experts,
+        num_experts_per_tok=shape.num_experts_per_tok,
+        moe_intermediate_size=shape.moe_intermediate_size,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        router_aux_loss_coef=shape.router_aux_loss_coef,
+        output_router_logits=False,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer and token files
+
+
+def train_tokenizer(corpus_dir: Path, out_dir: Path, vocab_size: int):
+    """Byte-level BPE on the training split of every domain."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    files = [str(corpus_dir / f"train_{d}.txt") for d in DOMAINS]
+    tok.train(files, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token=None,
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    fast.save_pretrained(tmp)
+    os.replace(tmp, out_dir) if not out_dir.exists() else None
+    return fast
+
+
+def encode_documents(tokenizer, text: str) -> np.ndarray:
+    """Token ids of a corpus file: each document followed by EOS."""
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    docs = text.split(DOC_SEPARATOR)
+    ids: list[int] = []
+    for batch_start in range(0, len(docs), 256):
+        for enc in tokenizer(docs[batch_start:batch_start + 256], add_special_tokens=False)["input_ids"]:
+            ids.extend(enc)
+            ids.append(eos)
+    return np.asarray(ids, dtype=np.uint16)
+
+
+def prepare(work: Path, vocab_size: int) -> None:
+    """Corpus, tokenizer and token files (skipping whatever already exists)."""
+    from transformers import AutoTokenizer
+
+    corpus = work / "corpus"
+    if not (corpus / "manifest.json").exists():
+        write_corpus(corpus)
+    tok_dir = work / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        train_tokenizer(corpus, tok_dir, vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokens = work / "tokens"
+    tokens.mkdir(exist_ok=True)
+    for split in ("train", "val"):
+        for domain in DOMAINS:
+            out = tokens / f"{split}_{domain}.u16"
+            if out.exists():
+                continue
+            ids = encode_documents(tokenizer, (corpus / f"{split}_{domain}.txt").read_text())
+            tmp = out.with_suffix(".tmp")
+            ids.tofile(tmp)
+            os.replace(tmp, out)
+
+
+def load_tokens(work: Path, split: str) -> dict[str, np.ndarray]:
+    return {d: np.memmap(work / "tokens" / f"{split}_{d}.u16", dtype=np.uint16, mode="r") for d in DOMAINS}
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class Batcher:
+    """Random windows of seq_len+1 tokens; the domain is drawn by weight, then a uniform offset."""
+
+    def __init__(self, tokens: dict[str, np.ndarray], cfg: TrainConfig, rng: random.Random):
+        self.tokens = {d: t for d, t in tokens.items() if len(t) > cfg.seq_len + 1}
+        weights = cfg.domain_weights or {d: len(t) for d, t in self.tokens.items()}
+        self.domains = list(self.tokens)
+        self.weights = [weights[d] for d in self.domains]
+        self.cfg, self.rng = cfg, rng
+
+    def next(self) -> torch.Tensor:
+        rows = []
+        for _ in range(self.cfg.batch_size):
+            d = self.rng.choices(self.domains, self.weights)[0]
+            t = self.tokens[d]
+            start = self.rng.randrange(0, len(t) - self.cfg.seq_len - 1)
+            rows.append(torch.from_numpy(t[start:start + self.cfg.seq_len + 1].astype(np.int64)))
+        return torch.stack(rows)
+
+
+@torch.no_grad()
+def evaluate(model, tokens: dict[str, np.ndarray], seq_len: int, max_tokens: int | None) -> dict[str, float]:
+    """Per-domain perplexity over non-overlapping windows (the first max_tokens tokens, or all)."""
+    model.eval()
+    out = {}
+    for domain, t in tokens.items():
+        n = len(t) if max_tokens is None else min(len(t), max_tokens)
+        nll, count = 0.0, 0
+        for start in range(0, n - 1, seq_len):
+            chunk = torch.from_numpy(t[start:min(start + seq_len + 1, n)].astype(np.int64))[None]
+            if chunk.shape[1] < 2:
+                break
+            logits = model(input_ids=chunk[:, :-1]).logits.float()
+            nll += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+            count += chunk.shape[1] - 1
+        out[domain] = math.exp(nll / count)
+    model.train()
+    return out
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(work: Path, cfg: TrainConfig, log=print) -> None:
+    """Train (or resume) until cfg.max_steps; checkpoints every cfg.ckpt_every steps."""
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model_cfg = build_config(cfg.shape)
+    model = Qwen3MoeForCausalLM(model_cfg)
+    model.config.output_router_logits = True  # adds the load-balancing loss
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+    rng = random.Random(cfg.seed)
+    step = 0
+    ckpt_path = work / "ckpt.pt"
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+        log(f"resumed at step {step}")
+    train_tokens = load_tokens(work, "train")
+    val_tokens = load_tokens(work, "val")
+    batcher = Batcher(train_tokens, cfg, rng)
+    log_path = work / "log.jsonl"
+    model.train()
+    t_last, tokens_since = time.time(), 0
+    while step < cfg.max_steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        batch = batcher.next()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = model(input_ids=batch[:, :-1])  # no labels: we compute the CE on all seq_len targets
+            ce = torch.nn.functional.cross_entropy(
+                out.logits.float().reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1)
+            )
+            loss = ce + cfg.shape.router_aux_loss_coef * out.aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        tokens_since += batch.shape[0] * (batch.shape[1] - 1)
+        record = {"step": step, "ce": round(ce.item(), 4), "aux": round(out.aux_loss.item(), 4),
+                  "lr": round(lr_at(step - 1, cfg), 6), "time": time.time()}
+        if step % 10 == 0:
+            record["tok_s"] = round(tokens_since / (time.time() - t_last), 1)
+            t_last, tokens_since = time.time(), 0
+            log(f"step {step}/{cfg.max_steps} ce {record['ce']:.3f} aux {record['aux']:.3f} "
+                f"lr {record['lr']:.2e} {record['tok_s']} tok/s")
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            ppl = evaluate(model, val_tokens, cfg.seq_len, cfg.eval_tokens)
+            record["val_ppl"] = {k: round(v, 2) for k, v in ppl.items()}
+            log(f"step {step} val ppl {record['val_ppl']}")
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
+                                "torch_rng": torch.get_rng_state(), "step": step, "cfg": asdict(cfg)}, ckpt_path)
+
+
+def export(work: Path, out_dir: Path, cfg: TrainConfig, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Write the trained model as a Hugging Face folder (bf16 safetensors + tokenizer)."""
+    from transformers import AutoTokenizer, Qwen3MoeForCausalLM
+
+    state = torch.load(work / "ckpt.pt", weights_only=False)
+    model = Qwen3MoeForCausalLM(build_config(cfg.shape))
+    model.load_state_dict(state["model"])
+    model.eval()
+    model = model.to(dtype)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(work / "tokenizer").save_pretrained(tmp)
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return {"step": state["step"]}
