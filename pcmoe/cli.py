@@ -277,7 +277,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--max-tokens", type=int)
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the [server] extra)")
+    _add_load_options(p)
+    p.set_defaults(func=lambda args: _optional("pcmoe.server", "server").cmd_serve(args))
+    _optional_arguments("pcmoe.server", "add_serve_arguments", p)
+
+    p = sub.add_parser("chat", help="interactive terminal chat against the engine or a running server")
+    _add_load_options(p)
+    p.set_defaults(func=lambda args: _optional("pcmoe.chat", "server").cmd_chat(args))
+    _optional_arguments("pcmoe.chat", "add_chat_arguments", p)
     return ap
+
+
+def _optional(module: str, extra: str):
+    """Import a module that needs an optional extra, or exit with the install hint."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise SystemExit(f"error: {e.name} is not installed; pip install 'pcmoe[{extra}]'") from None
+
+
+def _optional_arguments(module: str, function: str, parser: argparse.ArgumentParser) -> None:
+    """Let an optional module add its own command-line arguments (if it imports)."""
+    import importlib
+
+    try:
+        getattr(importlib.import_module(module), function)(parser)
+    except (ImportError, AttributeError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

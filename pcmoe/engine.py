@@ -291,9 +291,15 @@ class Engine:
         gen = torch.Generator().manual_seed(seed if seed is not None else random.randrange(2**31))
         eos = self._eos_ids() if stop_on_eos else set()
         stop = [s for s in (stop or []) if s]
+        self.begin_input()
+        try:
+            yield from self._generate_steps(ids, max_new_tokens, temperature, top_p, gen, eos, stop)
+        finally:  # also when the consumer stops early (client disconnect): the engine is free again
+            self.end_input()
+
+    def _generate_steps(self, ids, max_new_tokens, temperature, top_p, gen, eos, stop):
         new_ids: list[int] = []
         emitted = ""
-        self.begin_input()
         t0 = time.perf_counter()
         logits, state = self._prefill(ids)
         prefill_s = time.perf_counter() - t0
@@ -321,8 +327,7 @@ class Engine:
                 step.stats = self.stats()
             yield step
             if finish is not None:
-                break
-        self.end_input()
+                return
 
     def _prefill(self, ids: list[int]):
         """Next-token logits [V] after the prompt, and the decoding state (KV cache...)."""
@@ -430,6 +435,29 @@ class Engine:
             "importance": [t.total.add(t.window * t.expert_norms).tolist() for t in self.trackers],
             "counts": [t.counts.tolist() for t in self.trackers],
         }
+
+    def save_state(self) -> dict:
+        """The committee state a user's requests built up: per-layer importance scores and members.
+        JSON-serialisable; restore it with load_state() (e.g. when that user comes back)."""
+        return {
+            "format": "pcmoe-state/1",
+            "num_experts": [c.num_experts for c in self.committees],
+            "score": [t.score.tolist() for t in self.trackers],
+            "window": [t.window.tolist() for t in self.trackers],
+            "members": [sorted(c.members()) for c in self.committees],
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Restore importance saved by save_state(). With the committee policy, swaps towards the
+        saved members are planned at once and run amortised like any update (no stall)."""
+        shape = [c.num_experts for c in self.committees]
+        if state.get("format") != "pcmoe-state/1" or state.get("num_experts") != shape:
+            raise PcmoeError("committee state does not match this model")
+        for t, score, window in zip(self.trackers, state["score"], state["window"]):
+            t.score = torch.tensor(score, dtype=torch.float64)
+            t.window = torch.tensor(window, dtype=torch.float64)
+        if self.scheduler is not None:
+            self.scheduler.plan_towards([set(m) for m in state["members"]])
 
     def close(self) -> None:
         if self._closed:

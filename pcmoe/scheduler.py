@@ -108,9 +108,18 @@ class SwapScheduler:
             score = tracker.close_window()
             swaps = plan_swaps(score, committee.members(), self.sizes[layer], self.margin)
             per_layer.append([(layer, i, o) for i, o in swaps])
-        # Round-robin over layers so every layer gets its most valuable swap early.
-        self.pending = [s for rank in range(max((len(p) for p in per_layer), default=0))
-                        for p in per_layer if rank < len(p) for s in [p[rank]]]
+        self.pending = _round_robin(per_layer)
+
+    def plan_towards(self, targets: list[set[int]]) -> None:
+        """Plan swaps that make each layer's committee the given member set (warm starts)."""
+        per_layer = []
+        for layer, committee in enumerate(self.committees):
+            members = set(committee.members())
+            incoming = sorted(targets[layer] - members)
+            outgoing = sorted(members - targets[layer])
+            per_layer.append([(layer, i, o) for i, o in zip(incoming, outgoing)])
+        self.pending = _round_robin(per_layer)
+        self.units = 0  # the new committee gets a full window before the next update
 
     def _issue(self) -> None:
         self.allowance = min(self.allowance + self.bytes_per_step, self.allowance_cap)
@@ -168,3 +177,9 @@ class SwapScheduler:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def _round_robin(per_layer: list[list]) -> list:
+    """Interleave the layers' swap lists so every layer gets its most valuable swap early."""
+    longest = max((len(p) for p in per_layer), default=0)
+    return [p[rank] for rank in range(longest) for p in per_layer if rank < len(p)]

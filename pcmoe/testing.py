@@ -78,3 +78,25 @@ def make_checkpoint(family: str, path: Path, seed: int = 0, dtype: torch.dtype =
     model = build_model(tiny_config(family, **overrides), seed=seed, dtype=dtype)
     model.save_pretrained(path)
     return model
+
+
+def make_tokenizer(path: Path, vocab_size: int = 300):
+    """A small byte-level BPE tokenizer (with a chat template) saved into `path`. Pair it with a
+    checkpoint of the same vocabulary: make_checkpoint(family, path, vocab_size=len(tokenizer))."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pcmoe.training.lm import CHAT_TEMPLATE, EOS, SPECIAL_TOKENS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    sample = ["the quick brown fox jumps over the lazy dog", "def main():\n    return 0", "hello world"] * 20
+    tok.train_from_iterator(sample, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
+                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
