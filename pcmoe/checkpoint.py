@@ -73,21 +73,30 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def read_config_dict(folder: str | os.PathLike) -> dict:
+    """config.json of a checkpoint folder, with clear errors."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist; pass the folder that "
+                              "holds config.json and the *.safetensors files")
+    cfg = folder / "config.json"
+    if not cfg.exists():
+        raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face checkpoint folder?")
+    try:
+        data = json.loads(cfg.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{cfg} does not hold a JSON object")
+    return data
+
+
 class Checkpoint:
     """The tensors of a checkpoint folder, by name, plus its config.json."""
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, config_dict: dict | None = None):
         self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise CheckpointError(f"checkpoint folder {self.folder} does not exist; pass the folder that "
-                                  "holds config.json and the *.safetensors files")
-        cfg = self.folder / "config.json"
-        if not cfg.exists():
-            raise CheckpointError(f"{self.folder} has no config.json; is it a Hugging Face checkpoint folder?")
-        try:
-            self.config_dict = json.loads(cfg.read_text())
-        except ValueError as e:
-            raise CheckpointError(f"{cfg} is not valid JSON ({e})") from None
+        self.config_dict = config_dict if config_dict is not None else read_config_dict(folder)
         files = sorted(self.folder.glob("*.safetensors"))
         index = self.folder / "model.safetensors.index.json"
         if index.exists():

@@ -73,7 +73,8 @@ def _load_engine(args):
         progress=not args.quiet and sys.stderr.isatty())
 
 
-def print_stats(stats: dict, out=sys.stdout) -> None:
+def print_stats(stats: dict, out=None) -> None:
+    out = out or sys.stdout
     rows = [
         ("policy", stats["policy"]),
         ("budget", _fmt_bytes(stats["budget_bytes"])),

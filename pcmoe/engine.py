@@ -39,7 +39,7 @@ from pcmoe.budget import (
     slots_for,
     uniform_sizes,
 )
-from pcmoe.checkpoint import Checkpoint, CheckpointError
+from pcmoe.checkpoint import Checkpoint, CheckpointError, read_config_dict
 from pcmoe.committee import LayerCommittee
 from pcmoe.importance import ImportanceTracker, top_experts
 from pcmoe.models import FAMILIES
@@ -125,25 +125,25 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def _load_config(ckpt: Checkpoint):
+def _load_config(folder: Path, config_dict: dict):
     from transformers import AutoConfig
 
-    model_type = ckpt.config_dict.get("model_type")
+    model_type = config_dict.get("model_type")
     if model_type in FAMILIES:
         try:
-            return AutoConfig.from_pretrained(ckpt.folder)
+            return AutoConfig.from_pretrained(folder)
         except Exception as e:  # a malformed config.json
-            raise CheckpointError(f"cannot read {ckpt.folder}/config.json: {e}") from None
+            raise CheckpointError(f"cannot read {folder}/config.json: {e}") from None
     if model_type == "pcmoe_vit_moe":
         from pcmoe.models.vit_moe import VitMoeConfig
 
-        return VitMoeConfig.from_dict(ckpt.config_dict)
+        return VitMoeConfig.from_dict(config_dict)
     moe_keys = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
     supported = ", ".join(sorted(FAMILIES) + ["pcmoe_vit_moe"])
-    if any(k in ckpt.config_dict for k in moe_keys):
+    if any(k in config_dict for k in moe_keys):
         raise CheckpointError(f"model_type {model_type!r} is a MoE family pcmoe does not support yet "
                               f"(supported: {supported})")
-    raise CheckpointError(f"{ckpt.folder} holds a dense model (model_type {model_type!r}, no MoE layers); "
+    raise CheckpointError(f"{folder} holds a dense model (model_type {model_type!r}, no MoE layers); "
                           f"pcmoe serves MoE checkpoints ({supported})")
 
 
@@ -607,8 +607,9 @@ def _load(folder: Path, budget_spec, policy: str, plan, opts: LoadOptions) -> En
     t_load = time.perf_counter()
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    ckpt = Checkpoint(folder)
-    config = _load_config(ckpt)
+    config_dict = read_config_dict(folder)
+    config = _load_config(folder, config_dict)  # an unsupported model is reported before reading files
+    ckpt = Checkpoint(folder, config_dict)
     family = _family_of(config)
     _validate(policy, opts, family)
 

@@ -101,10 +101,14 @@ class SwapScheduler:
         self.steps += 1
 
     def update(self) -> None:
-        """Close the importance windows and plan swaps for every layer."""
+        """Close the importance windows and plan swaps for every layer. A layer whose window saw
+        no tokens keeps its pending plan (there is nothing new to decide on)."""
         self.stats.updates += 1
         per_layer = []
         for layer, (committee, tracker) in enumerate(zip(self.committees, self.trackers)):
+            if not bool(tracker.window.any()):
+                per_layer.append([p for p in self.pending if p[0] == layer])
+                continue
             score = tracker.close_window()
             swaps = plan_swaps(score, committee.members(), self.sizes[layer], self.margin)
             per_layer.append([(layer, i, o) for i, o in swaps])
