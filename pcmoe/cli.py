@@ -192,7 +192,7 @@ def cmd_eval(args) -> int:
             if not args.data:
                 raise SystemExit("error: eval of a language model needs --data FILE.txt")
             result = perplexity(engine, read_documents(args.data), window=args.window, max_tokens=args.max_tokens,
-                                progress=not args.quiet and sys.stderr.isatty())
+                                progress=not args.quiet and sys.stderr.isatty(), chunk=args.chunk)
         stats = engine.stats()
     finally:
         engine.close()
@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(p)
     p.add_argument("--data", help="text file of documents (separated by a blank line + '=====' or form feeds); "
                                   "vision: omit for the Fashion-MNIST test frame stream")
-    p.add_argument("--window", type=int, default=256, help="tokens per forward pass (default 256)")
+    p.add_argument("--window", type=int, default=256, help="context window per scored piece (default 256)")
+    p.add_argument("--chunk", type=int, default=32, help="tokens per forward step within a window (default 32)")
     p.add_argument("--max-tokens", type=int, help="stop after this many scored tokens")
     p.add_argument("--frames", type=int, default=2000, help="vision: frames in the stream (default 2000)")
     p.add_argument("--stream-seed", type=int, default=0, help="vision: frame-stream seed")

@@ -36,9 +36,13 @@ def read_documents(path: str | Path) -> list[str]:
 
 @torch.inference_mode()
 def perplexity(engine: Engine, documents: list[str], window: int = 256, max_tokens: int | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, chunk: int = 32) -> dict:
     """Token-level perplexity over the documents in order; each document is [eos] + text + [eos],
-    scored in consecutive windows of `window` predicted tokens (no overlap)."""
+    scored in consecutive windows of `window` predicted tokens (no overlap). Each window is fed
+    through a KV cache `chunk` tokens per forward step, as a stream is served: the committee can
+    update between steps (the logits equal scoring the whole window at once)."""
+    from transformers import DynamicCache
+
     if engine.tokenizer is None:
         raise PcmoeError("perplexity needs the checkpoint's tokenizer")
     if engine.family.seq2seq:
@@ -66,12 +70,16 @@ def perplexity(engine: Engine, documents: list[str], window: int = 256, max_toke
                 break
             engine.begin_input()
             for start in range(0, len(stream) - 1, window):
-                chunk = torch.tensor([stream[start:start + window + 1]])
-                n = min(chunk.shape[1] - 1, total - count)
+                piece = torch.tensor([stream[start:start + window + 1]])
+                n = min(piece.shape[1] - 1, total - count)
                 if n <= 0:
                     break
-                logits = engine.model(input_ids=chunk[:, :-1]).logits[0, :n].float()
-                nll += torch.nn.functional.cross_entropy(logits, chunk[0, 1:n + 1], reduction="sum").item()
+                cache = DynamicCache(config=engine.config)
+                for c in range(0, n, chunk):
+                    ids = piece[:, c:min(c + chunk, n)]
+                    logits = engine.model(input_ids=ids, cache=cache, use_cache=True).logits[0].float()
+                    nll += torch.nn.functional.cross_entropy(logits, piece[0, c + 1:c + 1 + ids.shape[1]],
+                                                             reduction="sum").item()
                 count += n
                 if bar is not None:
                     bar.update(n)

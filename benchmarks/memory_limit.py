@@ -1,0 +1,170 @@
+"""Serve a checkpoint of a few hundred MB at a 50 % budget inside a real cgroup v1 memory limit.
+
+Procedure (each run is a fresh `pcmoe eval` process, the checkpoint evicted from the page cache
+before it starts):
+ 1. Measure the runtime's own overhead: committee at the budget, in a cgroup without a limit;
+    overhead = peak RSS - resident weight bytes (Python, torch, transformers, activations).
+ 2. Run full (at the full model's size), committee and on-demand (at the budget) inside a cgroup
+    limited to their weight bytes + that overhead; report peak RSS, the group's peak charge (RSS +
+    page cache), limit hits and tokens/s, side by side, `--trials` rounds in alternating order.
+
+    sudo .venv/bin/python benchmarks/memory_limit.py --out results/memory_limit
+Writes <out>/memory_limit.json and <out>/memory_limit.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pcmoe.bench.cgroup import available, run_limited  # noqa: E402
+from pcmoe.budget import atomic_write_text, format_bytes  # noqa: E402
+from pcmoe.checkpoint import Checkpoint  # noqa: E402
+
+DEFAULT_MODEL = REPO / "data/bench/qwen3-moe-400m"
+
+
+def build_random_checkpoint(out: Path, tokenizer: Path) -> None:
+    """A random-weight Qwen3-MoE of ~430 MB (bf16): 8 layers x 32 experts, top-2 (speed and memory
+    are real; its perplexity is meaningless)."""
+    import torch
+
+    from pcmoe.testing import make_checkpoint
+
+    make_checkpoint("qwen3_moe", out, dtype=torch.bfloat16, hidden_size=512, num_hidden_layers=8, num_experts=32,
+                    moe_intermediate_size=512, intermediate_size=1024, vocab_size=8192, num_attention_heads=8,
+                    num_key_value_heads=4, head_dim=64, max_position_embeddings=1024, tie_word_embeddings=False)
+    for f in tokenizer.iterdir():
+        shutil.copy(f, out / f.name)
+
+
+def eval_cmd(args, policy: str, budget: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "pcmoe", "eval", "--model", str(args.model), "--policy", policy,
+           "--data", str(args.data), "--max-tokens", str(args.max_tokens), "--threads", str(args.threads), "--quiet"]
+    return cmd + (["--budget", budget] if budget else [])
+
+
+def run(args, policy, budget, limit):
+    Checkpoint(args.model).evict_page_cache()  # cold start: weights come from the disk
+    r = run_limited(eval_cmd(args, policy, budget), limit, timeout=3600, cwd=str(REPO))
+    result = {"policy": policy, "budget": budget, "limit_bytes": limit, "returncode": r.returncode,
+              "oom_killed": r.oom_killed, "cgroup_max_usage_bytes": r.max_usage_bytes, "cgroup_failcnt": r.failcnt,
+              "wall_s": r.seconds}
+    if r.returncode == 0:
+        result.update(json.loads(r.stdout.strip().splitlines()[-1]))
+    else:
+        result["stderr_tail"] = r.stderr[-2000:]
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint (default: build a random one)")
+    ap.add_argument("--tokenizer", type=Path, default=REPO / "models/pcmoe-lm",
+                    help="tokenizer folder copied into a freshly built random checkpoint")
+    ap.add_argument("--data", type=Path, default=REPO / "data/lm/corpus/val_pydoc.txt")
+    ap.add_argument("--budget", default="50%")
+    ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--trials", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=REPO / "results/memory_limit")
+    args = ap.parse_args()
+    if not available():
+        sys.exit("error: needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory")
+    if not (args.model / "config.json").exists():
+        build_random_checkpoint(args.model, args.tokenizer)
+    if not args.data.exists():
+        sys.exit(f"error: {args.data} does not exist (scripts/train_lm.py writes the held-out corpus there)")
+
+    calib = run(args, "committee", args.budget, None)
+    if calib["returncode"] != 0:
+        sys.exit(f"error: calibration run failed:\n{calib.get('stderr_tail')}")
+    overhead = calib["peak_rss_bytes"] - calib["resident_bytes"]
+    configs = [("full", None, calib["full_model_bytes"]), ("committee", args.budget, calib["budget_bytes"]),
+               ("on-demand", args.budget, calib["budget_bytes"])]
+    runs = []
+    for trial in range(args.trials):
+        order = configs if trial % 2 == 0 else configs[::-1]
+        for policy, budget, weight_bytes in order:
+            r = run(args, policy, budget, weight_bytes + overhead)
+            r["trial"] = trial
+            runs.append(r)
+            print(f"trial {trial} {policy:10s} rc={r['returncode']} tok/s={r.get('tokens_per_s', 0):.1f} "
+                  f"peak RSS {format_bytes(r.get('peak_rss_bytes'))} limit {format_bytes(r['limit_bytes'])}",
+                  flush=True)
+
+    def med(policy, key):
+        vals = [r[key] for r in runs if r["policy"] == policy and r["returncode"] == 0]
+        return statistics.median(vals) if vals else None
+
+    summary = {}
+    for policy, _, weight_bytes in configs:
+        summary[policy] = {k: med(policy, k) for k in ("tokens_per_s", "ppl", "peak_rss_bytes",
+                                                       "cgroup_max_usage_bytes", "hit_rate", "bytes_read", "stall_s")}
+        summary[policy]["weight_bytes"] = weight_bytes
+        summary[policy]["limit_bytes"] = weight_bytes + overhead
+        summary[policy]["all_completed"] = all(r["returncode"] == 0 for r in runs if r["policy"] == policy)
+    ratios = {}
+    if summary["committee"]["tokens_per_s"] and summary["full"]["tokens_per_s"]:
+        ratios["committee_vs_full_tokens_per_s"] = (summary["committee"]["tokens_per_s"]
+                                                    / summary["full"]["tokens_per_s"])
+    if summary["committee"]["tokens_per_s"] and summary["on-demand"]["tokens_per_s"]:
+        ratios["committee_vs_on_demand_tokens_per_s"] = (summary["committee"]["tokens_per_s"]
+                                                        / summary["on-demand"]["tokens_per_s"])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout
+    meta = {"command": " ".join(sys.argv), "commit": commit.strip(), "machine": platform.machine(),
+            "cpu": _cpu_name(), "threads": args.threads, "model": str(args.model), "budget": args.budget,
+            "data": str(args.data), "max_tokens": args.max_tokens, "overhead_bytes": overhead}
+    report = {"meta": meta, "calibration": calib, "summary": summary, "ratios": ratios, "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "memory_limit.json", json.dumps(report, indent=1))
+    atomic_write_text(args.out / "memory_limit.md", _markdown(report))
+    print(_markdown(report))
+    return 0
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _markdown(report) -> str:
+    m, s = report["meta"], report["summary"]
+    lines = [
+        f"Model `{Path(m['model']).name}`, budget {m['budget']}, {m['max_tokens']} tokens of `{Path(m['data']).name}`, "
+        f"{m['threads']} thread(s), commit {m['commit']}, {m['cpu']}.",
+        f"Measured runtime overhead (peak RSS - resident weights, committee run without a limit): "
+        f"{format_bytes(m['overhead_bytes'])}.",
+        "",
+        "| policy | weights | cgroup limit | completed | peak RSS | cgroup peak (RSS + cache) | tokens/s | hit rate "
+        "| bytes read | stall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for policy, r in s.items():
+        tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] else "-"
+        hit = f"{r['hit_rate']:.3f}" if r["hit_rate"] is not None else "-"
+        stall = f"{r['stall_s']:.2f}" if r["stall_s"] is not None else "-"
+        lines.append(f"| {policy} | {format_bytes(r['weight_bytes'])} | {format_bytes(r['limit_bytes'])} | "
+                     f"{'yes' if r['all_completed'] else 'NO'} | {format_bytes(r['peak_rss_bytes'])} | "
+                     f"{format_bytes(r['cgroup_max_usage_bytes'])} | {tps} | {hit} | "
+                     f"{format_bytes(r['bytes_read'])} | {stall} |")
+    lines.append("")
+    for k, v in report["ratios"].items():
+        lines.append(f"- {k.replace('_', ' ')}: {v:.2f}x")
+    lines.append(f"\nCommand: `{m['command']}`\n")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
