@@ -12,6 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# torch's grouped GEMM (one call for all experts of a step); absent from older torch versions.
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows x[offs[s-1]:offs[s]] @ w[s] for every slot s.  x [P, in], w [S, in, out] -> [P, out]."""
+    return F.grouped_mm(x, w, offs=offs)
+
 # ---------------------------------------------------------------------------------------------
 # Expert kernels: the weights of one expert and its computation.
 
@@ -26,6 +34,11 @@ class GluKernel:
     def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
         gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)      # [T, I] each
         return F.linear(self.act(gate) * up, w["down"])            # [T, H]
+
+    def grouped(self, x, bank, offs, slots):
+        """x [P, H] sorted by slot (offs = end of each slot's rows) -> [P, H]."""
+        gate, up = _grouped(x, bank["gate_up"].transpose(1, 2), offs).chunk(2, dim=-1)   # [P, I]
+        return _grouped((self.act(gate) * up).contiguous(), bank["down"].transpose(1, 2), offs)
 
 
 class GptOssKernel:
@@ -44,6 +57,14 @@ class GptOssKernel:
         glu = gate * torch.sigmoid(gate * self.alpha)
         return ((up + 1) * glu) @ w["down"] + w["down_bias"]       # [T, H]
 
+    def grouped(self, x, bank, offs, slots):
+        gate_up = _grouped(x, bank["gate_up"], offs) + bank["gate_up_bias"][slots]       # [P, 2I]
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        glu = gate * torch.sigmoid(gate * self.alpha)
+        return _grouped(((up + 1) * glu).contiguous(), bank["down"], offs) + bank["down_bias"][slots]
+
 
 class MlpKernel:
     """Switch Transformers: W_o act(W_i x)."""
@@ -55,6 +76,10 @@ class MlpKernel:
     def __call__(self, x, w):
         return F.linear(self.act(F.linear(x, w["wi"])), w["wo"])
 
+    def grouped(self, x, bank, offs, slots):
+        h = self.act(_grouped(x, bank["wi"].transpose(1, 2), offs))
+        return _grouped(h.contiguous(), bank["wo"].transpose(1, 2), offs)
+
 
 class SlotExperts(nn.Module):
     """S expert slots of one layer. Weights live in plain tensors (not parameters), one per
@@ -64,6 +89,7 @@ class SlotExperts(nn.Module):
         super().__init__()
         self.kernel = kernel
         self.num_slots = num_slots
+        self.use_grouped = HAS_GROUPED_MM
         self.bank = {name: torch.zeros((num_slots, *shape), dtype=dtype) for name, shape in kernel.tensors.items()}
 
     @property
@@ -81,10 +107,27 @@ class SlotExperts(nn.Module):
                 if s >= 0:
                     out += self.kernel(x, self.slot(s)) * weights[0, j].to(x.dtype)
             return out
-        for s in torch.unique(slot_idx[slot_idx >= 0]).tolist():
-            tok, pos = torch.where(slot_idx == s)                  # [t_s]
-            h = self.kernel(x[tok], self.slot(s)) * weights[tok, pos, None].to(x.dtype)
-            out.index_add_(0, tok, h)
+        # Sort the (token, choice) pairs by slot once; each slot's rows are then contiguous.
+        k = slot_idx.shape[1]
+        flat = slot_idx.reshape(-1)                                 # [T*k]
+        pairs = (flat >= 0).nonzero().squeeze(1)                    # [P]
+        if pairs.numel() == 0:
+            return out
+        slots, order = torch.sort(flat[pairs], stable=True)         # [P]
+        pairs = pairs[order]
+        tokens = pairs // k                                         # [P]
+        xs = x[tokens]                                              # [P, H]
+        counts = torch.bincount(slots, minlength=self.num_slots)    # [S]
+        if self.use_grouped:
+            ys = self.kernel.grouped(xs, self.bank, torch.cumsum(counts, 0).to(torch.int32), slots)
+        else:  # the slow twin: one kernel call per slot
+            ys = torch.empty_like(xs)
+            start = 0
+            for s, c in enumerate(counts.tolist()):
+                if c:
+                    ys[start:start + c] = self.kernel(xs[start:start + c], self.slot(s))
+                    start += c
+        out.index_add_(0, tokens, ys * weights.reshape(-1)[pairs, None].to(x.dtype))
         return out
 
 
