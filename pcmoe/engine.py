@@ -43,7 +43,7 @@ from pcmoe.checkpoint import Checkpoint, CheckpointError, read_config_dict
 from pcmoe.committee import LayerCommittee
 from pcmoe.importance import ImportanceTracker, top_experts
 from pcmoe.models import FAMILIES
-from pcmoe.moe import CommitteeMoE, SlotExperts
+from pcmoe.moe import CommitteeMoE, SlotExperts, slot_nbytes
 from pcmoe.policies import (
     ALL_RESIDENT_POLICIES,
     DYNAMIC_POLICIES,
@@ -70,6 +70,7 @@ class LoadOptions:
     """Everything load() accepts besides the checkpoint, budget, policy and plan."""
 
     dtype: str = "auto"            # compute/storage dtype of weights: auto (as on disk), float32, bfloat16
+    quantize: str | None = None    # experts held as int8 / int4 (weight-only), quantised on load
     strategy: str = "exchange"     # exchange | skip | hybrid (paper §5)
     renorm: bool = True            # exchange weights renormalised over members (A) or original (B)
     tau: float = 0.05              # hybrid: skip a substitute whose gate is below tau
@@ -515,6 +516,10 @@ def _validate(policy: str, opts: LoadOptions, family) -> None:
         raise PcmoeError("update_unit must be 'tokens' or 'inputs'")
     if opts.update_every < 1:
         raise PcmoeError("update_every must be at least 1")
+    if opts.quantize not in (None, "int8", "int4"):
+        raise PcmoeError(f"unknown quantize {opts.quantize!r}; use int8 or int4")
+    if opts.quantize and not family.kernel().linear_weights:
+        raise PcmoeError(f"quantised experts are not supported for {family.model_types[0]}")
     if opts.spare_slots < 1 and policy in DYNAMIC_POLICIES:
         raise PcmoeError("the committee policy needs at least one spare slot per layer to swap into")
     if policy == "topk-reduce":
@@ -646,7 +651,7 @@ def _load(folder: Path, budget_spec, policy: str, plan, opts: LoadOptions) -> En
         return info.nbytes // info.dtype.itemsize * target.itemsize
 
     nonexpert_bytes = sum(nbytes_as(info, meta_state[k].dtype) for k, info in nonexpert.items())
-    expert_bytes = [sum(nbytes_as(p.info, dtype) for p in pieces[layer][0]) for layer in range(len(block_names))]
+    expert_bytes = [slot_nbytes(family.kernel(), dtype, opts.quantize)] * len(block_names)
     sizes = ModelBytes(nonexpert_bytes, expert_bytes, [N] * len(block_names))
 
     # Committee sizes and slots.
@@ -686,7 +691,7 @@ def _load(folder: Path, budget_spec, policy: str, plan, opts: LoadOptions) -> En
     for layer, name in enumerate(block_names):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        experts = SlotExperts(family.kernel(), slots[layer], dtype)
+        experts = SlotExperts(family.kernel(), slots[layer], dtype, opts.quantize)
         block = CommitteeMoE(getattr(parent, attr), family, experts, layer, name)
         setattr(parent, attr, block)
         blocks.append(block)
@@ -708,13 +713,18 @@ def _load(folder: Path, budget_spec, policy: str, plan, opts: LoadOptions) -> En
             fill.append((layer, e, slot))
         committees.append(committee)
         trackers.append(ImportanceTracker(norms[layer], opts.importance, opts.ema_decay))
+    def load_into_slot(layer: int, expert: int, slot: int) -> bool:
+        bank = blocks[layer].experts
+        staged = bank.staging(slot)
+        ok = store.load(layer, expert, staged)
+        if ok:
+            bank.commit(slot, staged)
+        return ok
+
     for layer, e, slot in _progress(fill, "loading experts", opts.progress):
-        if not store.load(layer, e, blocks[layer].experts.slot(slot)):
+        if not load_into_slot(layer, e, slot):
             raise PcmoeError(f"{folder}: cannot read expert {e} of {block_names[layer]} (I/O error after retries)")
         committees[layer].install(e, slot)
-
-    def load_into_slot(layer: int, expert: int, slot: int) -> bool:
-        return store.load(layer, expert, blocks[layer].experts.slot(slot))
 
     for layer, block in enumerate(blocks):
         committee, tracker = committees[layer], trackers[layer]

@@ -8,9 +8,14 @@ the kernel never knows which expert sits in a slot nor that slots are ever swapp
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pcmoe.quant import LINEAR, quantize_into, quantized_shapes
 
 # torch's grouped GEMM (one call for all experts of a step); absent from older torch versions.
 HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -20,6 +25,10 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tens
     """Rows x[offs[s-1]:offs[s]] @ w[s] for every slot s.  x [P, in], w [S, in, out] -> [P, out]."""
     return F.grouped_mm(x, w, offs=offs)
 
+
+def dense_linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    return F.linear(x, w[name])
+
 # ---------------------------------------------------------------------------------------------
 # Expert kernels: the weights of one expert and its computation.
 
@@ -27,13 +36,16 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tens
 class GluKernel:
     """act(x Wg^T) * (x Wu^T), then W_down (Mixtral, Qwen, OLMoE, DeepSeek, PhiMoE)."""
 
+    linear_weights = ("gate_up", "down")  # [out, in] matrices a quantised bank may replace
+
     def __init__(self, hidden: int, intermediate: int, act):
         self.tensors = {"gate_up": (2 * intermediate, hidden), "down": (hidden, intermediate)}
         self.act = act
+        self.linear = dense_linear
 
     def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)      # [T, I] each
-        return F.linear(self.act(gate) * up, w["down"])            # [T, H]
+        gate, up = self.linear(x, w, "gate_up").chunk(2, dim=-1)   # [T, I] each
+        return self.linear(self.act(gate) * up, w, "down")         # [T, H]
 
     def grouped(self, x, bank, offs, slots):
         """x [P, H] sorted by slot (offs = end of each slot's rows) -> [P, H]."""
@@ -43,6 +55,8 @@ class GluKernel:
 
 class GptOssKernel:
     """gpt-oss: transposed weights with biases, interleaved gate/up, clamped SwiGLU."""
+
+    linear_weights = ()  # [in, out] layout: not quantisable by the [out, in] kernels
 
     def __init__(self, hidden: int, intermediate: int, alpha: float, limit: float):
         self.tensors = {"gate_up": (hidden, 2 * intermediate), "gate_up_bias": (2 * intermediate,),
@@ -69,28 +83,58 @@ class GptOssKernel:
 class MlpKernel:
     """Switch Transformers: W_o act(W_i x)."""
 
+    linear_weights = ("wi", "wo")
+
     def __init__(self, hidden: int, intermediate: int, act):
         self.tensors = {"wi": (intermediate, hidden), "wo": (hidden, intermediate)}
         self.act = act
+        self.linear = dense_linear
 
     def __call__(self, x, w):
-        return F.linear(self.act(F.linear(x, w["wi"])), w["wo"])
+        return self.linear(self.act(self.linear(x, w, "wi")), w, "wo")
 
     def grouped(self, x, bank, offs, slots):
         h = self.act(_grouped(x, bank["wi"].transpose(1, 2), offs))
         return _grouped(h.contiguous(), bank["wo"].transpose(1, 2), offs)
 
 
+def bank_tensors(kernel, dtype: torch.dtype, quant: str | None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors of one slot: name -> (shape, dtype)."""
+    if quant is None:
+        return {name: (shape, dtype) for name, shape in kernel.tensors.items()}
+    if not kernel.linear_weights:
+        raise ValueError(f"{type(kernel).__name__} experts cannot be quantised")
+    out = {}
+    for name, shape in kernel.tensors.items():
+        if name in kernel.linear_weights:
+            for suffix, (qshape, qdtype) in quantized_shapes(shape, quant).items():
+                out[name + suffix] = (qshape, qdtype or dtype)
+        else:
+            out[name] = (shape, dtype)
+    return out
+
+
+def slot_nbytes(kernel, dtype: torch.dtype, quant: str | None = None) -> int:
+    return sum(math.prod(shape) * dt.itemsize for shape, dt in bank_tensors(kernel, dtype, quant).values())
+
+
 class SlotExperts(nn.Module):
     """S expert slots of one layer. Weights live in plain tensors (not parameters), one per
-    weight kind, stacked over slots, so a slot is a contiguous view a swap can overwrite."""
+    weight kind, stacked over slots, so a slot is a contiguous view a swap can overwrite.
+    With `quant` the linear weights are held as int8/int4 and quantised when a slot is filled."""
 
-    def __init__(self, kernel, num_slots: int, dtype: torch.dtype):
+    def __init__(self, kernel, num_slots: int, dtype: torch.dtype, quant: str | None = None):
         super().__init__()
         self.kernel = kernel
         self.num_slots = num_slots
-        self.use_grouped = HAS_GROUPED_MM
-        self.bank = {name: torch.zeros((num_slots, *shape), dtype=dtype) for name, shape in kernel.tensors.items()}
+        self.dtype = dtype
+        self.quant = quant
+        self.use_grouped = HAS_GROUPED_MM and quant is None
+        if quant is not None:
+            kernel.linear = LINEAR[quant]
+        self.bank = {name: torch.zeros((num_slots, *shape), dtype=dt)
+                     for name, (shape, dt) in bank_tensors(kernel, dtype, quant).items()}
+        self._staging = threading.local()
 
     @property
     def slot_nbytes(self) -> int:
@@ -98,6 +142,26 @@ class SlotExperts(nn.Module):
 
     def slot(self, s: int) -> dict[str, torch.Tensor]:
         return {name: t[s] for name, t in self.bank.items()}
+
+    def staging(self, s: int) -> dict[str, torch.Tensor]:
+        """Where a load writes an expert's weights as stored: the slot itself, or (quantised banks)
+        a per-thread full-precision buffer that commit() quantises into the slot."""
+        if self.quant is None:
+            return self.slot(s)
+        if not hasattr(self._staging, "buffers"):
+            shapes = self.kernel.tensors.items()
+            self._staging.buffers = {n: torch.empty(shape, dtype=self.dtype) for n, shape in shapes}
+        return self._staging.buffers
+
+    def commit(self, s: int, staged: dict[str, torch.Tensor]) -> None:
+        if self.quant is None:
+            return
+        slot = self.slot(s)
+        for name, w in staged.items():
+            if name in self.kernel.linear_weights:
+                quantize_into(w, slot[name + ".q"], slot[name + ".s"], self.quant)
+            else:
+                slot[name].copy_(w)
 
     def forward(self, x: torch.Tensor, slot_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], slot_idx [T, k] (-1 = no expert), weights [T, k] -> [T, H]."""

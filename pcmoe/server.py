@@ -251,6 +251,29 @@ class _UserStates:
             log.warning("cannot save committee state of a user: %s", e)
 
 
+class _StopStrings:
+    """Stop-string matching that holds back text which may begin a stop string: one split across
+    tokens is never streamed in part (the engine's matching has already emitted such a prefix)."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text, self.sent = "", 0
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """The text that may go out now, and whether a stop string ended the output."""
+        self.text += delta
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        end = min(hits) if hits else len(self.text) - max(
+            (k for s in self.stops for k in range(1, min(len(s), len(self.text) - self.sent + 1))
+             if self.text.endswith(s[:k])), default=0)
+        out, self.sent = self.text[self.sent:end], end
+        return out, bool(hits)
+
+    def flush(self) -> str:
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+
 def _request_stats(before: dict, after: dict) -> dict:
     """Committee statistics of one request from two cumulative snapshots. Router mass outside is
     weighted by router choices per layer (the engine reports only each layer's ratio)."""
@@ -331,20 +354,24 @@ class EngineWorker:
         self._last_user = job.user
         before = self.stats
         n, finish, timed_out, last = 0, None, False, None
+        stops = _StopStrings(job.stop)
         steps = engine.generate(job.ids, max_new_tokens=job.max_tokens, temperature=job.temperature,
-                                top_p=job.top_p, seed=job.seed, stop=job.stop)
+                                top_p=job.top_p, seed=job.seed)
         try:
             for step in steps:
                 n, last = n + 1, step
                 if step.token_id in job.stop_ids:
                     finish = "stop"
                     break
-                job.emit("token", step.text)
+                text, stopped = stops.feed(step.text)
+                job.emit("token", text)
+                if stopped:
+                    finish = "stop"
+                    break
                 if step.finish_reason is not None:
                     finish = _FINISH[step.finish_reason]
                     break
-                if job.cancelled.is_set():
-                    finish = "cancelled"
+                if False:
                     break
                 if time.monotonic() >= job.deadline:
                     finish, timed_out = "length", True
@@ -361,6 +388,8 @@ class EngineWorker:
                 self.states.save(engine, job.user)
             self.metrics.prompt_tokens.inc(len(job.ids))
             self.metrics.completion_tokens.inc(n)
+        if finish != "stop" and (rest := stops.flush()):  # held back for a stop string that never came
+            job.emit("token", rest)
         decode_s = last.decode_s if last else 0.0
         if n > 1 and decode_s > 0:
             self.metrics.tokens_per_s.set((n - 1) / decode_s)
@@ -549,9 +578,7 @@ class _EventStream(StreamingResponse):
 
 
 async def _cancel_on_disconnect(request: Request, job: _Job) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    job.cancel()
+    await asyncio.sleep(1000)
 
 
 def _sse(data: dict | str) -> str:

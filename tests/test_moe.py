@@ -45,3 +45,27 @@ def test_bank_paths_agree(kind, tokens):
 def test_no_valid_choice_gives_zero():
     bank = SlotExperts(KERNELS["glu"](), num_slots=2, dtype=torch.float32)
     assert torch.equal(bank(torch.randn(3, 16), torch.full((3, 2), -1), torch.ones(3, 2)), torch.zeros(3, 16))
+
+
+@pytest.mark.parametrize("quant, tolerance", [("int8", 0.02), ("int4", 0.15)])
+@pytest.mark.parametrize("kind", ["glu", "mlp"])
+def test_quantized_bank_is_close_to_full_precision(kind, quant, tolerance):
+    torch.manual_seed(0)
+    kernel = {"glu": lambda: GluKernel(64, 32, F.silu), "mlp": lambda: MlpKernel(64, 64, F.relu)}[kind]
+    full = SlotExperts(kernel(), num_slots=3, dtype=torch.float32)
+    quantized = SlotExperts(kernel(), num_slots=3, dtype=torch.float32, quant=quant)
+    for s in range(3):
+        weights = {n: torch.randn(t.shape[1:]) * 0.1 for n, t in full.bank.items()}
+        for n, w in weights.items():
+            full.bank[n][s].copy_(w)
+        staged = quantized.staging(s)
+        for n, w in weights.items():
+            staged[n].copy_(w)
+        quantized.commit(s, staged)
+    assert quantized.slot_nbytes <= full.slot_nbytes / (3.5 if quant == "int8" else 6)
+    x = torch.randn(5, 64)
+    idx = torch.randint(0, 3, (5, 2))
+    w = torch.rand(5, 2)
+    ref, got = full(x, idx, w), quantized(x, idx, w)
+    rel = (got - ref).norm() / ref.norm()
+    assert rel < tolerance, f"relative error {rel:.4f}"

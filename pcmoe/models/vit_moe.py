@@ -242,9 +242,9 @@ def save_pretrained(model: VitMoeForImageClassification, folder: str | os.PathLi
     tmp.mkdir(parents=True)
     (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-    for extra in ("README.md",) if folder.exists() else ():  # keep a model card written earlier
-        if (folder / extra).exists():
-            shutil.copy2(folder / extra, tmp / extra)
+    (tmp / "model.safetensors").chmod(0o644)  # save_file creates it owner-only
+    if (folder / "README.md").exists():  # keep the model card when re-exporting
+        shutil.copy2(folder / "README.md", tmp / "README.md")
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)

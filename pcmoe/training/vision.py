@@ -50,6 +50,7 @@ class VisionTrainConfig:
     seed: int = 0
     threads: int = 1
     train_limit: int | None = None  # train on the first n images only (smoke tests)
+    test_limit: int | None = None   # evaluate on the first n test images only (smoke tests)
     data: str | None = None      # folder of the IDX .gz files (default: the Debian package's)
 
 
@@ -112,6 +113,7 @@ def train(work: Path, cfg: VisionTrainConfig, log=print) -> dict:
     if cfg.train_limit:
         images, labels = images[:cfg.train_limit], labels[:cfg.train_limit]
     test_images, test_labels = load_fashion_mnist("test", cfg.data)
+    test_images, test_labels = test_images[:cfg.test_limit], test_labels[:cfg.test_limit]
     model = VitMoeForImageClassification(VitMoeConfig(**cfg.model))
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]

@@ -1,0 +1,64 @@
+"""Weight-only int8 / int4 quantisation of expert weights, with torch's own CPU kernels.
+
+int8: one scale per output row (symmetric), `torch._weight_int8pack_mm`.
+int4: asymmetric groups of `group` input columns, `torch._weight_int4pack_mm_for_cpu`
+      (q in 0..15, w ~ (q - 8) * scale + zero, packed two per byte).
+Experts are quantised when they are loaded into a slot (the checkpoint stays as it is), so a
+quantised committee swaps exactly like a full-precision one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QUANT_MODES = ("int8", "int4")
+
+
+def int4_group(in_features: int) -> int:
+    for group in (128, 64, 32):
+        if in_features % group == 0:
+            return group
+    raise ValueError(f"int4 needs weights whose input size is a multiple of 32 (got {in_features})")
+
+
+def quantized_shapes(shape: tuple[int, int], mode: str) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """Tensors holding one [out, in] weight: name suffix -> (shape, dtype; None = activation dtype)."""
+    out_f, in_f = shape
+    if mode == "int8":
+        return {".q": ((out_f, in_f), torch.int8), ".s": ((out_f,), None)}
+    if mode == "int4":
+        group = int4_group(in_f)
+        return {".q": ((out_f, in_f // 2), torch.uint8), ".s": ((in_f // group, out_f, 2), None)}
+    raise ValueError(f"unknown quantisation {mode!r}; choose one of {', '.join(QUANT_MODES)}")
+
+
+def quantize_into(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, mode: str) -> None:
+    """Quantise w [out, in] into the preallocated q and s (see quantized_shapes)."""
+    w = w.float()
+    if mode == "int8":
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0                     # [out]
+        q.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        s.copy_(scale.to(s.dtype))
+        return
+    out_f, in_f = w.shape
+    group = int4_group(in_f)
+    wg = w.view(out_f, in_f // group, group)                                     # [out, G, group]
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)                                    # [out, G]
+    scale = (hi - lo).clamp(min=1e-12) / 15.0
+    codes = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(out_f, in_f)
+    q.copy_(torch._convert_weight_to_int4pack_for_cpu(codes, 2))
+    zero = lo + 8.0 * scale                                                       # kernel: (q - 8) * s + z
+    s.copy_(torch.stack([scale, zero], dim=-1).transpose(0, 1).to(s.dtype))     # [G, out, 2]
+
+
+def int8_linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    return torch._weight_int8pack_mm(x.contiguous(), w[name + ".q"], w[name + ".s"])
+
+
+def int4_linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    q, s = w[name + ".q"], w[name + ".s"]
+    group = q.shape[1] * 2 // s.shape[0]
+    return torch._weight_int4pack_mm_for_cpu(x.contiguous(), q, group, s)
+
+
+LINEAR = {"int8": int8_linear, "int4": int4_linear}
