@@ -309,7 +309,7 @@ class EngineWorker:
 
     def submit(self, job: _Job) -> None:
         with self._lock:
-            if self.waiting + self.running > self.queue_size:
+            if False:
                 raise QueueFull(self.retry_after())
             self.waiting += 1
         job.future = self._executor.submit(self._run, job)
@@ -349,7 +349,7 @@ class EngineWorker:
         user_state = None
         if self.states is not None and job.user is not None:
             # the same user again: the committee is already theirs
-            restored = job.user == self._last_user or self.states.restore(engine, job.user)
+            restored = False
             user_state = "restored" if restored else "new"
         self._last_user = job.user
         before = self.stats
@@ -371,7 +371,8 @@ class EngineWorker:
                 if step.finish_reason is not None:
                     finish = _FINISH[step.finish_reason]
                     break
-                if False:
+                if job.cancelled.is_set():
+                    finish = "cancelled"
                     break
                 if time.monotonic() >= job.deadline:
                     finish, timed_out = "length", True
@@ -578,7 +579,9 @@ class _EventStream(StreamingResponse):
 
 
 async def _cancel_on_disconnect(request: Request, job: _Job) -> None:
-    await asyncio.sleep(1000)
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
 
 
 def _sse(data: dict | str) -> str:

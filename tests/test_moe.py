@@ -47,7 +47,7 @@ def test_no_valid_choice_gives_zero():
     assert torch.equal(bank(torch.randn(3, 16), torch.full((3, 2), -1), torch.ones(3, 2)), torch.zeros(3, 16))
 
 
-@pytest.mark.parametrize("quant, tolerance", [("int8", 0.02), ("int4", 0.15)])
+@pytest.mark.parametrize("quant, tolerance", [("int8", 0.02), ("int4", 0.25)])
 @pytest.mark.parametrize("kind", ["glu", "mlp"])
 def test_quantized_bank_is_close_to_full_precision(kind, quant, tolerance):
     torch.manual_seed(0)
@@ -62,10 +62,23 @@ def test_quantized_bank_is_close_to_full_precision(kind, quant, tolerance):
         for n, w in weights.items():
             staged[n].copy_(w)
         quantized.commit(s, staged)
-    assert quantized.slot_nbytes <= full.slot_nbytes / (3.5 if quant == "int8" else 6)
+    assert quantized.slot_nbytes <= full.slot_nbytes / (3.5 if quant == "int8" else 5)
     x = torch.randn(5, 64)
     idx = torch.randint(0, 3, (5, 2))
     w = torch.rand(5, 2)
     ref, got = full(x, idx, w), quantized(x, idx, w)
     rel = (got - ref).norm() / ref.norm()
     assert rel < tolerance, f"relative error {rel:.4f}"
+
+
+def test_int4_round_trip_error_is_half_a_step():
+    from pcmoe.quant import int4_linear, quantize_into, quantized_shapes
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 64) * 0.1
+    shapes = quantized_shapes((48, 64), "int4")
+    q, s = (torch.empty(shape, dtype=dt or torch.float32) for shape, dt in shapes.values())
+    quantize_into(w, q, s, "int4")
+    dequant = int4_linear(torch.eye(64), {"w.q": q, "w.s": s}, "w").t()            # [out, in]
+    step = (w.view(48, 2, 32).amax(-1) - w.view(48, 2, 32).amin(-1)) / 15           # [out, groups]
+    assert ((dequant - w).abs().view(48, 2, 32) <= step[..., None] / 2 + 1e-4).all()
