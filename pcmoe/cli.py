@@ -280,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int)
     p.set_defaults(func=cmd_profile)
 
+    p = sub.add_parser("bench", help="the memory/quality/speed benchmark suite (writes JSON, Markdown, PNG)",
+                       description=_bench_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _bench_arguments(p)
+    p.set_defaults(func=lambda args: __import__("pcmoe.bench.suite", fromlist=["cmd_bench"]).cmd_bench(args))
+
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the [server] extra)")
     _add_load_options(p)
     p.set_defaults(func=lambda args: _optional("pcmoe.server", "server").cmd_serve(args))
@@ -290,6 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda args: _optional("pcmoe.chat", "server").cmd_chat(args))
     _optional_arguments("pcmoe.chat", "add_chat_arguments", p)
     return ap
+
+
+def _bench_doc() -> str:
+    from pcmoe.bench import suite
+
+    return suite.__doc__
+
+
+def _bench_arguments(p) -> None:
+    from pcmoe.bench import suite
+
+    suite.add_arguments(p)
 
 
 def _optional(module: str, extra: str):

@@ -302,11 +302,11 @@ class Engine:
         new_ids: list[int] = []
         emitted = ""
         t0 = time.perf_counter()
-        logits, state = self._prefill(ids)
+        logits, state = self.prefill(ids)
         prefill_s = time.perf_counter() - t0
         for i in range(max_new_tokens):
             if i > 0:
-                logits = self._decode_step(state, new_ids[-1])
+                logits = self.decode_step(state, new_ids[-1])
             token = _sample(logits, temperature, top_p, gen)
             new_ids.append(token)
             finish = "eos" if token in eos else None
@@ -330,7 +330,7 @@ class Engine:
             if finish is not None:
                 return
 
-    def _prefill(self, ids: list[int]):
+    def prefill(self, ids: list[int]):
         """Next-token logits [V] after the prompt, and the decoding state (KV cache...)."""
         from transformers import DynamicCache
 
@@ -344,7 +344,8 @@ class Engine:
         out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1].float(), {"cache": cache}
 
-    def _decode_step(self, state: dict, token: int) -> torch.Tensor:
+    def decode_step(self, state: dict, token: int) -> torch.Tensor:
+        """Feed one token; next-token logits [V]."""
         ids = torch.tensor([[token]])
         if self.family.seq2seq:
             out = self.model(encoder_outputs=state["enc"], decoder_input_ids=ids, cache=state["cache"],

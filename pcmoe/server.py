@@ -10,12 +10,18 @@ run on a single engine thread and other requests wait in a FIFO of at most `queu
 request gets 429 with Retry-After. A client that disconnects cancels its generation at the next token
 (queued: it leaves the queue). `request_timeout_s` counts from a request's arrival: still queued at
 the deadline -> 503; generating -> the generation stops there and the reply ends with finish_reason
-"length" (and `"pcmoe": {"timed_out": true}`), so a client always keeps the text it paid for.
+"length" (and `"pcmoe": {"timed_out": true}`), so a client always keeps the text it paid for. (A
+queued request rarely times out: each one ahead of it stops at its own, earlier, deadline.)
+
+Stop strings are matched here rather than in the engine, holding back text that may begin one, so a
+stop string split across tokens is never streamed in part; chat also stops at the special token that
+ends a turn (<|im_end|> and the like), which the engine decodes as "".
 
 Warm committees per user. With `state_dir`, a request with the OpenAI `user` field restores that
 user's committee state before it runs (engine.load_state) and saves it afterwards, atomically, to
 `state_dir/<sha256(user)[:32]>.json`: a returning user, also after a restart, finds the experts its
-topics need. The file name is a hash, so nothing in a request names a path.
+topics need. The file name is a hash, so nothing in a request names a path. `pcmoe serve` keeps them
+in ~/.cache/pcmoe/users/<hash of the model path> unless given --state-dir or --no-user-state.
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, and a client's mistake
 is always a 4xx: 400 for invalid JSON, fields and values (FastAPI's 422 included), 401 without the API
@@ -107,7 +113,7 @@ def _param(loc: tuple) -> str | None:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     content_type = request.headers.get("content-type", "")
-    if not _is_json(content_type):  # FastAPI hands a non-JSON body to validation as bytes
+    if request.method == "POST" and not _is_json(content_type):  # FastAPI validates a non-JSON body as bytes
         return APIError(415, f"expected a JSON body (Content-Type: application/json), got {content_type or 'none'!r}",
                         code="unsupported_media_type").response()
     e = exc.errors()[0]
@@ -263,11 +269,15 @@ class _StopStrings:
         """The text that may go out now, and whether a stop string ended the output."""
         self.text += delta
         hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
-        end = min(hits) if hits else len(self.text) - max(
-            (k for s in self.stops for k in range(1, min(len(s), len(self.text) - self.sent + 1))
-             if self.text.endswith(s[:k])), default=0)
+        end = min(hits) if hits else len(self.text) - self._held()
         out, self.sent = self.text[self.sent:end], end
         return out, bool(hits)
+
+    def _held(self) -> int:
+        """Length of the longest unsent tail of the text that begins a stop string."""
+        unsent = len(self.text) - self.sent
+        return max((k for s in self.stops for k in range(1, min(len(s), unsent + 1)) if self.text.endswith(s[:k])),
+                   default=0)
 
     def flush(self) -> str:
         out, self.sent = self.text[self.sent:], len(self.text)
@@ -309,19 +319,20 @@ class EngineWorker:
 
     def submit(self, job: _Job) -> None:
         with self._lock:
-            if False:
+            if self.waiting + self.running > self.queue_size:
                 raise QueueFull(self.retry_after())
             self.waiting += 1
         job.future = self._executor.submit(self._run, job)
-        job.future.add_done_callback(self._left_queue)
+        job.future.add_done_callback(lambda future: self._left_queue(future, job))
 
     def retry_after(self) -> int:
         return max(1, min(60, math.ceil(self._mean_s * (self.waiting + 1))))
 
-    def _left_queue(self, future: Future) -> None:
-        if future.cancelled():  # dropped before it ran
+    def _left_queue(self, future: Future, job: _Job) -> None:
+        if future.cancelled():  # dropped before it ran: by its client, its deadline or a shutdown
             with self._lock:
                 self.waiting -= 1
+            job.emit("error", APIError(503, "the server is shutting down", type="server_error", code="shutdown"))
 
     def close(self) -> None:
         job = self._current
@@ -338,9 +349,9 @@ class EngineWorker:
         try:
             if not job.cancelled.is_set():
                 job.emit(*self._generate(job, queue_s=t0 - job.queued_at))
+                self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - t0)
         finally:
             self._current = None
-            self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - t0)
             with self._lock:
                 self.running -= 1
 
@@ -349,7 +360,7 @@ class EngineWorker:
         user_state = None
         if self.states is not None and job.user is not None:
             # the same user again: the committee is already theirs
-            restored = False
+            restored = job.user == self._last_user or self.states.restore(engine, job.user)
             user_state = "restored" if restored else "new"
         self._last_user = job.user
         before = self.stats
