@@ -27,8 +27,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
-    from pcmoe.policies import POLICIES
-    from pcmoe.routing import STRATEGIES
+    from pcmoe.options import POLICIES, STRATEGIES
 
     _add_model(p)
     g = p.add_argument_group("memory and policy")
@@ -174,7 +173,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pcmoe.engine import peak_rss_bytes, rss_bytes
+    from pcmoe.budget import peak_rss_bytes, rss_bytes
 
     baseline_rss = rss_bytes()
     engine = _load_engine(args)
@@ -334,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
     args = build_parser().parse_args(argv)
-    from pcmoe.engine import PcmoeError
+    from pcmoe.options import PcmoeError
 
     try:
         return args.func(args)

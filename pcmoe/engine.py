@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import random
-import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,7 +34,9 @@ from pcmoe.budget import (
     format_bytes,
     minimum_budget,
     parse_budget,
+    peak_rss_bytes,
     read_plan,
+    rss_bytes,
     slots_for,
     uniform_sizes,
 )
@@ -44,52 +45,20 @@ from pcmoe.committee import LayerCommittee
 from pcmoe.importance import ImportanceTracker, top_experts
 from pcmoe.models import FAMILIES
 from pcmoe.moe import CommitteeMoE, SlotExperts, slot_nbytes
+from pcmoe.options import POLICIES, STRATEGIES, LoadOptions, PcmoeError
 from pcmoe.policies import (
     ALL_RESIDENT_POLICIES,
     DYNAMIC_POLICIES,
-    POLICIES,
     MaskedGatingController,
     OnDemandController,
     TopkReduceController,
 )
-from pcmoe.routing import STRATEGIES
 from pcmoe.scheduler import SwapScheduler
 from pcmoe.store import STORAGE_PROFILES, ExpertStore
 
 PROFILE_FORMAT = "pcmoe-profile/1"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
-
-
-class PcmoeError(Exception):
-    """Any user-facing error of load(); the CLI prints it as one line."""
-
-
-@dataclass
-class LoadOptions:
-    """Everything load() accepts besides the checkpoint, budget, policy and plan."""
-
-    dtype: str = "auto"            # compute/storage dtype of weights: auto (as on disk), float32, bfloat16
-    quantize: str | None = None    # experts held as int8 / int4 (weight-only), quantised on load
-    strategy: str = "exchange"     # exchange | skip | hybrid (paper §5)
-    renorm: bool = True            # exchange weights renormalised over members (A) or original (B)
-    tau: float = 0.05              # hybrid: skip a substitute whose gate is below tau
-    update_every: int = 16         # committee update period F ...
-    update_unit: str = "tokens"    # ... counted in tokens or inputs (requests / documents)
-    bytes_per_step: int | None = None  # swap I/O allowance per forward step (default: 2 experts)
-    importance: str = "window"     # window | ema
-    ema_decay: float = 0.5
-    margin: float = 0.1            # hysteresis: a newcomer must beat a member by this factor
-    spare_slots: int = 1           # extra slots per layer that swaps load into
-    io_bandwidth: float | str | None = None  # MB/s (or emmc / ufs / nvme) storage emulation
-    synchronous: bool = False      # load swaps inline (tests); same outputs as async
-    seed: int = 0                  # random-keep
-    profile: str | None = None     # importance profile: initial committee / static-frequency
-    topk: int | None = None        # topk-reduce: experts kept per token
-    threads: int | None = None
-    evict: bool = True             # drop read ranges from the page cache
-    cache_dir: str | None = None   # where expert norms are cached
-    progress: bool = True
 
 
 @dataclass
@@ -201,15 +170,6 @@ def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, leave=False, unit="expert", dynamic_ncols=True)
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 # ------------------------------------------------------------------------------------------------
 
 
@@ -280,8 +240,11 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                 stop_on_eos: bool = True) -> Iterator[GenerationStep]:
-        """Yield one GenerationStep per generated token; the last one carries engine.stats()."""
+                 stop_on_eos: bool = True, stop_token_ids: list[int] | None = None) -> Iterator[GenerationStep]:
+        """Yield one GenerationStep per generated token; the last one carries engine.stats().
+
+        Text that could be the start of a stop string is held back until it is known not to be,
+        so a stop string split across tokens is never streamed in part."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise PcmoeError("the prompt is empty")
@@ -294,11 +257,12 @@ class Engine:
         stop = [s for s in (stop or []) if s]
         self.begin_input()
         try:
-            yield from self._generate_steps(ids, max_new_tokens, temperature, top_p, gen, eos, stop)
+            yield from self._generate_steps(ids, max_new_tokens, temperature, top_p, gen, eos, stop,
+                                            set(stop_token_ids or ()))
         finally:  # also when the consumer stops early (client disconnect): the engine is free again
             self.end_input()
 
-    def _generate_steps(self, ids, max_new_tokens, temperature, top_p, gen, eos, stop):
+    def _generate_steps(self, ids, max_new_tokens, temperature, top_p, gen, eos, stop, stop_ids):
         new_ids: list[int] = []
         emitted = ""
         t0 = time.perf_counter()
@@ -309,19 +273,23 @@ class Engine:
                 logits = self.decode_step(state, new_ids[-1])
             token = _sample(logits, temperature, top_p, gen)
             new_ids.append(token)
-            finish = "eos" if token in eos else None
-            delta = ""
-            if finish is None and self.tokenizer is not None:
-                text = self._decode(new_ids)
-                if not text.endswith("\ufffd"):  # else an incomplete UTF-8 sequence: wait for more
-                    delta, emitted = text[len(emitted):], text
-                hit = min((emitted.find(s) for s in stop if s in emitted), default=-1)
-                if hit >= 0:
-                    start = len(emitted) - len(delta)
-                    delta = emitted[start:hit] if hit > start else ""
-                    emitted, finish = emitted[:hit], "stop"
+            finish = "eos" if token in eos else "stop" if token in stop_ids else None
             if finish is None and len(new_ids) >= max_new_tokens:
                 finish = "length"
+            delta = ""
+            if self.tokenizer is not None:
+                text = self._decode(new_ids)
+                hit = min((text.find(s) for s in stop if s in text), default=-1)
+                if hit >= 0:
+                    text, finish = text[:hit], "stop"
+                    safe = len(text)
+                elif finish is not None:
+                    safe = len(text)  # the end: flush whatever was held back
+                else:
+                    safe = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence waits for more
+                    safe -= _stop_prefix_overlap(text[:safe], stop)
+                if safe > len(emitted):
+                    delta, emitted = text[len(emitted):safe], text[:safe]
             step = GenerationStep(token, delta, i, finish, len(ids), prefill_s,
                                   time.perf_counter() - t0 - prefill_s)
             if finish is not None:
@@ -393,6 +361,7 @@ class Engine:
                 "members": sorted(committee.members()), "choices": s.choices, "hits": s.hits,
                 "misses": s.choices - s.hits, "exchanged": s.exchanged, "skipped": s.skipped,
                 "router_mass_outside": s.mass_outside / s.mass_total if s.mass_total else 0.0,
+                "mass_total": s.mass_total, "mass_outside": s.mass_outside,
                 "swaps": self.scheduler.stats.per_layer_swaps[layer] if self.scheduler else 0,
             })
         st = self.store.stats
@@ -479,6 +448,17 @@ class Engine:
     def __del__(self):
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _stop_prefix_overlap(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that is the beginning of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

@@ -23,7 +23,6 @@ from pcmoe.committee import LayerCommittee
 from pcmoe.importance import ImportanceTracker
 from pcmoe.routing import GatingStats, Route, gate
 
-POLICIES = ("full", "committee", "random-keep", "magnitude-keep", "static-frequency", "on-demand", "topk-reduce")
 DYNAMIC_POLICIES = ("committee",)       # need spare slots and a scheduler
 STATIC_KEEP_POLICIES = ("random-keep", "magnitude-keep", "static-frequency")
 ALL_RESIDENT_POLICIES = ("full", "topk-reduce")

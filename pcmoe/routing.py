@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pcmoe.options import STRATEGIES
+
 NEG_INF = float("-inf")
 
 
@@ -140,7 +142,6 @@ def switch_top1(logits, batch_shape: tuple[int, int], capacity: int, mask=None, 
 # ----------------------------------------------------------------------------------------------
 # Request-handling strategies (paper.md §5): what a token gets when its expert is not resident.
 
-STRATEGIES = ("exchange", "skip", "hybrid")
 
 
 @dataclass

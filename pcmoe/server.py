@@ -56,9 +56,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pcmoe.budget import atomic_write_text
+from pcmoe.budget import atomic_write_text, rss_bytes
 from pcmoe.chat import chat_prompt, turn_end_ids
-from pcmoe.engine import PcmoeError, rss_bytes
+from pcmoe.options import PcmoeError
 
 log = logging.getLogger("pcmoe.server")
 

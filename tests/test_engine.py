@@ -239,3 +239,21 @@ def test_truncated_and_missing_files(tiny_checkpoint, tmp_path):
     (broken / "config.json").unlink()
     with pytest.raises(PcmoeError, match="no config.json"):
         pcmoe.load(broken)
+
+
+def test_stop_strings_are_never_streamed_in_part(tiny_lm):
+    from pcmoe.engine import _stop_prefix_overlap
+
+    assert _stop_prefix_overlap("hello wor", ["world"]) == 3
+    assert _stop_prefix_overlap("hello", ["xyz"]) == 0
+    with pcmoe.load(tiny_lm, policy="full", progress=False) as engine:
+        steps = list(engine.generate("hello", max_new_tokens=12, stop_on_eos=False))
+        text = "".join(s.text for s in steps)
+        assert len(text) > 4
+        stop = text[2:5]  # a stop string somewhere inside what the model generates greedily
+        streamed = [s.text for s in engine.generate("hello", max_new_tokens=12, stop=[stop], stop_on_eos=False)]
+        assert "".join(streamed) == text[:text.find(stop)]
+        assert not any(stop[:1] and piece.endswith(stop[:2]) for piece in streamed[:-1] if len(stop) > 2)
+        ids = [s.token_id for s in steps]
+        by_id = list(engine.generate("hello", max_new_tokens=12, stop_token_ids=[ids[3]], stop_on_eos=False))
+        assert by_id[-1].finish_reason == "stop" and len(by_id) == ids.index(ids[3]) + 1

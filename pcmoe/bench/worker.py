@@ -80,7 +80,7 @@ def run_pcmoe(spec):
     import torch
 
     import pcmoe
-    from pcmoe.engine import peak_rss_bytes
+    from pcmoe.budget import peak_rss_bytes
 
     if spec.get("evict", True):
         from pcmoe.checkpoint import Checkpoint
@@ -163,8 +163,8 @@ def run_transformers(spec, offload: bool):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+    from pcmoe.budget import peak_rss_bytes
     from pcmoe.checkpoint import Checkpoint
-    from pcmoe.engine import peak_rss_bytes
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
