@@ -150,7 +150,7 @@ def _engine_stats(engine):
     st = engine.stats()
     keep = ("policy", "budget_bytes", "resident_bytes", "resident_expert_bytes", "nonexpert_bytes",
             "full_model_bytes", "committee_sizes", "hit_rate", "router_mass_outside", "exchanged", "skipped",
-            "swaps", "swap_failures", "bytes_read", "read_s", "stall_s", "peak_rss_bytes")
+            "swaps", "swap_failures", "bytes_read", "reads", "read_s", "stall_s", "peak_rss_bytes")
     out = {k: st[k] for k in keep}
     out["per_layer_swaps"] = [layer["swaps"] for layer in st["per_layer"]]
     return out
