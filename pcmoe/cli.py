@@ -68,6 +68,7 @@ def _load_engine(args):
         update_every=args.update_every, update_unit=args.update_unit, bytes_per_step=args.swap_bytes,
         importance=args.importance, margin=args.margin, spare_slots=args.spare_slots,
         synchronous=args.sync_swaps, profile=args.profile, topk=args.topk, seed=args.seed,
+        track_importance=getattr(args, "track_importance", None),
         io_bandwidth=args.io_bandwidth, evict=not args.no_evict, threads=args.threads,
         progress=not args.quiet and sys.stderr.isatty())
 
@@ -221,6 +222,7 @@ def cmd_profile(args) -> int:
     from pcmoe.evaluate import perplexity, read_documents
 
     args.policy = "on-demand" if args.budget else "full"  # exact routing either way
+    args.track_importance = True
     engine = _load_engine(args)
     try:
         result = perplexity(engine, read_documents(args.data), window=args.window, max_tokens=args.max_tokens,

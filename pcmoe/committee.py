@@ -16,7 +16,9 @@ class LayerCommittee:
             raise ValueError("a layer needs at least one slot")
         self.num_experts = num_experts
         self.num_slots = num_slots
-        self.expert_to_slot = torch.full((num_experts,), -1, dtype=torch.long)  # [N], -1 = absent
+        # [N + 1]: slot of each expert, -1 = absent; the extra last entry (-1) is what an expert id of
+        # -1 ("no expert") indexes, so mapping ids to slots is a single gather.
+        self.expert_to_slot = torch.full((num_experts + 1,), -1, dtype=torch.long)
         self.slot_to_expert = [-1] * num_slots                                  # [S], -1 = empty
         self.mask = torch.zeros(num_experts, dtype=torch.bool)                 # [N] members
         self.reserved: set[int] = set()  # empty slots an in-flight load is writing into
@@ -34,7 +36,12 @@ class LayerCommittee:
 
     def slots_of(self, idx: torch.Tensor) -> torch.Tensor:
         """Map expert ids (any shape, -1 allowed) to slots, -1 where absent."""
-        return torch.where(idx >= 0, self.expert_to_slot[idx.clamp(min=0)], idx.new_full((), -1))
+        return self.expert_to_slot[idx]
+
+    @property
+    def complete(self) -> bool:
+        """Every expert of the layer is a member."""
+        return len(self.members()) == self.num_experts
 
     # -- changes (called between forward passes only) ----------------------------------------
 

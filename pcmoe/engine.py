@@ -707,15 +707,15 @@ def _load(folder: Path, budget_spec, policy: str, plan, opts: LoadOptions) -> En
             raise PcmoeError(f"{folder}: cannot read expert {e} of {block_names[layer]} (I/O error after retries)")
         committees[layer].install(e, slot)
 
+    track = opts.track_importance if opts.track_importance is not None else policy in DYNAMIC_POLICIES
     for layer, block in enumerate(blocks):
         committee, tracker = committees[layer], trackers[layer]
         if policy == "on-demand":
-            ctrl = OnDemandController(committee, tracker, load_into_slot, layer)
+            ctrl = OnDemandController(committee, tracker, load_into_slot, layer, track)
         elif policy == "topk-reduce":
-            ctrl = TopkReduceController(committee, tracker, opts.topk)
+            ctrl = TopkReduceController(committee, tracker, opts.topk, track)
         else:
-            strategy = opts.strategy
-            ctrl = MaskedGatingController(committee, tracker, opts.renorm, strategy, opts.tau)
+            ctrl = MaskedGatingController(committee, tracker, opts.renorm, opts.strategy, opts.tau, track)
         block.controller = ctrl
         controllers.append(ctrl)
 

@@ -165,12 +165,14 @@ class SlotExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, slot_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], slot_idx [T, k] (-1 = no expert), weights [T, k] -> [T, H]."""
-        out = torch.zeros_like(x)
         if x.shape[0] == 1:  # decode: a handful of experts, no gather/scatter
-            for j, s in enumerate(slot_idx[0].tolist()):
+            out = None
+            for s, w in zip(slot_idx[0].tolist(), weights[0].tolist()):
                 if s >= 0:
-                    out += self.kernel(x, self.slot(s)) * weights[0, j].to(x.dtype)
-            return out
+                    y = self.kernel(x, self.slot(s))
+                    out = y.mul_(w) if out is None else out.add_(y, alpha=w)
+            return torch.zeros_like(x) if out is None else out
+        out = torch.zeros_like(x)
         # Sort the (token, choice) pairs by slot once; each slot's rows are then contiguous.
         k = slot_idx.shape[1]
         flat = slot_idx.reshape(-1)                                 # [T*k]

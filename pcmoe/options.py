@@ -35,6 +35,7 @@ class LoadOptions:
     profile: str | None = None     # importance profile: initial committee / static-frequency
     topk: int | None = None        # topk-reduce: experts kept per token
     threads: int | None = None
+    track_importance: bool | None = None  # accumulate importance; default: committee policy only
     evict: bool = True             # drop read ranges from the page cache
     cache_dir: str | None = None   # where expert norms are cached
     progress: bool = True

@@ -21,7 +21,7 @@ import torch
 
 from pcmoe.committee import LayerCommittee
 from pcmoe.importance import ImportanceTracker
-from pcmoe.routing import GatingStats, Route, gate
+from pcmoe.routing import GatingStats, Route, gate, route_stats
 
 DYNAMIC_POLICIES = ("committee",)       # need spare slots and a scheduler
 STATIC_KEEP_POLICIES = ("random-keep", "magnitude-keep", "static-frequency")
@@ -29,12 +29,14 @@ ALL_RESIDENT_POLICIES = ("full", "topk-reduce")
 
 
 class LayerController:
-    """Shared state of one layer; subclasses implement `route_and_run`."""
+    """Shared state of one layer; subclasses implement `forward`."""
 
-    def __init__(self, committee: LayerCommittee, tracker: ImportanceTracker, renorm: bool = True):
+    def __init__(self, committee: LayerCommittee, tracker: ImportanceTracker, renorm: bool = True,
+                 track: bool = True):
         self.committee = committee
         self.tracker = tracker
         self.renorm = renorm
+        self.track = track      # accumulate importance (dynamic committees, profiles, user state)
         self.stats = GatingStats()
         self.stall_s = 0.0
 
@@ -42,7 +44,8 @@ class LayerController:
         return lambda logits, mask: block.family.select(block, logits, mask, self.renorm, batch_shape, k)
 
     def _track(self, x: torch.Tensor, full: Route) -> None:
-        self.tracker.accumulate(x.float().norm(dim=-1), full.idx, full.weights)
+        if self.track:
+            self.tracker.accumulate(x.float().norm(dim=-1), full.idx, full.weights)
 
     def forward(self, block, x, logits, batch_shape) -> torch.Tensor:
         raise NotImplementedError
@@ -51,12 +54,17 @@ class LayerController:
 class MaskedGatingController(LayerController):
     """full, committee and the fixed-subset policies: route only to members (masked gating)."""
 
-    def __init__(self, committee, tracker, renorm=True, strategy="exchange", tau=0.0):
-        super().__init__(committee, tracker, renorm)
+    def __init__(self, committee, tracker, renorm=True, strategy="exchange", tau=0.0, track=True):
+        super().__init__(committee, tracker, renorm, track)
         self.strategy, self.tau = strategy, tau
 
     def forward(self, block, x, logits, batch_shape):
-        exe, full, stats = gate(self._select(block, batch_shape), logits, self.committee.mask, self.strategy, self.tau)
+        select = self._select(block, batch_shape)
+        if self.committee.complete:  # nothing to mask: the model's own routing
+            exe = full = select(logits, None)
+            stats, _ = route_stats(full, None)
+        else:
+            exe, full, stats = gate(select, logits, self.committee.mask, self.strategy, self.tau)
         self.stats.add(stats)
         self._track(x, full)
         return block.experts(x, self.committee.slots_of(exe.idx), exe.weights)
@@ -65,18 +73,17 @@ class MaskedGatingController(LayerController):
 class TopkReduceController(LayerController):
     """Every token keeps its top-k' experts, weighted by the model's own rule over those k'."""
 
-    def __init__(self, committee, tracker, k: int):
-        super().__init__(committee, tracker)
+    def __init__(self, committee, tracker, k: int, track=False):
+        super().__init__(committee, tracker, track=track)
         self.k = k
 
     def forward(self, block, x, logits, batch_shape):
         full = self._select(block, batch_shape)(logits, None)
         self._track(x, full)
         kept = self._select(block, batch_shape, self.k)(logits, None)
-        valid = full.idx >= 0
-        dropped = int(valid.sum()) - int((kept.idx >= 0).sum())
-        self.stats.add(GatingStats(choices=int(valid.sum()), hits=int(valid.sum()), skipped=dropped,
-                                   mass_total=float(full.weights.float().sum())))
+        stats, _ = route_stats(full, None)
+        stats.skipped = stats.choices - int((kept.idx >= 0).sum())
+        self.stats.add(stats)
         return block.experts(x, self.committee.slots_of(kept.idx), kept.weights)
 
 
@@ -84,8 +91,8 @@ class OnDemandController(LayerController):
     """Exact: the model's own routing; a miss evicts the least recently used expert of the layer
     and loads the needed one from disk before it runs (time counted as stall)."""
 
-    def __init__(self, committee, tracker, load, layer: int):
-        super().__init__(committee, tracker)
+    def __init__(self, committee, tracker, load, layer: int, track=False):
+        super().__init__(committee, tracker, track=track)
         self.load = load     # load(layer, expert, slot) -> bool
         self.layer = layer
         self.lru: OrderedDict[int, None] = OrderedDict((e, None) for e in committee.members())
@@ -94,12 +101,9 @@ class OnDemandController(LayerController):
     def forward(self, block, x, logits, batch_shape):
         full = self._select(block, batch_shape)(logits, None)
         self._track(x, full)
-        valid = full.idx >= 0
-        resident = self.committee.mask[full.idx.clamp(min=0)] & valid
-        miss = valid & ~resident
-        self.stats.add(GatingStats(choices=int(valid.sum()), hits=int(resident.sum()),
-                                   mass_total=float(full.weights.float().sum()),
-                                   mass_outside=float(full.weights.float()[miss].sum())))
+        stats, miss = route_stats(full, self.committee.mask)
+        self.stats.add(stats)
+        resident = (full.idx >= 0) & ~miss
         slots = self.committee.slots_of(full.idx)                 # -1 for misses: computed below
         y = block.experts(x, slots, full.weights)
         for e in torch.unique(full.idx[resident]).tolist():

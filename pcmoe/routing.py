@@ -163,26 +163,38 @@ def _contained(idx: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
     return (idx[:, :, None] == among[:, None, :]).any(dim=-1)
 
 
+def route_stats(full: Route, mask: torch.Tensor | None) -> tuple[GatingStats, torch.Tensor | None]:
+    """Hits, misses and router mass outside the committee for the unmasked route (one host
+    conversion for all counters). Returns the stats and the [T, k] miss mask (None if no mask)."""
+    valid = full.idx >= 0
+    w = full.weights.float()
+    if mask is None:
+        choices, total = torch.stack([valid.sum().float(), w.sum()]).tolist()
+        return GatingStats(choices=int(choices), hits=int(choices), mass_total=total), None
+    miss = valid & ~mask[full.idx]                                    # [T, k]  (idx -1 is valid here)
+    choices, n_miss, total, outside = torch.stack([valid.sum().float(), miss.sum().float(), w.sum(),
+                                                   (w * miss).sum()]).tolist()
+    return GatingStats(choices=int(choices), hits=int(choices - n_miss), mass_total=total,
+                       mass_outside=outside), miss
+
+
 def gate(select, logits: torch.Tensor, mask: torch.Tensor, strategy: str, tau: float = 0.0):
     """Route tokens under a committee.
 
     select(logits, mask) -> Route is the family's rule (with renorm and shapes bound).
     Returns (executed route, unmasked route, GatingStats)."""
     full = select(logits, None)
-    valid = full.idx >= 0
-    resident = mask[full.idx.clamp(min=0)] & valid                    # [T, k]
-    miss = valid & ~resident
-    stats = GatingStats(choices=int(valid.sum()), hits=int(resident.sum()),
-                        mass_total=float(full.weights.float().sum()),
-                        mass_outside=float(full.weights.float()[miss].sum()))
+    stats, miss = route_stats(full, mask)
     n_miss = stats.choices - stats.hits
-    if bool(mask.all()):  # the whole layer is resident: nothing to mask
-        return full, full, stats
+    if n_miss == 0 and strategy != "exchange":
+        return full, full, stats  # nothing absent: skip and hybrid execute the unmasked route
     if strategy == "skip":
         exe = Route(full.idx.masked_fill(miss, -1), full.weights.masked_fill(miss, 0.0), full.gates)
         stats.skipped = n_miss
         return exe, full, stats
     exe = select(logits, mask)
+    if n_miss == 0:
+        return exe, full, stats  # same experts (option A may still rescale their weights)
     substitute = (exe.idx >= 0) & ~_contained(exe.idx, full.idx)      # [T, k] members not chosen unmasked
     if strategy == "hybrid":
         low = substitute & (full.gates.gather(1, exe.idx.clamp(min=0)) < tau)

@@ -64,9 +64,11 @@ def test_gate_hybrid_skips_weak_substitutes(tau, expected, exchanged):
     assert st.exchanged == exchanged and st.skipped == 1 - exchanged
 
 
-def test_gate_full_committee_is_the_unmasked_route():
-    exe, full, st = gate(select_olmoe_style, LOGITS, torch.ones(4, dtype=torch.bool), "exchange")
-    assert exe is full and st.hits == st.choices == 2 and st.mass_outside == 0
+@pytest.mark.parametrize("strategy", ["exchange", "skip", "hybrid"])
+def test_gate_full_committee_is_the_unmasked_route(strategy):
+    exe, full, st = gate(select_olmoe_style, LOGITS, torch.ones(4, dtype=torch.bool), strategy)
+    assert torch.equal(exe.idx, full.idx) and torch.allclose(exe.weights, full.weights)
+    assert st.hits == st.choices == 2 and st.mass_outside == 0
 
 
 def test_unknown_strategy_is_an_error():
