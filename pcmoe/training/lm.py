@@ -275,7 +275,8 @@ def train(work: Path, cfg: TrainConfig, log=print) -> None:
         step += 1
         tokens_since += batch.shape[0] * (batch.shape[1] - 1)
         record = {"step": step, "ce": round(ce.item(), 4), "aux": round(out.aux_loss.item(), 4),
-                  "lr": round(lr_at(step - 1, cfg), 6), "time": time.time()}
+                  "aux_coef": cfg.shape.router_aux_loss_coef, "lr": round(lr_at(step - 1, cfg), 6),
+                  "time": time.time()}
         if step % 10 == 0:
             record["tok_s"] = round(tokens_since / (time.time() - t_last), 1)
             t_last, tokens_since = time.time(), 0
@@ -310,3 +311,88 @@ def export(work: Path, out_dir: Path, cfg: TrainConfig, dtype: torch.dtype = tor
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return {"step": state["step"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Shipping: held-out text, routing profile, expert norms, loss curve
+
+
+def write_heldout(work: Path, out_dir: Path, chars_per_domain: int = 40_000, max_doc_chars: int = 6_000) -> dict:
+    """A small held-out sample (validation documents only) shipped with the model for eval and
+    benchmarks: eval/<domain>.txt and eval/heldout.txt (the domains one after another, so a stream
+    switches topic twice)."""
+    eval_dir = out_dir / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    sizes, all_docs = {}, []
+    for domain in DOMAINS:
+        docs, total = [], 0
+        for doc in (work / "corpus" / f"val_{domain}.txt").read_text().split(DOC_SEPARATOR):
+            if len(doc) > max_doc_chars:  # cut at a line boundary
+                doc = doc[:doc.rfind("\n", 0, max_doc_chars) if "\n" in doc[:max_doc_chars] else max_doc_chars]
+            if doc.strip():
+                docs.append(doc)
+                total += len(doc)
+            if total >= chars_per_domain:
+                break
+        (eval_dir / f"{domain}.txt").write_text(DOC_SEPARATOR.join(docs))
+        all_docs += docs
+        sizes[domain] = {"documents": len(docs), "chars": total}
+    (eval_dir / "heldout.txt").write_text(DOC_SEPARATOR.join(all_docs))
+    return sizes
+
+
+def write_profile(work: Path, out_dir: Path, docs_per_domain: int = 40, max_tokens: int = 24_000) -> dict:
+    """Routing profile of the full model on *training* documents (never the held-out ones): the
+    warm start of `committee` and the subset of `static-frequency`."""
+    import pcmoe
+    from pcmoe.evaluate import perplexity
+
+    docs = []
+    for domain in DOMAINS:
+        train_docs = (work / "corpus" / f"train_{domain}.txt").read_text().split(DOC_SEPARATOR)
+        docs += [d[:6000] for d in train_docs[:docs_per_domain]]
+    with pcmoe.load(out_dir, policy="full", track_importance=True, progress=False) as engine:
+        result = perplexity(engine, docs, max_tokens=max_tokens, progress=False)
+        profile = engine.importance_profile()
+    profile.update(tokens=result["tokens"], source="training split sample (first documents of each domain)")
+    (out_dir / "profile.json").write_text(json.dumps(profile))
+    return {"tokens": result["tokens"], "ppl": result["ppl"]}
+
+
+def write_expert_norms(out_dir: Path) -> None:
+    """Ship ||E_i|| beside the checkpoint so a first load does not stream every expert."""
+    import pcmoe
+    from pcmoe.engine import _fingerprint
+
+    with pcmoe.load(out_dir, policy="full", progress=False) as engine:
+        data = {"fingerprint": _fingerprint(engine.checkpoint), "norms": [n.tolist() for n in engine.expert_norms]}
+    (out_dir / "pcmoe_expert_norms.json").write_text(json.dumps(data))
+
+
+def plot_loss(work: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    tokens_per_step = None
+    cfg_path = work / "ckpt.pt"
+    if cfg_path.exists():
+        cfg = torch.load(cfg_path, weights_only=False)["cfg"]
+        tokens_per_step = cfg["batch_size"] * cfg["seq_len"]
+    x = [r["step"] * (tokens_per_step or 1) / 1e6 for r in log]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(x, [math.exp(min(r["ce"], 20)) for r in log], alpha=0.3, label="train ppl (batch)")
+    for domain in DOMAINS:
+        pts = [(r["step"] * (tokens_per_step or 1) / 1e6, r["val_ppl"][domain]) for r in log if "val_ppl" in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"held-out {domain}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens (M)" if tokens_per_step else "step")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
