@@ -65,6 +65,10 @@ def ship(args, cfg) -> None:
     train_tokens = {d: len(t) for d, t in load_tokens(args.work, "train").items()}
     log = [json.loads(line) for line in (args.work / "log.jsonl").read_text().splitlines()]
     ckpt_cfg = torch.load(args.work / "ckpt.pt", weights_only=False)["cfg"]
+    # The balancing coefficient was raised mid-run (records before that have no "aux_coef": 0.01).
+    coefs = [r.get("aux_coef", 0.01) for r in log]
+    changes = [(r["step"], c) for i, (r, c) in enumerate(zip(log, coefs)) if i == 0 or c != coefs[i - 1]]
+    info["aux_coef_schedule"] = changes
     info.update(val_ppl=ppl, val_ppl_mean=sum(ppl.values()) / len(ppl), val_tokens=val_tokens,
                 train_tokens=train_tokens, tokens_seen=info["step"] * ckpt_cfg["batch_size"] * ckpt_cfg["seq_len"],
                 config=ckpt_cfg, wall_hours=(log[-1]["time"] - log[0]["time"]) / 3600,
@@ -94,6 +98,11 @@ def write_card(out: Path, info: dict) -> None:
     m = info["manifest"]["domains"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     c = info["config"]
+    schedule = info.get("aux_coef_schedule") or [(1, c["shape"]["router_aux_loss_coef"])]
+    aux = ", then ".join(f"{coef} from step {step}" for step, coef in schedule)
+    if len(schedule) > 1:
+        aux += (" (raised after the first 1000 steps showed 3-6 of the 16 experts per layer receiving no "
+                "tokens; the resumed run is `--aux-coef` " + str(schedule[-1][1]) + ")")
     rows = "\n".join(
         f"| {d} | {m[d]['train']['documents']} / {m[d]['val']['documents']} | {m[d]['train']['bytes'] / 1e6:.1f} MB "
         f"| {info['train_tokens'][d] / 1e6:.2f} M | {info['val_tokens'][d] / 1e3:.0f} k | {info['val_ppl'][d]:.2f} |"
@@ -148,13 +157,13 @@ template (the model never saw chat data: chat endpoints work but answer like a d
 ## Training
 
 ```bash
-python scripts/train_lm.py --work data/lm --steps {c['max_steps']} --threads {c['threads']}     # resumable
+python scripts/train_lm.py --work data/lm --steps {c['max_steps']} --threads {c['threads']} --aux-coef {schedule[-1][1]}   # resumable
 python scripts/train_lm.py --work data/lm --export models/pcmoe-lm
 ```
 
 AdamW (betas 0.9/0.95, weight decay {c['weight_decay']}), peak learning rate {c['lr']} with {c['warmup_steps']} warm-up steps and cosine
 decay to {c['min_lr']}, batches of {c['batch_size']} x {c['seq_len']} tokens, load-balancing loss coefficient
-{c['shape']['router_aux_loss_coef']}, gradient clipping {c['grad_clip']}, bf16 autocast, seed {c['seed']}. {info['step']} steps = {info['tokens_seen'] / 1e6:.1f} M
+{aux}, gradient clipping {c['grad_clip']}, bf16 autocast, seed {c['seed']}. {info['step']} steps = {info['tokens_seen'] / 1e6:.1f} M
 tokens (about one epoch), {info['wall_hours']:.1f} h wall clock on {c['threads']} thread(s) of an {info['cpu']} (2 vCPUs,
 shared with other work during training, so the time is an upper bound). Exported {info['exported']} at commit {commit}.
 
