@@ -23,6 +23,7 @@ from pcmoe.training.lm import (
     load_tokens,
     plot_loss,
     prepare,
+    revive_dead_experts,
     train,
     write_expert_norms,
     write_heldout,
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--aux-coef", type=float, default=0.05, help="load-balancing loss coefficient")
     ap.add_argument("--no-bf16", action="store_true", help="train the matmuls in fp32 (slower on AVX-512 BF16 CPUs)")
     ap.add_argument("--export", type=Path, help="write the trained model to this folder and evaluate it")
+    ap.add_argument("--revive-dead-experts", action="store_true",
+                    help="re-seed experts the router no longer chooses as copies of busy ones (edits ckpt.pt)")
     args = ap.parse_args()
 
     cfg = TrainConfig(shape=ModelShape(router_aux_loss_coef=args.aux_coef), seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
@@ -49,6 +52,10 @@ def main() -> None:
     prepare(args.work, cfg.shape.vocab_size)
     if args.export:
         ship(args, cfg)
+        return
+    if args.revive_dead_experts:
+        done = revive_dead_experts(args.work, cfg)
+        print(json.dumps(done))
         return
     train(args.work, cfg, log=lambda m: print(m, flush=True))
 
@@ -69,6 +76,8 @@ def ship(args, cfg) -> None:
     coefs = [r.get("aux_coef", 0.01) for r in log]
     changes = [(r["step"], c) for i, (r, c) in enumerate(zip(log, coefs)) if i == 0 or c != coefs[i - 1]]
     info["aux_coef_schedule"] = changes
+    info["revivals"] = [{"step": r["step"], "experts": len(r["experts"])}
+                        for r in torch.load(args.work / "ckpt.pt", weights_only=False).get("revivals", [])]
     info.update(val_ppl=ppl, val_ppl_mean=sum(ppl.values()) / len(ppl), val_tokens=val_tokens,
                 train_tokens=train_tokens, tokens_seen=info["step"] * ckpt_cfg["batch_size"] * ckpt_cfg["seq_len"],
                 config=ckpt_cfg, wall_hours=(log[-1]["time"] - log[0]["time"]) / 3600,
@@ -103,6 +112,9 @@ def write_card(out: Path, info: dict) -> None:
     if len(schedule) > 1:
         aux += (" (raised after the first 1000 steps showed 3-6 of the 16 experts per layer receiving no "
                 "tokens; the resumed run is `--aux-coef` " + str(schedule[-1][1]) + ")")
+    revived = "".join(f" At step {r['step']}, {r['experts']} experts that the router no longer chose (under 0.5 % of a "
+                      f"layer's choices) were re-seeded as perturbed copies of busy experts "
+                      f"(`--revive-dead-experts`), and training resumed." for r in info.get("revivals", []))
     rows = "\n".join(
         f"| {d} | {m[d]['train']['documents']} / {m[d]['val']['documents']} | {m[d]['train']['bytes'] / 1e6:.1f} MB "
         f"| {info['train_tokens'][d] / 1e6:.2f} M | {info['val_tokens'][d] / 1e3:.0f} k | {info['val_ppl'][d]:.2f} |"
@@ -164,7 +176,7 @@ python scripts/train_lm.py --work data/lm --export models/pcmoe-lm
 AdamW (betas 0.9/0.95, weight decay {c['weight_decay']}), peak learning rate {c['lr']} with {c['warmup_steps']} warm-up steps and cosine
 decay to {c['min_lr']}, batches of {c['batch_size']} x {c['seq_len']} tokens, load-balancing loss coefficient
 {aux}, gradient clipping {c['grad_clip']}, bf16 autocast, seed {c['seed']}. {info['step']} steps = {info['tokens_seen'] / 1e6:.1f} M
-tokens (about one epoch), {info['wall_hours']:.1f} h wall clock on {c['threads']} thread(s) of an {info['cpu']} (2 vCPUs,
+tokens (about one epoch).{revived} {info['wall_hours']:.1f} h wall clock on {c['threads']} thread(s) of an {info['cpu']} (2 vCPUs,
 shared with other work during training, so the time is an upper bound). Exported {info['exported']} at commit {commit}.
 
 ![training curve](../../docs/lm_training.png)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pcmoe.training.corpus import DOC_SEPARATOR, DOMAINS
-from pcmoe.training.lm import ModelShape, TrainConfig, prepare, train
+from pcmoe.training.lm import ModelShape, TrainConfig, prepare, revive_dead_experts, train
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models" / "pcmoe-lm"
@@ -64,6 +64,16 @@ def test_tiny_training_run_decreases_the_loss(tiny_work):
     train(tiny_work, cfg, log=lambda m: None)
     steps = [json.loads(line)["step"] for line in (tiny_work / "log.jsonl").read_text().splitlines()]
     assert steps[-1] == 45 and steps.count(41) == 1
+    # Reviving experts the router neglects: they become copies of busy ones, the rest is untouched.
+    before = torch.load(tiny_work / "ckpt.pt", weights_only=False)
+    done = revive_dead_experts(tiny_work, cfg, threshold=0.2, sample_tokens=2048)
+    after = torch.load(tiny_work / "ckpt.pt", weights_only=False)
+    assert done and after["revivals"][-1]["step"] == 45
+    key = f"model.layers.{done[0]['layer']}.mlp.experts.gate_up_proj"
+    d, j = done[0]["expert"], done[0]["copied_from"]
+    assert torch.allclose(after["model"][key][d], before["model"][key][j], atol=0.05 * before["model"][key][j].std())
+    assert not torch.equal(after["model"][key][d], before["model"][key][d])
+    train(tiny_work, TrainConfig(**{**cfg.__dict__, "max_steps": 47}), log=lambda m: None)  # still trains
 
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="the default LM is not in this checkout")

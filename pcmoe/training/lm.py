@@ -396,3 +396,58 @@ def plot_loss(work: Path, png: Path) -> None:
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def revive_dead_experts(work: Path, cfg: TrainConfig, threshold: float = 0.005, sample_tokens: int = 32768,
+                        seed: int = 0) -> list[dict]:
+    """Give experts the router has stopped choosing a second life: each expert with under
+    `threshold` of a layer's top-k choices (on a sample of training text) becomes a perturbed copy of
+    the busiest expert not already used as a donor, with a perturbed copy of its router row, so the
+    two split that traffic and diverge. Their optimiser state is reset. Edits ckpt.pt in place (the
+    previous one is kept as ckpt.before-revive.pt) and returns what was done."""
+    from transformers import Qwen3MoeForCausalLM
+
+    path = work / "ckpt.pt"
+    state = torch.load(path, weights_only=False)
+    model = Qwen3MoeForCausalLM(build_config(cfg.shape))
+    model.load_state_dict(state["model"])
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    tokens = load_tokens(work, "train")
+    L, E, k = cfg.shape.num_hidden_layers, cfg.shape.num_experts, cfg.shape.num_experts_per_tok
+    counts = torch.zeros(L, E)
+    with torch.no_grad():
+        for t in tokens.values():
+            for _ in range(sample_tokens // len(tokens) // cfg.seq_len):
+                start = int(torch.randint(0, len(t) - cfg.seq_len, (1,), generator=gen))
+                x = torch.from_numpy(t[start:start + cfg.seq_len].astype(np.int64))[None]
+                for layer, logits in enumerate(model(input_ids=x, output_router_logits=True).router_logits):
+                    counts[layer] += torch.bincount(logits.float().topk(k, dim=-1).indices.view(-1), minlength=E)
+    share = counts / counts.sum(dim=1, keepdim=True)
+    names = dict(model.named_parameters())
+    # Optimiser state is indexed in parameter-group order: the decayed (>= 2-D) parameters, then the rest.
+    params = [p for p in model.parameters() if p.ndim >= 2] + [p for p in model.parameters() if p.ndim < 2]
+    index_of = {id(p): i for i, p in enumerate(params)}
+    done = []
+    with torch.no_grad():
+        for layer in range(L):
+            dead = [e for e in range(E) if share[layer, e] < threshold]
+            donors = [int(e) for e in share[layer].argsort(descending=True) if share[layer, e] >= threshold]
+            prefix = f"model.layers.{layer}.mlp."
+            for d, j in zip(dead, donors):
+                for name in ("experts.gate_up_proj", "experts.down_proj"):
+                    w = names[prefix + name]
+                    w[d] = w[j] + 0.01 * w[j].std() * torch.randn(w[j].shape, generator=gen)
+                router = names[prefix + "gate.weight"]
+                router[d] = router[j] + 0.1 * router[j].std() * torch.randn(router[j].shape, generator=gen)
+                for name in ("experts.gate_up_proj", "experts.down_proj", "gate.weight"):
+                    p_state = state["opt"]["state"].get(index_of[id(names[prefix + name])])
+                    if p_state:
+                        p_state["exp_avg"][d] = 0
+                        p_state["exp_avg_sq"][d] = 0
+                done.append({"layer": layer, "expert": d, "copied_from": j, "share": float(share[layer, d])})
+    state["model"] = model.state_dict()
+    state.setdefault("revivals", []).append({"step": state["step"], "experts": done})
+    torch.save(torch.load(path, weights_only=False), work / "ckpt.before-revive.pt")
+    _atomic_torch_save(state, path)
+    return done
