@@ -104,7 +104,8 @@ def markdown(results, meta, target_rows) -> str:
             ppl_ratio = r["ppl"] / full["ppl"] if r.get("ppl") and full.get("ppl") else None
             dec_ratio = (r["decode_tokens_per_s"] / full["decode_tokens_per_s"]
                          if r.get("decode_tokens_per_s") and full.get("decode_tokens_per_s") else None)
-            weights = r.get("resident_bytes", r.get("model_bytes"))
+            # llama.cpp mmap runs hold at most their budget of the file in memory
+            weights = r.get("resident_bytes") or r.get("budget_bytes") or r.get("model_bytes")
             lines.append(
                 f"| {r['label']} | {_mb(weights)} | {_mb(r.get('peak_rss_bytes'))} "
                 f"| {_f(r.get('ppl'))} | {_f(ppl_ratio, '{:.3f}')} | {_f(r.get('decode_tokens_per_s'), '{:.1f}')} "

@@ -45,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", default="", help="comma-separated sections to skip: "
                                                "storage,quant,peers,llamacpp,vision,topk")
     p.add_argument("--fresh", action="store_true", help="ignore results of an earlier, interrupted sweep")
+    p.add_argument("--llamacpp-src", help="llama.cpp converter source: a llama.cpp tree, an extracted llama-cpp-python "
+                   "sdist (or a folder holding one) or its .tar.gz (default: $PCMOE_LLAMACPP_SRC, else the sdist "
+                   "of the installed version is fetched with pip into the pcmoe cache)")
+    p.add_argument("--gguf-dir", help="where converted GGUFs are cached (default data/llamacpp/gguf/<model name>/ "
+                   "or $PCMOE_GGUF_DIR)")
 
 
 # -- the plan of runs ----------------------------------------------------------------------------
