@@ -41,7 +41,7 @@ class LayerCommittee:
     @property
     def complete(self) -> bool:
         """Every expert of the layer is a member."""
-        return len(self.members()) == self.num_experts
+        return self.num_slots >= self.num_experts and -1 not in self.slot_to_expert[:self.num_experts]
 
     # -- changes (called between forward passes only) ----------------------------------------
 

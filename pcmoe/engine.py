@@ -177,7 +177,8 @@ class Engine:
     """A loaded model, its committees and policy. `engine.model` is the transformers model."""
 
     def __init__(self, *, model, tokenizer, family, ckpt, store, blocks, committees, trackers, controllers,
-                 scheduler, sizes, committee_sizes, slots, budget, policy, options, expert_norms, load_info):
+                 scheduler, sizes, committee_sizes, slots, budget, policy, options, expert_norms, load_info,
+                 fast=None):
         self.model = model
         self.tokenizer = tokenizer
         self.family = family
@@ -199,6 +200,7 @@ class Engine:
         self.load_info = load_info
         self._new_input = None     # set by begin_input(); None = detect from the KV cache
         self._t_start = time.perf_counter()
+        self.fast = fast
         self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self._closed = False
 
@@ -221,14 +223,36 @@ class Engine:
         dec = kwargs.get("decoder_input_ids")
         if dec is not None:
             tokens += int(dec.numel())
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self._step_boundary(tokens, cache is None or cache.get_seq_length() == 0)
+        return None
+
+    def _step_boundary(self, tokens: int, starts_sequence: bool) -> None:
+        """Between two forward passes: the scheduler may switch swaps in and issue new loads."""
         if self._new_input is not None:  # managed by begin_input()/end_input()
             new_input, self._new_input = self._new_input, False
         else:
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            new_input = cache is None or cache.get_seq_length() == 0
+            new_input = starts_sequence
         if self.scheduler is not None:
             self.scheduler.begin_step(tokens, new_input)
-        return None
+
+    def new_state(self) -> dict:
+        """An empty decoding state (KV cache) for forward()."""
+        if self.fast is not None:
+            return {"fast": self.fast.new_cache()}
+        from transformers import DynamicCache
+
+        return {"cache": DynamicCache(config=self.config)}
+
+    def forward(self, ids: torch.Tensor, state: dict, last_only: bool = False) -> torch.Tensor:
+        """Feed ids [1, n] after what `state` holds; logits [n, V] ([1, V] with last_only). Uses
+        the lean decoder where the family supports it, else the transformers model."""
+        if "fast" in state:
+            cache = state["fast"]
+            self._step_boundary(ids.shape[1], cache.length == 0)
+            return self.fast.forward(ids, cache, last_only)
+        out = self.model(input_ids=ids, cache=state["cache"], use_cache=True, logits_to_keep=1 if last_only else 0)
+        return out.logits[0]
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -300,17 +324,14 @@ class Engine:
 
     def prefill(self, ids: list[int]):
         """Next-token logits [V] after the prompt, and the decoding state (KV cache...)."""
-        from transformers import DynamicCache
-
         input_ids = torch.tensor([ids])
         if self.family.seq2seq:
             enc = self.model.get_encoder()(input_ids=input_ids)
             start = torch.tensor([[self.config.decoder_start_token_id]])
             out = self.model(encoder_outputs=enc, decoder_input_ids=start, use_cache=True)
             return out.logits[0, -1].float(), {"enc": enc, "cache": out.cache}
-        cache = DynamicCache(config=self.config)
-        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float(), {"cache": cache}
+        state = self.new_state()
+        return self.forward(input_ids, state, last_only=True)[-1].float(), state
 
     def decode_step(self, state: dict, token: int) -> torch.Tensor:
         """Feed one token; next-token logits [V]."""
@@ -319,9 +340,8 @@ class Engine:
             out = self.model(encoder_outputs=state["enc"], decoder_input_ids=ids, cache=state["cache"],
                              use_cache=True)
             state["cache"] = out.cache
-        else:
-            out = self.model(input_ids=ids, cache=state["cache"], use_cache=True)
-        return out.logits[0, -1].float()
+            return out.logits[0, -1].float()
+        return self.forward(ids, state)[-1].float()
 
     def _eos_ids(self) -> set[int]:
         eos = getattr(self.config, "eos_token_id", None)
@@ -735,9 +755,14 @@ def _load(folder: Path, budget_spec, policy: str, plan, opts: LoadOptions) -> En
             tokenizer = AutoTokenizer.from_pretrained(folder)
     load_info = {"seconds": time.perf_counter() - t_load, "bytes_read": store.stats.bytes_read,
                  "dtype": str(dtype).replace("torch.", "")}
+    fast = None
+    if opts.fast:
+        from pcmoe import fast as fast_path
+
+        fast = fast_path.FastDecoder(model) if fast_path.supports(model) else None
     engine = Engine(model=model, tokenizer=tokenizer, family=family, ckpt=ckpt, store=store, blocks=blocks,
                     committees=committees, trackers=trackers, controllers=controllers, scheduler=scheduler,
                     sizes=sizes, committee_sizes=committee_sizes, slots=slots, budget=budget, policy=policy,
-                    options=opts, expert_norms=norms, load_info=load_info)
+                    options=opts, expert_norms=norms, load_info=load_info, fast=fast)
     engine.reset_stats()
     return engine

@@ -41,8 +41,6 @@ def perplexity(engine: Engine, documents: list[str], window: int = 256, max_toke
     scored in consecutive windows of `window` predicted tokens (no overlap). Each window is fed
     through a KV cache `chunk` tokens per forward step, as a stream is served: the committee can
     update between steps (the logits equal scoring the whole window at once)."""
-    from transformers import DynamicCache
-
     if engine.tokenizer is None:
         raise PcmoeError("perplexity needs the checkpoint's tokenizer")
     if engine.family.seq2seq:
@@ -74,10 +72,10 @@ def perplexity(engine: Engine, documents: list[str], window: int = 256, max_toke
                 n = min(piece.shape[1] - 1, total - count)
                 if n <= 0:
                     break
-                cache = DynamicCache(config=engine.config)
+                state = engine.new_state()
                 for c in range(0, n, chunk):
                     ids = piece[:, c:min(c + chunk, n)]
-                    logits = engine.model(input_ids=ids, cache=cache, use_cache=True).logits[0].float()
+                    logits = engine.forward(ids, state).float()
                     nll += torch.nn.functional.cross_entropy(logits, piece[0, c + 1:c + 1 + ids.shape[1]],
                                                              reduction="sum").item()
                 count += n

@@ -36,6 +36,7 @@ class LoadOptions:
     topk: int | None = None        # topk-reduce: experts kept per token
     threads: int | None = None
     track_importance: bool | None = None  # accumulate importance; default: committee policy only
+    fast: bool = True              # lean decoder forward where supported (pcmoe/fast.py)
     evict: bool = True             # drop read ranges from the page cache
     cache_dir: str | None = None   # where expert norms are cached
     progress: bool = True

@@ -257,3 +257,32 @@ def test_stop_strings_are_never_streamed_in_part(tiny_lm):
         ids = [s.token_id for s in steps]
         by_id = list(engine.generate("hello", max_new_tokens=12, stop_token_ids=[ids[3]], stop_on_eos=False))
         assert by_id[-1].finish_reason == "stop" and len(by_id) == ids.index(ids[3]) + 1
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
+@pytest.mark.parametrize("policy", ["full", "magnitude-keep"])
+def test_lean_decoder_equals_transformers_forward(tiny_checkpoint, family, policy):
+    """pcmoe/fast.py against its slow twin, the transformers forward of the same engine: a prompt in
+    one step, then a chunk of 3 after the cache, then single tokens."""
+    from pcmoe import fast
+
+    folder, _ = tiny_checkpoint(family)
+    budget = None if policy == "full" else "50%experts"
+    with pcmoe.load(folder, budget=budget, policy=policy, progress=False) as engine:
+        assert engine.fast is not None and fast.supports(engine.model)
+        state = engine.new_state()
+        assert "fast" in state
+        pieces = [IDS[:, :6], IDS[:, 6:9], IDS[:, 9:10], IDS[:, 10:11], IDS[:, 11:12]]
+        with torch.no_grad():
+            lean = torch.cat([engine.forward(p, state) for p in pieces])
+            reference = engine.model(input_ids=IDS).logits[0]
+            last = engine.forward(IDS[:, :1], engine.new_state(), last_only=True)
+    diff = (lean - reference).abs().max().item()
+    assert lean.shape == reference.shape and diff <= 1e-5, f"{family}/{policy}: max abs diff {diff}"
+    assert last.shape == (1, reference.shape[-1])
+
+
+def test_lean_decoder_can_be_turned_off(tiny_checkpoint):
+    folder, _ = tiny_checkpoint("qwen3_moe")
+    with pcmoe.load(folder, policy="full", fast=False, progress=False) as engine:
+        assert engine.fast is None and "cache" in engine.new_state()

@@ -1,0 +1,125 @@
+"""A lean forward pass for llama-style decoder MoEs (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE).
+
+At batch 1 on a CPU, transformers' per-call machinery (decorators, keyword plumbing, mask
+construction, cache objects, separate norm and rotary ops) costs more than the weights' memory
+traffic on small and mid-size models. This path runs the same modules' weights with a minimal
+sequence of ops and a preallocated KV cache, and calls the same CommitteeMoE blocks. The
+transformers forward (`engine.model`) is its slow twin; tests keep the two equal.
+
+Dimension legend: n new tokens, p cached positions, H hidden, D head dim, Hq / Hkv query / KV heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+
+
+def supports(model) -> bool:
+    cfg = model.config
+    if cfg.model_type not in SUPPORTED:
+        return False
+    types = getattr(cfg, "layer_types", None) or ["full_attention"]
+    if any(t != "full_attention" for t in types):
+        return False  # sliding-window layers: keep the transformers path
+    return getattr(cfg, "_attn_implementation", "sdpa") in ("sdpa", "eager", None)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in one fused op (accumulated in float32 by torch; transformers rounds once more
+    before scaling, a difference of at most one bf16 unit and none in float32)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of every layer in preallocated buffers [1, Hkv, capacity, D], grown by
+    doubling when a sequence outgrows them."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, capacity: int = 256):
+        self.shape = (1, kv_heads, capacity, head_dim)
+        self.k = [torch.empty(self.shape, dtype=dtype) for _ in range(layers)]
+        self.v = [torch.empty(self.shape, dtype=dtype) for _ in range(layers)]
+        self.length = 0
+
+    def reserve(self, total: int) -> None:
+        capacity = self.k[0].shape[2]
+        if total <= capacity:
+            return
+        while capacity < total:
+            capacity *= 2
+        for buffers in (self.k, self.v):
+            for i, old in enumerate(buffers):
+                new = torch.empty((*old.shape[:2], capacity, old.shape[3]), dtype=old.dtype)
+                new[:, :, :self.length] = old[:, :, :self.length]
+                buffers[i] = new
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+class FastDecoder:
+    def __init__(self, model):
+        cfg = model.config
+        self.model = model
+        self.config = cfg
+        base = model.model
+        self.embed = base.embed_tokens
+        self.rotary = base.rotary_emb
+        self.final_norm = base.norm
+        self.lm_head = model.lm_head
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.q_heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.per_head_norm = cfg.model_type == "qwen3_moe"   # OLMoE normalises the whole projection
+        self.clip = getattr(cfg, "clip_qkv", None)
+        self.layers = list(base.layers)
+
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        dtype = self.embed.weight.dtype
+        return KVCache(len(self.layers), self.kv_heads, self.head_dim, dtype, capacity)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """ids [1, n] -> logits [n, V] (or [1, V] with last_only), appending to the cache."""
+        n, p = ids.shape[1], cache.length
+        cache.reserve(p + n)
+        x = self.embed(ids)                                                   # [1, n, H]
+        cos, sin = self.rotary(x, torch.arange(p, p + n).unsqueeze(0))       # [1, n, D]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                         # [1, 1, n, D]
+        mask = None
+        if n > 1 and p > 0:  # a chunk after cached tokens: causal within the chunk, all of the past
+            mask = torch.ones(n, p + n, dtype=torch.bool).tril(diagonal=p)
+        D, Hq, Hkv = self.head_dim, self.q_heads, self.kv_heads
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)       # [1, n, Hq*D], [1, n, Hkv*D] x2
+            if not self.per_head_norm and hasattr(attn, "q_norm"):         # OLMoE
+                q = _rms(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
+                k = _rms(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
+            if self.clip is not None:
+                q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+            q, k, v = q.view(1, n, Hq, D), k.view(1, n, Hkv, D), v.view(1, n, Hkv, D)
+            if self.per_head_norm:                                          # Qwen3: RMSNorm per head
+                q = _rms(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
+                k = _rms(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
+            qk = _rotate(torch.cat((q, k), dim=2).transpose(1, 2), cos, sin)  # [1, Hq+Hkv, n, D] in one pass
+            q = qk[:, :Hq]
+            cache.k[i][:, :, p:p + n] = qk[:, Hq:]
+            cache.v[i][:, :, p:p + n] = v.transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, cache.k[i][:, :, :p + n], cache.v[i][:, :, :p + n],
+                                               attn_mask=mask, is_causal=mask is None and n > 1,
+                                               scale=attn.scaling, enable_gqa=Hq != Hkv)  # [1, Hq, n, D]
+            x = x + attn.o_proj(a.transpose(1, 2).reshape(1, n, Hq * D))
+            h = _rms(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+            x = x + layer.mlp(h)
+        cache.length = p + n
+        if last_only:
+            x = x[:, -1:]
+        x = _rms(x, self.final_norm.weight, self.final_norm.variance_epsilon)
+        return self.lm_head(x)[0]                                             # [n, V]
