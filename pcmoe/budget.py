@@ -23,6 +23,7 @@ import json
 import os
 import re
 import resource
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,15 +170,45 @@ def write_plan(path: str | os.PathLike, model_type: str, num_experts: list[int],
     atomic_write_text(Path(path), json.dumps(data, indent=1))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old or the new content, never a part, even after a
+    crash: a unique temporary file beside it, flushed to disk, then renamed over it."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far."""
+    """The process's peak resident set size so far. VmHWM belongs to this process image: unlike
+    getrusage's ru_maxrss it does not carry over, through fork and exec, the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -363,9 +363,9 @@ def log_softmax_nll(logits, targets) -> float:
 
 
 def _peak_rss() -> int:
-    import resource
+    from pcmoe.budget import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_rss_bytes()
 
 
 def _load_streams(spec: dict) -> list[list[int]]:
