@@ -145,7 +145,8 @@ def read_plan(plan: str | os.PathLike | dict) -> dict:
             data = json.loads(path.read_text())
         except ValueError as e:
             raise BudgetError(f"plan file {path} is not valid JSON ({e})") from None
-    if data.get("format") != PLAN_FORMAT or not isinstance(data.get("committee_sizes"), list):
+    if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or not isinstance(data.get("committee_sizes"),
+                                                                                         list):
         raise BudgetError(f"not a pcmoe plan (expected \"format\": \"{PLAN_FORMAT}\" and a committee_sizes list)")
     return data
 

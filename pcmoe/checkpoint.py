@@ -58,10 +58,14 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(hlen))
         except ValueError as e:
             raise CheckpointError(f"{path} has a corrupt safetensors header ({e}); re-save it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (not a JSON object); re-save it")
     header.pop("__metadata__", None)
     base = 8 + hlen
     out = {}
     for name, meta in header.items():
+        if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
+            raise CheckpointError(f"{path}: the header entry of tensor {name} is malformed; re-save the checkpoint")
         if meta["dtype"] not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name} has dtype {meta['dtype']}, which pcmoe does not support")
         start, end = meta["data_offsets"]
@@ -100,7 +104,11 @@ class Checkpoint:
         files = sorted(self.folder.glob("*.safetensors"))
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
-            listed = {self.folder / f for f in json.loads(index.read_text())["weight_map"].values()}
+            try:
+                listed = {self.folder / f for f in json.loads(index.read_text())["weight_map"].values()}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index} is corrupt ({type(e).__name__}: {e}); re-download it, or delete it "
+                                      "if the folder holds a single model.safetensors") from None
             missing = [p.name for p in listed if not p.exists()]
             if missing:
                 raise CheckpointError(f"{self.folder} is missing shard(s) {', '.join(sorted(missing))} "

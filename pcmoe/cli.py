@@ -105,30 +105,10 @@ def print_stats(stats: dict, out=None) -> None:
 def cmd_info(args) -> int:
     import torch
 
-    import pcmoe
-    from pcmoe.budget import minimum_budget
+    from pcmoe.engine import inspect
 
-    engine = pcmoe.load(args.model, policy="committee", budget="100%", progress=False, evict=True)
-    try:
-        sizes = engine.sizes
-        info = {
-            "model": str(args.model),
-            "model_type": engine.config.model_type,
-            "moe_layers": len(engine.blocks),
-            "experts_per_layer": sizes.num_experts[0],
-            "experts_per_token": engine.family.top_k,
-            "dtype": str(engine.load_info["dtype"]),
-            "nonexpert_bytes": sizes.nonexpert,
-            "expert_bytes": sizes.expert[0],
-            "all_expert_bytes": sizes.all_experts,
-            "full_model_bytes": sizes.full,
-            "minimum_budget_committee": minimum_budget(sizes, 1),
-            "minimum_budget_static": minimum_budget(sizes, 0),
-            "tokenizer": engine.tokenizer is not None,
-            "torch": torch.__version__,
-        }
-    finally:
-        engine.close()
+    info = inspect(args.model)  # headers and a meta skeleton: works for models larger than RAM
+    info["torch"] = torch.__version__
     if args.json:
         print(json.dumps(info))
         return 0

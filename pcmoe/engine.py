@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -358,19 +359,21 @@ class Engine:
     def reset_stats(self) -> None:
         from pcmoe.routing import GatingStats
         from pcmoe.scheduler import SchedulerStats
-        from pcmoe.store import StoreStats
 
         for c in self.controllers:
             c.stats = GatingStats()
             c.stall_s = 0.0
-        self.store.stats = StoreStats()
+        self.store.stats = self.store.new_stats()
         if self.scheduler is not None:
-            self.scheduler.stats = SchedulerStats(per_layer_swaps=[0] * len(self.committees))
+            n = len(self.committees)
+            self.scheduler.stats = SchedulerStats(per_layer_swaps=[0] * n, per_layer_stall_s=[0.0] * n)
         self._t_start = time.perf_counter()
 
     def stats(self) -> dict:
         layers = []
         tot = {"choices": 0, "hits": 0, "exchanged": 0, "skipped": 0, "mass_total": 0.0, "mass_outside": 0.0}
+        st = self.store.stats
+        sched = self.scheduler.stats if self.scheduler else None
         for layer, (c, committee) in enumerate(zip(self.controllers, self.committees)):
             s = c.stats
             for k in tot:
@@ -382,10 +385,12 @@ class Engine:
                 "misses": s.choices - s.hits, "exchanged": s.exchanged, "skipped": s.skipped,
                 "router_mass_outside": s.mass_outside / s.mass_total if s.mass_total else 0.0,
                 "mass_total": s.mass_total, "mass_outside": s.mass_outside,
-                "swaps": self.scheduler.stats.per_layer_swaps[layer] if self.scheduler else 0,
+                "swaps": sched.per_layer_swaps[layer] if sched else 0,
+                "bytes_read": st.per_layer_bytes[layer],
+                "read_s": st.per_layer_read_s[layer],
+                "stall_s": c.stall_s + (sched.per_layer_stall_s[layer] if sched else 0.0),
+                "resident_expert_bytes": self.sizes.expert[layer] * self.slots[layer],
             })
-        st = self.store.stats
-        sched = self.scheduler.stats if self.scheduler else None
         stall = sum(c.stall_s for c in self.controllers) + (sched.stall_s if sched else 0.0)
         resident_expert_bytes = sum(b * s for b, s in zip(self.sizes.expert, self.slots))
         return {
@@ -442,13 +447,25 @@ class Engine:
         """Restore importance saved by save_state(). With the committee policy, swaps towards the
         saved members are planned at once and run amortised like any update (no stall)."""
         shape = [c.num_experts for c in self.committees]
-        if state.get("format") != "pcmoe-state/1" or state.get("num_experts") != shape:
+        if not isinstance(state, dict) or state.get("format") != "pcmoe-state/1" or state.get("num_experts") != shape:
             raise PcmoeError("committee state does not match this model")
-        for t, score, window in zip(self.trackers, state["score"], state["window"]):
-            t.score = torch.tensor(score, dtype=torch.float64)
-            t.window = torch.tensor(window, dtype=torch.float64)
+        try:
+            scores = [torch.tensor(v, dtype=torch.float64) for v in state["score"]]
+            windows = [torch.tensor(v, dtype=torch.float64) for v in state["window"]]
+            members = [{int(e) for e in m} for m in state["members"]]
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
+            raise PcmoeError(f"committee state is malformed ({type(e).__name__})") from None
+        for values in (scores, windows, members):
+            if len(values) != len(shape):
+                raise PcmoeError("committee state does not match this model (layer count)")
+        for n, score, window, member in zip(shape, scores, windows, members):
+            if score.shape != (n,) or window.shape != (n,) or not all(0 <= e < n for e in member) \
+                    or not torch.isfinite(score).all() or not torch.isfinite(window).all():
+                raise PcmoeError("committee state does not match this model (expert ids or score lengths)")
+        for t, score, window in zip(self.trackers, scores, windows):
+            t.score, t.window = score, window
         if self.scheduler is not None:
-            self.scheduler.plan_towards([set(m) for m in state["members"]])
+            self.scheduler.plan_towards(members)
 
     def close(self) -> None:
         if self._closed:
@@ -497,26 +514,72 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
 
 def load(checkpoint_dir: str | os.PathLike, budget=None, policy: str = "committee", plan=None,
          **options) -> Engine:
-    """Load a checkpoint folder under a memory budget; see LoadOptions for the options."""
+    """Load a checkpoint folder under a memory budget; see LoadOptions for the options. A plan's
+    "options" are defaults that explicit keyword options override."""
     unknown = set(options) - set(LoadOptions.__dataclass_fields__)
     if unknown:
         raise PcmoeError(f"unknown load option(s): {', '.join(sorted(unknown))}")
     opts = LoadOptions(**options)
     try:
-        return _load(Path(checkpoint_dir), budget, policy, plan, opts)
+        plan_data = None
+        if plan is not None:
+            plan_data = read_plan(plan)
+            _apply_plan_options(opts, plan_data.get("options") or {}, explicit=set(options))
+        return _load(Path(checkpoint_dir), budget, policy, plan_data, opts)
     except (CheckpointError, BudgetError) as e:
         raise PcmoeError(str(e)) from None
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise PcmoeError(f"cannot read the checkpoint {checkpoint_dir}: {e.strerror or e}{where}") from None
+
+
+def _apply_plan_options(opts: LoadOptions, plan_options, explicit: set[str]) -> None:
+    if not isinstance(plan_options, dict):
+        raise BudgetError("the plan's \"options\" must be a JSON object")
+    known = set(LoadOptions.__dataclass_fields__) - {"progress", "threads", "cache_dir"}
+    bad = sorted(set(plan_options) - known)
+    if bad:
+        raise BudgetError(f"unknown plan option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    for key, value in plan_options.items():
+        if key not in explicit:
+            setattr(opts, key, value)
+
+
+# Option -> (accepted types, check, what it must be); None is accepted where the default is None.
+_OPTION_RULES = {
+    "update_every": (int, lambda v: v >= 1, "an integer >= 1"),
+    "spare_slots": (int, lambda v: v >= 0, "an integer >= 0"),
+    "bytes_per_step": (int, lambda v: v >= 1, "a positive number of bytes"),
+    "tau": ((int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "margin": ((int, float), lambda v: v >= 0, "a number >= 0"),
+    "ema_decay": ((int, float), lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "seed": (int, lambda v: True, "an integer"),
+    "topk": (int, lambda v: v >= 1, "an integer >= 1"),
+    "threads": (int, lambda v: v >= 1, "an integer >= 1"),
+    "renorm": (bool, lambda v: True, "true or false"),
+    "synchronous": (bool, lambda v: True, "true or false"),
+    "evict": (bool, lambda v: True, "true or false"),
+    "fast": (bool, lambda v: True, "true or false"),
+}
 
 
 def _validate(policy: str, opts: LoadOptions, family) -> None:
     if policy not in POLICIES:
         raise PcmoeError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    for name, (types, ok, what) in _OPTION_RULES.items():
+        value = getattr(opts, name)
+        if value is None and LoadOptions.__dataclass_fields__[name].default is None:
+            continue
+        is_bool = isinstance(value, bool)
+        if (is_bool and bool not in (types if isinstance(types, tuple) else (types,))) or \
+                not isinstance(value, types) or not ok(value):
+            raise PcmoeError(f"option {name} must be {what}, not {value!r}")
     if opts.strategy not in STRATEGIES:
         raise PcmoeError(f"unknown strategy {opts.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if opts.update_unit not in ("tokens", "inputs"):
         raise PcmoeError("update_unit must be 'tokens' or 'inputs'")
-    if opts.update_every < 1:
-        raise PcmoeError("update_every must be at least 1")
+    if opts.importance not in ("window", "ema"):
+        raise PcmoeError(f"unknown importance {opts.importance!r}; use window or ema")
     if opts.quantize not in (None, "int8", "int4"):
         raise PcmoeError(f"unknown quantize {opts.quantize!r}; use int8 or int4")
     if opts.quantize and not family.kernel().linear_weights:
@@ -582,6 +645,20 @@ def _expert_norms(ckpt: Checkpoint, store: ExpertStore, num_experts: list[int],
     return [torch.tensor(n, dtype=torch.float64) for n in norms]
 
 
+def _check_expert_shapes(folder: Path, pieces, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every on-disk expert tensor must fill exactly the part of a slot it is read into."""
+    for layer_pieces in pieces:
+        for expert in layer_pieces:
+            for piece in expert:
+                shape = shapes[piece.dest]
+                rows = shape[0] if piece.rows is None else piece.rows[1] - piece.rows[0]
+                if math.prod(piece.info.shape) != rows * math.prod(shape[1:]):
+                    raise CheckpointError(
+                        f"{folder}: expert tensor {piece.info.name} has shape {list(piece.info.shape)}, which does "
+                        f"not fit the expert shape {list(shape)} that config.json implies; the config does not "
+                        "match the weights")
+
+
 def _read_profile(path, model_type: str, num_experts: list[int]) -> dict:
     p = Path(path)
     if not p.exists():
@@ -615,10 +692,31 @@ def _load(folder: Path, budget_spec, policy: str, plan, opts: LoadOptions) -> En
         torch.set_num_threads(opts.threads)
     config_dict = read_config_dict(folder)
     config = _load_config(folder, config_dict)  # an unsupported model is reported before reading files
-    ckpt = Checkpoint(folder, config_dict)
     family = _family_of(config)
     _validate(policy, opts, family)
+    ckpt = Checkpoint(folder, config_dict)
+    try:
+        return _load_checkpoint(folder, ckpt, config, family, budget_spec, policy, plan, opts, t_load)
+    except BaseException:
+        ckpt.close()  # no file descriptors left behind by a failed load
+        raise
 
+
+@dataclass
+class _Layout:
+    """What the headers and the meta skeleton tell before any weight is read."""
+
+    model: nn.Module                 # the transformers model, parameters on meta
+    dtype: torch.dtype
+    block_names: list[str]
+    pieces: list                     # [layer][expert] -> Pieces on disk
+    meta_state: dict                 # non-expert key -> meta tensor
+    nonexpert: dict                  # non-expert key -> TensorInfo on disk
+    missing: set                     # keys not on disk (tied weights)
+    sizes: ModelBytes
+
+
+def _layout(folder: Path, ckpt: Checkpoint, config, family, opts: LoadOptions) -> _Layout:
     # The weights' dtype: as stored (the commonest floating dtype on disk) unless asked otherwise.
     stored = [t.dtype for t in ckpt.tensors.values() if t.dtype.is_floating_point]
     dtype = _resolve_dtype(opts, max(set(stored), key=stored.count) if stored else torch.float32)
@@ -628,6 +726,7 @@ def _load(folder: Path, budget_spec, policy: str, plan, opts: LoadOptions) -> En
         raise PcmoeError(f"{folder}: no MoE blocks found in the {config.model_type} model (all layers dense?)")
     N = family.num_experts
     pieces = [[family.expert_pieces(ckpt, name, e) for e in range(N)] for name in block_names]
+    _check_expert_shapes(folder, pieces, family.kernel().tensors)
 
     # Non-expert tensors: every parameter/persistent buffer outside the expert banks.
     expert_prefixes = tuple(f"{name}.experts." for name in block_names)
@@ -639,7 +738,12 @@ def _load(folder: Path, budget_spec, policy: str, plan, opts: LoadOptions) -> En
         if disk is None:
             missing.add(key)
         else:
-            nonexpert[key] = ckpt[disk]
+            info = ckpt[disk]
+            if math.prod(info.shape) != meta_state[key].numel():
+                raise CheckpointError(f"{folder}: tensor {disk} has shape {list(info.shape)} but the model built from "
+                                      f"config.json expects {list(meta_state[key].shape)}; the config does not "
+                                      "match the weights")
+            nonexpert[key] = info
     tied_map = model.get_expanded_tied_weights_keys(all_submodels=True) if hasattr(
         model, "get_expanded_tied_weights_keys") else {}
     tied = set(tied_map) | set(tied_map.values())
@@ -654,16 +758,47 @@ def _load(folder: Path, budget_spec, policy: str, plan, opts: LoadOptions) -> En
     nonexpert_bytes = sum(nbytes_as(info, meta_state[k].dtype) for k, info in nonexpert.items())
     expert_bytes = [slot_nbytes(family.kernel(), dtype, opts.quantize)] * len(block_names)
     sizes = ModelBytes(nonexpert_bytes, expert_bytes, [N] * len(block_names))
+    return _Layout(model, dtype, block_names, pieces, meta_state, nonexpert, missing, sizes)
+
+
+def inspect(checkpoint_dir: str | os.PathLike, dtype: str = "auto", quantize: str | None = None) -> dict:
+    """What a checkpoint holds and the smallest budgets it can be served in, from the safetensors
+    headers and a meta-device skeleton only: no weight is read."""
+    folder = Path(checkpoint_dir)
+    opts = LoadOptions(dtype=dtype, quantize=quantize)
+    try:
+        config_dict = read_config_dict(folder)
+        config = _load_config(folder, config_dict)
+        family = _family_of(config)
+        _validate("full", opts, family)
+        with contextlib.closing(Checkpoint(folder, config_dict)) as ckpt:
+            lay = _layout(folder, ckpt, config, family, opts)
+    except (CheckpointError, BudgetError) as e:
+        raise PcmoeError(str(e)) from None
+    sizes = lay.sizes
+    return {
+        "model": str(folder), "model_type": config.model_type, "moe_layers": len(lay.block_names),
+        "experts_per_layer": sizes.num_experts[0], "experts_per_token": family.top_k,
+        "dtype": str(lay.dtype).replace("torch.", ""), "quantize": quantize,
+        "nonexpert_bytes": sizes.nonexpert, "expert_bytes": sizes.expert[0],
+        "all_expert_bytes": sizes.all_experts, "full_model_bytes": sizes.full,
+        "minimum_budget_committee": minimum_budget(sizes, 1), "minimum_budget_static": minimum_budget(sizes, 0),
+        "tokenizer": (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists(),
+    }
+
+
+def _load_checkpoint(folder, ckpt, config, family, budget_spec, policy, plan, opts, t_load) -> Engine:
+    lay = _layout(folder, ckpt, config, family, opts)
+    model, dtype, block_names, pieces = lay.model, lay.dtype, lay.block_names, lay.pieces
+    meta_state, nonexpert, missing, sizes = lay.meta_state, lay.nonexpert, lay.missing, lay.sizes
+    N = family.num_experts
+    expert_bytes = sizes.expert
 
     # Committee sizes and slots.
     spare = opts.spare_slots if policy in DYNAMIC_POLICIES else 0
     budget = parse_budget(budget_spec, sizes)
     if plan is not None:
-        plan_data = read_plan(plan)
-        for k, v in plan_data.get("options", {}).items():
-            if k in LoadOptions.__dataclass_fields__:
-                setattr(opts, k, v)
-        committee_sizes = check_plan(plan_data, config.model_type, sizes.num_experts)
+        committee_sizes = check_plan(plan, config.model_type, sizes.num_experts)
         if policy in ALL_RESIDENT_POLICIES:
             committee_sizes = list(sizes.num_experts)
     elif policy in ALL_RESIDENT_POLICIES or budget is None:

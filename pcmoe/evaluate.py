@@ -41,6 +41,10 @@ def perplexity(engine: Engine, documents: list[str], window: int = 256, max_toke
     scored in consecutive windows of `window` predicted tokens (no overlap). Each window is fed
     through a KV cache `chunk` tokens per forward step, as a stream is served: the committee can
     update between steps (the logits equal scoring the whole window at once)."""
+    if not isinstance(window, int) or window < 1 or not isinstance(chunk, int) or chunk < 1:
+        raise PcmoeError(f"window and chunk must be positive integers (got window={window!r}, chunk={chunk!r})")
+    if max_tokens is not None and max_tokens < 1:
+        raise PcmoeError(f"max_tokens must be positive (got {max_tokens!r})")
     if engine.tokenizer is None:
         raise PcmoeError("perplexity needs the checkpoint's tokenizer")
     if engine.family.seq2seq:

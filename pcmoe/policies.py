@@ -111,13 +111,18 @@ class OnDemandController(LayerController):
             self.lru.move_to_end(e)
         for e in torch.unique(full.idx[miss]).tolist():
             free = self.committee.free_slots()
+            victim = None
             if free:
                 slot = free[0]
             else:
                 victim, _ = self.lru.popitem(last=False)          # its tokens were computed above
                 slot = self.committee.evict(victim)
             t0 = time.perf_counter()
-            ok = self.load(self.layer, e, slot)
+            ok = self._load(e, slot)
+            if not ok and victim is not None and self._load(victim, slot):
+                self.committee.install(victim, slot)              # the failed read overwrote it: restore
+                self.lru[victim] = None
+                self.lru.move_to_end(victim, last=False)
             self.stall_s += time.perf_counter() - t0
             if not ok:  # serving goes on without this expert's contribution
                 self.failed += 1
@@ -127,3 +132,9 @@ class OnDemandController(LayerController):
             self.lru[e] = None
             y = y + block.experts(x, torch.where(full.idx == e, slot, -1), full.weights)
         return y
+
+    def _load(self, expert: int, slot: int) -> bool:
+        try:
+            return bool(self.load(self.layer, expert, slot))
+        except Exception:  # the store retried I/O errors; anything else is a failed load too
+            return False

@@ -197,11 +197,18 @@ def gate(select, logits: torch.Tensor, mask: torch.Tensor, strategy: str, tau: f
         return exe, full, stats  # same experts (option A may still rescale their weights)
     substitute = (exe.idx >= 0) & ~_contained(exe.idx, full.idx)      # [T, k] members not chosen unmasked
     if strategy == "hybrid":
-        low = substitute & (full.gates.gather(1, exe.idx.clamp(min=0)) < tau)
-        exe = Route(exe.idx.masked_fill(low, -1), exe.weights.masked_fill(low, 0.0), exe.gates)
-        substitute = substitute & ~low
+        # A substitute whose unmasked gate is below tau is skipped. A token left with no strong
+        # substitute is served exactly as `skip` serves it (its members keep their original weights).
+        low = substitute & (full.gates.gather(1, exe.idx.clamp(min=0)) < tau)          # [T, k]
+        as_skip = (miss.any(dim=1) & ~(substitute & ~low).any(dim=1))[:, None]         # [T, 1]
+        idx = torch.where(as_skip, full.idx.masked_fill(miss, -1), exe.idx.masked_fill(low, -1))
+        weights = torch.where(as_skip, full.weights.masked_fill(miss, 0.0), exe.weights.masked_fill(low, 0.0))
+        exe = Route(idx, weights, exe.gates)
+        substitute = substitute & ~low & ~as_skip
     elif strategy != "exchange":
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    # Substitutes can outnumber misses (group-limited routers may move every choice of a token), so
+    # skipped counts the choices a token lost, not misses minus substitutes.
     stats.exchanged = int(substitute.sum())
-    stats.skipped = n_miss - stats.exchanged
+    stats.skipped = int(((full.idx >= 0).sum(dim=1) - (exe.idx >= 0).sum(dim=1)).clamp(min=0).sum())
     return exe, full, stats

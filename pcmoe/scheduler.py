@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from pcmoe.committee import LayerCommittee
@@ -47,6 +47,7 @@ class SchedulerStats:
     bytes_issued: int = 0
     stall_s: float = 0.0      # time forward passes waited for swap I/O
     per_layer_swaps: list[int] = field(default_factory=list)
+    per_layer_stall_s: list[float] = field(default_factory=list)
 
 
 class SwapScheduler:
@@ -82,7 +83,8 @@ class SwapScheduler:
         self.steps = 0
         self.pending: list[tuple[int, int, int]] = []  # (layer, incoming, outgoing), in issue order
         self.inflight: list[_Job] = []
-        self.stats = SchedulerStats(per_layer_swaps=[0] * len(committees))
+        self.stats = SchedulerStats(per_layer_swaps=[0] * len(committees),
+                                    per_layer_stall_s=[0.0] * len(committees))
         self._pool = None if synchronous else ThreadPoolExecutor(1, thread_name_prefix="pcmoe-swap")
 
     # -- the step boundary ---------------------------------------------------------------------
@@ -146,8 +148,13 @@ class SwapScheduler:
             self.stats.bytes_issued += nbytes
             if self.synchronous:
                 t0 = time.perf_counter()
-                job.ok = self.load(layer, incoming, job.slot)
-                self.stats.stall_s += time.perf_counter() - t0
+                try:
+                    job.ok = bool(self.load(layer, incoming, job.slot))
+                except Exception:
+                    job.ok = False
+                waited = time.perf_counter() - t0
+                self.stats.stall_s += waited
+                self.stats.per_layer_stall_s[layer] += waited
             else:
                 job.future = self._pool.submit(self.load, layer, incoming, job.slot)
             self.inflight.append(job)
@@ -158,11 +165,13 @@ class SwapScheduler:
             if job.future is not None:
                 if not job.future.done():
                     t0 = time.perf_counter()
-                    job.future.result()
-                    self.stats.stall_s += time.perf_counter() - t0
+                    wait([job.future])  # never raises: a failed load is handled below
+                    waited = time.perf_counter() - t0
+                    self.stats.stall_s += waited
+                    self.stats.per_layer_stall_s[job.layer] += waited
                 try:
                     job.ok = bool(job.future.result())
-                except Exception:  # the store already retried; keep serving with the old member
+                except Exception:  # whatever went wrong, keep serving with the old member
                     job.ok = False
             committee = self.committees[job.layer]
             if job.ok:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,8 @@ class StoreStats:
     read_s: float = 0.0       # wall time inside reads (including emulated slowness)
     errors: int = 0           # failed read attempts (each retried)
     failed_loads: int = 0     # loads that failed after all retries
+    per_layer_bytes: list[int] = field(default_factory=list)
+    per_layer_read_s: list[float] = field(default_factory=list)
 
 
 class ExpertStore:
@@ -46,8 +48,12 @@ class ExpertStore:
         self.io_bandwidth = io_bandwidth_mbps * 1e6 if io_bandwidth_mbps else None
         self.retries = retries
         self.evict = evict
-        self.stats = StoreStats()
+        self.stats = self.new_stats()
         self._lock = threading.Lock()
+
+    def new_stats(self) -> StoreStats:
+        n = len(self.pieces)
+        return StoreStats(per_layer_bytes=[0] * n, per_layer_read_s=[0.0] * n)
 
     def expert_nbytes(self, layer: int, expert: int = 0) -> int:
         return sum(p.info.nbytes for p in self.pieces[layer][expert])
@@ -65,10 +71,13 @@ class ExpertStore:
         if self.io_bandwidth:
             # Emulated storage: a read takes at least nbytes / bandwidth.
             time.sleep(max(0.0, nbytes / self.io_bandwidth - (time.perf_counter() - t0)))
+        seconds = time.perf_counter() - t0
         with self._lock:
             self.stats.reads += 1
             self.stats.bytes_read += nbytes
-            self.stats.read_s += time.perf_counter() - t0
+            self.stats.read_s += seconds
+            self.stats.per_layer_bytes[layer] += nbytes
+            self.stats.per_layer_read_s[layer] += seconds
 
     def _read_piece(self, piece: Piece, dest: torch.Tensor) -> None:
         if dest.dtype == piece.info.dtype and dest.is_contiguous():
@@ -90,10 +99,14 @@ class ExpertStore:
             self.stats.failed_loads += 1
         return False
 
-    def expert_norm(self, layer: int, expert: int) -> float:
-        """Frobenius norm of all of the expert's weights, read from disk (nothing kept)."""
+    def expert_norm(self, layer: int, expert: int, chunk_elements: int = 1 << 20) -> float:
+        """Frobenius norm of all of the expert's weights, read from disk (nothing kept). The sum of
+        squares runs over chunks in float32 with a float64 total, so the temporary memory is one
+        chunk, not a float64 copy of the tensor."""
         total = 0.0
         for piece in self.pieces[layer][expert]:
-            t = self.checkpoint.read(piece.info, evict=self.evict)
-            total += float(t.double().pow(2).sum())
+            flat = self.checkpoint.read(piece.info, evict=self.evict).reshape(-1)
+            for start in range(0, flat.numel(), chunk_elements):
+                part = flat[start:start + chunk_elements].float()
+                total += float(torch.dot(part, part).double())
         return total ** 0.5

@@ -61,6 +61,10 @@ def test_profile_then_static_frequency(tiny_lm, data_file, tmp_path, capsys):
     (["eval", "--model", "{lm}", "--budget", "1%", "--data", "{data}"], "below the minimum"),
     (["eval", "--model", "{lm}", "--data", "/nonexistent.txt", "--quiet"], "does not exist"),
     (["generate", "--model", "{lm}", "--prompt", "hi", "--budget", "much"], "cannot read budget"),
+    (["eval", "--model", "{lm}", "--data", "{data}", "--window", "0", "--quiet"], "window and chunk"),
+    (["eval", "--model", "{lm}", "--data", "{data}", "--chunk", "-3", "--quiet"], "window and chunk"),
+    (["eval", "--model", "{lm}", "--data", "{data}", "--plan", "{data}", "--quiet"], "not valid JSON"),
+    (["generate", "--model", "{lm}", "--prompt", "hi", "--update-every", "0"], "update_every must be"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_lm, data_file, capsys, argv, message):
     argv = [a.format(lm=tiny_lm, data=data_file) for a in argv]
