@@ -1,9 +1,11 @@
-"""OpenAI-compatible HTTP server for one engine (needs the [server] extra).
+"""OpenAI-compatible HTTP server for one engine (needs the [server] extra). See docs/SERVER.md.
 
     pcmoe serve --model models/pcmoe-lm --budget 50%experts      # http://127.0.0.1:8000/v1
 
 Endpoints: POST /v1/completions and /v1/chat/completions (JSON or SSE with `stream: true`), GET
 /v1/models, /health, /metrics (Prometheus) and /v1/pcmoe/stats (the engine's statistics as JSON).
+With an API key, /v1/... needs `Authorization: Bearer KEY`; /health and /metrics stay open for
+probes and scrapers (they show the model name and counts, never a request's text).
 
 Scheduling. The engine computes one request at a time (batch 1, as on an edge device): generations
 run on a single engine thread and other requests wait in a FIFO of at most `queue_size`; beyond it a
@@ -11,7 +13,13 @@ request gets 429 with Retry-After. A client that disconnects cancels its generat
 (queued: it leaves the queue). `request_timeout_s` counts from a request's arrival: still queued at
 the deadline -> 503; generating -> the generation stops there and the reply ends with finish_reason
 "length" (and `"pcmoe": {"timed_out": true}`), so a client always keeps the text it paid for. (A
-queued request rarely times out: each one ahead of it stops at its own, earlier, deadline.)
+queued request rarely times out: each one ahead of it stops at its own, earlier, deadline.) An engine
+that gives no token for Service.grace_s past the deadline is stuck: the request gets 503 anyway.
+Tokenising and chat templating run on one tokenizer thread, off the event loop.
+
+Usage. A reply has `usage`; a stream has it only with `stream_options: {"include_usage": true}`, as
+in OpenAI's API: then every chunk has `"usage": null` and one last chunk, with `"choices": []`, comes
+before `data: [DONE]` with the usage.
 
 Stop strings are matched here rather than in the engine, holding back text that may begin one, so a
 stop string split across tokens is never streamed in part; chat also stops at the special token that
@@ -20,12 +28,17 @@ ends a turn (<|im_end|> and the like), which the engine decodes as "".
 Warm committees per user. With `state_dir`, a request with the OpenAI `user` field restores that
 user's committee state before it runs (engine.load_state) and saves it afterwards, atomically, to
 `state_dir/<sha256(user)[:32]>.json`: a returning user, also after a restart, finds the experts its
-topics need. The file name is a hash, so nothing in a request names a path. `pcmoe serve` keeps them
+topics need. The file name is a hash, so nothing in a request names a path. At most `max_users`
+files are kept: a save beyond that deletes the least recently used. A state that cannot be used
+(corrupt, another model's) is ignored with a warning: the user starts fresh. `pcmoe serve` keeps them
 in ~/.cache/pcmoe/users/<hash of the model path> unless given --state-dir or --no-user-state.
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, and a client's mistake
-is always a 4xx: 400 for invalid JSON, fields and values (FastAPI's 422 included), 401 without the API
-key, 404 for an unknown model or path, 413 for a body over `max_body_bytes`, 415 for a non-JSON body.
+is always a 4xx: 400 for invalid JSON, fields and values (FastAPI's 422 included; a `seed` outside
+[-2**63, 2**64), the range torch takes; text with a lone UTF-16 surrogate; a prompt over the
+context), 401 without the API key, 404 for an unknown model or path, 413 for a body over
+`max_body_bytes`, 415 for a non-JSON body. Anything failing on the engine thread is a 500 for that
+request only; the next one is served.
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -145,7 +159,7 @@ class _Sampling(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
     n: int | None = None
     stream: bool | None = False
     stream_options: _StreamOptions | None = None
@@ -187,7 +201,7 @@ class _Outcome:
 @dataclass
 class _Job:
     """One generation. The engine thread reports through `events`: ("token", text)..., then
-    ("done", _Outcome) or ("error", APIError); ("cancelled", None) when it was cancelled."""
+    ("done", _Outcome) or ("error", APIError), always; ("cancelled", None) when it was cancelled."""
 
     ids: list[int]
     max_tokens: int
@@ -229,32 +243,90 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
-class _UserStates:
-    """Committee state files of users: <folder>/<sha256(user)[:32]>.json."""
+_STATE_FILE = re.compile(r"[0-9a-f]{32}\.json")
 
-    def __init__(self, folder: str | os.PathLike):
+
+def _one_line(e: BaseException) -> str:
+    message = (str(e).splitlines() or [""])[0]
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
+
+
+def _check_state(state, shape: list[int]) -> None:
+    """Reject what engine.load_state would take and fail on later, inside a generation (a score of
+    the wrong length, a member id out of range)."""
+    if not isinstance(state, dict) or state.get("format") != "pcmoe-state/1" or state.get("num_experts") != shape:
+        raise ValueError("not a committee state of this model")
+    rows = {key: state.get(key) for key in ("score", "window", "members")}
+    for key, value in rows.items():
+        if not isinstance(value, list) or len(value) != len(shape) or not all(isinstance(r, list) for r in value):
+            raise ValueError(f"'{key}' is not one list per MoE layer")
+    for layer, n in enumerate(shape):
+        for key in ("score", "window"):
+            row = rows[key][layer]
+            if len(row) != n or not all(type(x) in (int, float) and math.isfinite(x) for x in row):
+                raise ValueError(f"'{key}' of MoE layer {layer} is not {n} finite numbers")
+        if not all(type(m) is int and 0 <= m < n for m in rows["members"][layer]):
+            raise ValueError(f"'members' of MoE layer {layer} are not expert ids in 0..{n - 1}")
+
+
+class _UserStates:
+    """Committee state files of users, <folder>/<sha256(user)[:32]>.json, at most `max_users` of them:
+    a save beyond that deletes the least recently used (the order survives restarts as file mtimes).
+    Used on the engine thread only."""
+
+    def __init__(self, folder: str | os.PathLike, max_users: int = 1000):
+        if max_users < 1:
+            raise ValueError("max_users must be at least 1")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_users = max_users
+
+        def last_use(path: Path):
+            with contextlib.suppress(OSError):
+                return path.stat().st_mtime_ns, path.name
+            return 0, path.name
+
+        files = sorted((p for p in self.folder.iterdir() if _STATE_FILE.fullmatch(p.name)), key=last_use)
+        self._used = dict.fromkeys(p.name for p in files)  # least recently used first
+        self._prune()
 
     def path(self, user: str) -> Path:
         return self.folder / f"{hashlib.sha256(user.encode()).hexdigest()[:32]}.json"
 
     def restore(self, engine, user: str) -> bool:
+        """Load the user's state into the engine; False (start fresh) when there is none or it cannot be
+        used, whatever the reason: corrupt, another model's, too deeply nested to parse."""
         path = self.path(user)
         try:
-            engine.load_state(json.loads(path.read_text()))
+            state = json.loads(path.read_text())
+            _check_state(state, [c.num_experts for c in engine.committees])
+            engine.load_state(state)
             return True
         except FileNotFoundError:
             return False
-        except (OSError, ValueError, KeyError, TypeError, PcmoeError) as e:  # corrupt or another model's: start fresh
-            log.warning("ignoring committee state %s: %s", path, e)
+        except Exception as e:
+            log.warning("ignoring committee state %s: %s", path.name, _one_line(e))
             return False
 
     def save(self, engine, user: str) -> None:
+        path = self.path(user)
         try:
-            atomic_write_text(self.path(user), json.dumps(engine.save_state()))
-        except OSError as e:
-            log.warning("cannot save committee state of a user: %s", e)
+            atomic_write_text(path, json.dumps(engine.save_state()))
+        except Exception as e:  # best effort: the reply matters more than the state
+            log.warning("cannot save committee state %s: %s", path.name, _one_line(e))
+            return
+        self._used.pop(path.name, None)
+        self._used[path.name] = None
+        self._prune()
+
+    def _prune(self) -> None:
+        while len(self._used) > self.max_users:
+            name = next(iter(self._used))
+            del self._used[name]
+            try:
+                (self.folder / name).unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("cannot delete committee state %s: %s", name, _one_line(e))
 
 
 class _StopStrings:
@@ -347,9 +419,15 @@ class EngineWorker:
         self._current = job
         t0 = time.monotonic()
         try:
-            if not job.cancelled.is_set():
-                job.emit(*self._generate(job, queue_s=t0 - job.queued_at))
-                self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - t0)
+            if job.cancelled.is_set():
+                return
+            try:
+                event = self._generate(job, queue_s=t0 - job.queued_at)
+            except Exception as e:  # whatever it is, the client gets an answer and the next request an engine
+                log.exception("request failed on the engine thread")
+                event = "error", APIError(500, f"internal server error ({type(e).__name__})", type="server_error")
+            job.emit(*event)
+            self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - t0)
         finally:
             self._current = None
             with self._lock:
@@ -601,9 +679,77 @@ def _sse(data: dict | str) -> str:
 
 # -- the API ----------------------------------------------------------------------------------
 
+# Canonical composition (NFC, NFKC) merges at most 4 code points into one character (U+1F82 and the like
+# have the longest canonical decompositions; Hangul syllables merge 3), and Unicode's stability policy
+# keeps it so.
+_MAX_COMPOSITION = 4
+_SAFE_NORMALIZERS = {"NFC": _MAX_COMPOSITION, "NFKC": _MAX_COMPOSITION, "NFD": 1, "NFKD": 1, "Lowercase": 1}
+_SAFE_PRE_TOKENIZERS = ("ByteLevel", "Split", "Digits", "Punctuation")
+
+
+def _chars_per_token(tokenizer) -> int | None:
+    """At most how many characters of raw text one token covers, or None where no bound is known.
+
+    Byte-level BPE turns every character into at least one byte and every byte into one vocabulary
+    character, so a token covers at most as many characters as its vocabulary string is long; an added
+    token matched in the raw text covers its own length. A canonical-composition normalizer may first
+    shrink the text by up to _MAX_COMPOSITION. Any other normalizer or pre-tokenizer may drop text
+    (whitespace, control characters), BPE drops bytes missing from its vocabulary, and WordPiece's [UNK]
+    covers a whole word: no bound then."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        spec = json.loads(backend.to_str())
+    except Exception:
+        return None
+
+    def parts(node: dict | None, key: str) -> list[dict]:
+        return [] if node is None else node[key] if node.get("type") == "Sequence" else [node]
+
+    shrink = 1
+    for n in parts(spec.get("normalizer"), "normalizers"):
+        if n.get("type") not in _SAFE_NORMALIZERS:
+            return None
+        shrink *= _SAFE_NORMALIZERS[n["type"]]
+    pre = parts(spec.get("pre_tokenizer"), "pretokenizers")
+    if (spec.get("model", {}).get("type") != "BPE" or not any(t.get("type") == "ByteLevel" for t in pre)
+            or any(t.get("type") not in _SAFE_PRE_TOKENIZERS or t.get("behavior") == "Removed" for t in pre)):
+        return None
+    vocab = tokenizer.get_vocab()  # added tokens included
+    if not set(ByteLevel.alphabet()) <= vocab.keys():
+        return None
+    return shrink * max(map(len, vocab))
+
+
+def _check_text(value: str, param: str) -> None:
+    """JSON can carry lone UTF-16 surrogates ("\\ud800"); they are not Unicode text and nothing downstream
+    (tokenizer, hashing, the JSON encoder of replies) takes them."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"'{param}' is not valid Unicode: a lone UTF-16 surrogate (U+{ord(value[e.start]):04X}) "
+                            f"at character {e.start}", param=param, code="invalid_value") from None
+
+
+async def _get(queue: asyncio.Queue, timeout: float):
+    """queue.get() within `timeout` seconds. An event already there is returned even when the time is up
+    (wait_for with a timeout <= 0 gives up at once before Python 3.12)."""
+    if not queue.empty():
+        return queue.get_nowait()
+    return await asyncio.wait_for(queue.get(), timeout=max(0.0, timeout))
+
 
 class Service:
-    """Request handling: validation and prompt building here, generation on the engine thread."""
+    """Request handling: validation here, tokenising on a tokenizer thread, generation on the engine thread."""
+
+    # How long past its deadline a request waits for the engine, which stops at its next token there:
+    # a step (a prefill included) that takes longer means the engine is stuck.
+    grace_s = 30.0
 
     def __init__(self, engine, worker: EngineWorker, metrics: _Metrics, model_name: str, request_timeout_s: float):
         self.engine = engine
@@ -615,6 +761,14 @@ class Service:
         self.vocab_size = getattr(engine.config, "vocab_size", None)
         self.chat_stop_ids = turn_end_ids(engine.tokenizer)
         self.created = int(time.time())
+        per_token = _chars_per_token(engine.tokenizer) if self.context else None
+        self.max_chars = self.context * per_token if per_token else None
+        self.chars_per_token = per_token
+        # one thread: tokenising stays off the event loop and takes one core at most
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pcmoe-tokenize")
+
+    def close(self) -> None:
+        self._tokenizer_thread.shutdown(wait=True, cancel_futures=True)
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "pcmoe"}
@@ -622,6 +776,11 @@ class Service:
     # -- validation
 
     def _check_common(self, req: _Sampling) -> None:
+        for name in ("model", "user"):
+            if getattr(req, name) is not None:
+                _check_text(getattr(req, name), name)
+        for s in [req.stop] if isinstance(req.stop, str) else req.stop or []:
+            _check_text(s, "stop")
         if req.model is not None and req.model != self.model_name:
             raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
@@ -632,7 +791,17 @@ class Service:
                 raise APIError(400, f"'{name}' is not supported by this server", param=name,
                                code="unsupported_parameter")
 
-    def _completion_ids(self, prompt) -> list[int]:
+    def _check_length(self, text: str, param: str) -> None:
+        """Refuse, before tokenising it, text that has more tokens than the context whatever it says."""
+        if self.max_chars is not None and len(text) > self.max_chars:
+            raise APIError(400, f"the prompt has {len(text)} characters, more than the model's context of "
+                                f"{self.context} tokens can hold (a token covers at most {self.chars_per_token} "
+                                f"characters)", param=param, code="context_length_exceeded")
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
+
+    async def _completion_ids(self, prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
                 raise APIError(400, "batched prompts are not supported: send one prompt per request",
@@ -641,15 +810,16 @@ class Service:
         if isinstance(prompt, str):
             if self.engine.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
-            ids = self.engine.encode(prompt)
-        else:
-            ids = list(prompt)
-            if self.vocab_size and any(not 0 <= i < self.vocab_size for i in ids):
-                raise APIError(400, f"token ids must lie in [0, {self.vocab_size})", param="prompt",
-                               code="invalid_value")
+            _check_text(prompt, "prompt")
+            self._check_length(prompt, "prompt")
+            return await self._off_loop(self.engine.encode, prompt)
+        ids = list(prompt)
+        if self.vocab_size and any(not 0 <= i < self.vocab_size for i in ids):
+            raise APIError(400, f"token ids must lie in [0, {self.vocab_size})", param="prompt",
+                           code="invalid_value")
         return ids
 
-    def _chat_prompt(self, messages: list[_Message]) -> tuple[list[int], list[str]]:
+    def _conversation(self, messages: list[_Message]) -> list[dict]:
         if self.engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so it cannot chat", param="messages")
         conversation = []
@@ -659,12 +829,21 @@ class Service:
                 if any(p.type != "text" or p.text is None for p in content):
                     raise APIError(400, "only text content parts are supported", param=f"messages[{i}].content",
                                    code="invalid_value")
+                for j, p in enumerate(content):
+                    _check_text(p.text, f"messages[{i}].content[{j}].text")
                 content = "".join(p.text for p in content)
+            else:
+                _check_text(content, f"messages[{i}].content")
             conversation.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        return conversation
+
+    def _chat_ids(self, conversation: list[dict]) -> tuple[list[int], list[str]]:  # tokenizer thread
         try:
             text, stop = chat_prompt(self.engine.tokenizer, conversation)
         except Exception as e:  # the template rejects the conversation (e.g. roles out of order)
-            raise APIError(400, f"the chat template rejects these messages: {e}", param="messages") from None
+            raise APIError(400, f"the chat template rejects these messages: {_one_line(e)}",
+                           param="messages") from None
+        self._check_length(text, "messages")  # the templated text: a template may trim or drop content
         return self.engine.encode(text), stop
 
     def _max_tokens(self, ids: list[int], requested: int | None, default: int | None, param: str) -> int:
@@ -687,13 +866,13 @@ class Service:
 
     async def completions(self, req: CompletionRequest, request: Request):
         self._check_common(req)
-        ids = self._completion_ids(req.prompt)
+        ids = await self._completion_ids(req.prompt)
         max_tokens = self._max_tokens(ids, req.max_tokens, 16, "prompt")
         return await self._run("completion", req, request, ids, max_tokens, [], frozenset())
 
     async def chat(self, req: ChatRequest, request: Request):
         self._check_common(req)
-        ids, stop = self._chat_prompt(req.messages)
+        ids, stop = await self._off_loop(self._chat_ids, self._conversation(req.messages))
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self._max_tokens(ids, requested, None, "messages")
         return await self._run("chat", req, request, ids, max_tokens, stop, self.chat_stop_ids)
@@ -739,21 +918,28 @@ class Service:
 
     async def _first_event(self, job: _Job) -> tuple[str, Any]:
         try:
-            event = await asyncio.wait_for(job.events.get(), timeout=max(0.0, job.deadline - time.monotonic()))
+            event = await _get(job.events, job.deadline - time.monotonic())
         except asyncio.TimeoutError:
             if job.drop_if_queued():
                 raise APIError(503, f"timed out after {self.request_timeout_s:g} s waiting for the engine; retry "
                                     f"later", type="server_error", code="timeout",
                                headers={"Retry-After": str(self.worker.retry_after())}) from None
-            event = await job.events.get()  # it runs: it stops after its first token, past the deadline
+            event = await self._next_event(job)  # it runs: it stops after its first token, past the deadline
         if event[0] == "error":
             raise event[1]
         if event[0] == "cancelled":
             raise _ClientGone
         return event
 
-    @staticmethod
-    async def _collect(job: _Job, event) -> tuple[str, _Outcome]:
+    async def _next_event(self, job: _Job) -> tuple[str, Any]:
+        try:
+            return await _get(job.events, job.deadline + self.grace_s - time.monotonic())
+        except asyncio.TimeoutError:
+            log.error("the engine gave no token for %g s past a request's deadline", self.grace_s)
+            raise APIError(503, "the engine did not answer in time; retry later", type="server_error",
+                           code="timeout", headers={"Retry-After": str(self.worker.retry_after())}) from None
+
+    async def _collect(self, job: _Job, event) -> tuple[str, _Outcome]:
         parts = []
         while True:
             kind, value = event
@@ -765,7 +951,7 @@ class Service:
                 raise value
             else:
                 raise _ClientGone
-            event = await job.events.get()
+            event = await self._next_event(job)
 
     @staticmethod
     def _usage(outcome: _Outcome) -> dict:
@@ -783,17 +969,17 @@ class Service:
     async def _stream(self, kind: str, head: dict, job: _Job, event, include_usage: bool):
         head = {**head, "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
 
-        def chunk(text: str | None, finish: str | None = None, **extra) -> str:
+        def chunk(text: str | None, finish: str | None = None, delta: dict | None = None, **extra) -> str:
             if kind == "chat":
-                delta = {} if text is None else {"content": text}
+                delta = delta or ({} if text is None else {"content": text})
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            # OpenAI: with include_usage every chunk carries "usage": null, and one more at the end the usage
             return _sse({**head, "choices": [choice], **({"usage": None} if include_usage else {}), **extra})
 
         if kind == "chat":
-            yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]})
+            yield chunk(None, delta={"role": "assistant", "content": ""})
         while True:
             name, value = event
             if name == "token":
@@ -809,16 +995,23 @@ class Service:
                 break
             else:  # cancelled: the client is gone
                 return
-            event = await job.events.get()
+            try:
+                event = await self._next_event(job)
+            except APIError as e:
+                event = "error", e
         yield _sse("[DONE]")
 
 
 def create_app(engine, *, model_name: str, api_key: str | None = None, queue_size: int = 8,
                request_timeout_s: float = 300.0, state_dir: str | os.PathLike | None = None,
-               max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The FastAPI app serving `engine` (which the caller closes). `state_dir` None: no per-user states."""
+               max_users: int = 1000, max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The FastAPI app serving `engine` (which the caller closes). `state_dir` None: no per-user states;
+    `api_key` None: no authentication (an empty key is an error, not a way to say none)."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key is empty: pass None to serve without authentication")
     metrics = _Metrics()
-    worker = EngineWorker(engine, queue_size, _UserStates(state_dir) if state_dir else None, metrics)
+    states = _UserStates(state_dir, max_users) if state_dir else None
+    worker = EngineWorker(engine, queue_size, states, metrics)
     metrics.attach(worker)
     service = Service(engine, worker, metrics, model_name, request_timeout_s)
 
@@ -826,6 +1019,7 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, queue_siz
     async def lifespan(app):
         yield
         await asyncio.to_thread(worker.close)
+        await asyncio.to_thread(service.close)
 
     app = FastAPI(title="pcmoe", version="0.1.0", lifespan=lifespan)
     app.state.service = service
@@ -891,7 +1085,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     g.add_argument("--api-key", default=os.environ.get("PCMOE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $PCMOE_API_KEY, else open)")
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $PCMOE_API_KEY, else open); "
+                        "/health and /metrics stay open")
     g.add_argument("--model-name", help="model id clients send (default: the checkpoint folder's name)")
     g.add_argument("--queue-size", type=int, default=8,
                    help="requests that may wait while one computes; more get 429 (default 8)")
@@ -901,6 +1096,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--state-dir", help="folder of per-user committee states (default: "
                                        "~/.cache/pcmoe/users/<model hash>)")
     g.add_argument("--no-user-state", action="store_true", help="no per-user committee states")
+    g.add_argument("--max-users", type=int, default=1000,
+                   help="user states kept; beyond it the least recently used is deleted (default 1000)")
     g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
@@ -918,6 +1115,9 @@ def cmd_serve(args) -> int:
     for ok, message in ((0 <= args.port < 65536, "--port must be in 0..65535"),
                         (args.queue_size >= 0, "--queue-size must be >= 0"),
                         (args.request_timeout > 0, "--request-timeout must be positive"),
+                        (args.max_users >= 1, "--max-users must be at least 1"),
+                        (args.api_key is None or args.api_key.strip() != "",
+                         "--api-key (or $PCMOE_API_KEY) is empty: give a key, or unset it to serve without one"),
                         (args.max_body_bytes >= 1024, "--max-body-bytes must be at least 1024")):
         if not ok:
             raise SystemExit(f"error: {message}")
@@ -929,7 +1129,7 @@ def cmd_serve(args) -> int:
         name = args.model_name or Path(args.model).resolve().name
         state_dir = None if args.no_user_state else (args.state_dir or default_state_dir(args.model))
         app = create_app(engine, model_name=name, api_key=args.api_key, queue_size=args.queue_size,
-                         request_timeout_s=args.request_timeout, state_dir=state_dir,
+                         request_timeout_s=args.request_timeout, state_dir=state_dir, max_users=args.max_users,
                          max_body_bytes=args.max_body_bytes)
         print(f"serving {name} at http://{args.host}:{args.port}/v1"
               + (f" (user states in {state_dir})" if state_dir else ""), file=sys.stderr)

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import re
 import socket
 import threading
@@ -21,7 +22,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 import pcmoe  # noqa: E402
-from pcmoe.server import create_app  # noqa: E402
+from pcmoe.server import Service, create_app  # noqa: E402
 
 KEY = "sk-test-key"
 MODEL = "tiny"
@@ -34,6 +35,7 @@ class Engine:
         self._engine = engine
         self.delay = 0.0
         self.stop_on_eos = True
+        self.gate = None          # a threading.Event each token waits for (a stuck engine)
         self.steps = 0            # tokens produced
         self.loaded_states = []   # arguments of load_state()
 
@@ -44,6 +46,8 @@ class Engine:
         kwargs.setdefault("stop_on_eos", self.stop_on_eos)
         with contextlib.closing(self._engine.generate(*args, **kwargs)) as steps:
             for step in steps:
+                if self.gate is not None:
+                    self.gate.wait(10)
                 self.steps += 1
                 if self.delay:
                     time.sleep(self.delay)
@@ -61,8 +65,14 @@ def _load(folder, tmp_path_factory, **options):
 
 @contextlib.contextmanager
 def serve(engine, **kwargs):
-    """Run create_app(engine) with uvicorn in a thread on a port the OS picks; yields the base URL."""
+    """Run create_app(engine) with uvicorn in a thread on a port the OS picks; yields the base URL and app."""
     app = create_app(engine, model_name=MODEL, **kwargs)
+    with serving(app) as url:
+        yield url, app
+
+
+@contextlib.contextmanager
+def serving(app):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="error", timeout_graceful_shutdown=2))
@@ -73,7 +83,7 @@ def serve(engine, **kwargs):
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(10)
@@ -118,6 +128,21 @@ def _error(r, status: int) -> dict:
 
 def _events(lines) -> list:
     return [line[len("data: "):] for line in lines if line.startswith("data: ")]
+
+
+def _until(condition, timeout: float = 5.0) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _raw(body: dict) -> bytes:
+    """JSON with \\uXXXX escapes, lone surrogates included (httpx's json= cannot encode those)."""
+    return json.dumps(body).encode()
 
 
 # -- the openai client ------------------------------------------------------------------------
@@ -191,9 +216,37 @@ def test_api_key(full):
         _error(http.get("/v1/models", headers={"Authorization": KEY}), 401)  # no scheme
         assert http.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
         assert http.get("/health").json()["status"] == "ok"  # health and metrics stay open
+        assert http.get("/metrics").status_code == 200
+        _error(http.get("/v1/pcmoe/stats"), 401)
     bad = openai.OpenAI(base_url=full.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+def test_an_empty_api_key_is_an_error(full):
+    with pytest.raises(ValueError, match="api_key is empty"):
+        create_app(full.engine, model_name=MODEL, api_key="")
+
+
+def test_stream_usage_follows_openai(full):
+    """Without stream_options.include_usage no chunk has `usage`; with it every chunk has usage null
+    and one last chunk, before [DONE], has no choices and the usage."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=full.url, headers=headers, timeout=30) as http:
+        def chunks(path, body):
+            with http.stream("POST", path, json={**body, "stream": True, "temperature": 0}) as r:
+                events = _events(r.iter_lines())
+            assert events[-1] == "[DONE]"
+            return [json.loads(e) for e in events[:-1]]
+
+        for path, body in (("/v1/completions", _OK), ("/v1/chat/completions", _CHAT)):
+            plain = chunks(path, body)
+            assert plain and all("usage" not in c for c in plain)
+            counted = chunks(path, {**body, "stream_options": {"include_usage": True}})
+            *rest, last = counted
+            assert all(c["usage"] is None and c["choices"] for c in rest)
+            assert last["choices"] == []
+            assert last["usage"] == http.post(path, json={**body, "temperature": 0}).json()["usage"]
 
 
 # -- malformed requests -----------------------------------------------------------------------
@@ -234,6 +287,18 @@ _CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_t
     ("/v1/completions", {**_OK, "model": "gpt-4"}, 404, "model", "does not exist"),
     ("/v1/chat/completions", {**_CHAT, "model": "gpt-4"}, 404, "model", None),
     ("/v1/completions", {**_OK, "prompt": "x" * 20000}, 413, None, "exceeds"),
+    ("/v1/completions", {**_OK, "seed": 2**70}, 400, "seed", None),
+    ("/v1/completions", {**_OK, "seed": -(2**64)}, 400, "seed", None),
+    ("/v1/completions", _raw({**_OK, "prompt": "a\ud800b"}), 400, "prompt", "surrogate (U+D800) at character 1"),
+    ("/v1/completions", _raw({**_OK, "prompt": ["\udfff"]}), 400, "prompt", "surrogate"),
+    ("/v1/chat/completions", _raw({**_CHAT, "messages": [{"role": "user", "content": "hi \ud800"}]}), 400,
+     "messages[0].content", "surrogate"),
+    ("/v1/chat/completions", _raw({**_CHAT, "messages": [{"role": "user", "content": [{"type": "text",
+                                                                                      "text": "\ud800"}]}]}),
+     400, "messages[0].content[0].text", "surrogate"),
+    ("/v1/completions", _raw({**_OK, "user": "\ud800"}), 400, "user", None),
+    ("/v1/completions", _raw({**_OK, "model": "\ud800"}), 400, "model", "surrogate"),
+    ("/v1/completions", _raw({**_OK, "stop": ["\ud800"]}), 400, "stop", "surrogate"),
 ])
 def test_bad_requests_get_openai_style_4xx(srv, path, body, status, param, says):
     if isinstance(body, bytes):
@@ -258,6 +323,87 @@ def test_other_bad_requests(srv):
     _error(r, 413)
     # and the server still answers
     assert srv.http.post("/v1/completions", json=_OK).status_code == 200
+
+
+@pytest.mark.parametrize("seed", [-(2**63), 2**64 - 1])
+def test_seeds_at_the_ends_of_the_range_work(srv, seed):
+    assert srv.http.post("/v1/completions", json={**_OK, "seed": seed, "temperature": 1.0}).status_code == 200
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_tokenising(full):
+    service = full.app.state.service
+    assert service.max_chars == 512 * 13  # the tiny tokenizer's longest token, <|endoftext|>, is 13 characters
+    calls = []
+    full.engine.encode = lambda text: calls.append(text) or full.engine._engine.encode(text)
+    try:
+        with httpx.Client(base_url=full.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=10) as http:
+            r = http.post("/v1/completions", json={**_OK, "prompt": "x" * (service.max_chars + 1)})
+            error = _error(r, 400)
+            assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
+            long = [{"role": "user", "content": "x" * 10**5}]
+            r = http.post("/v1/chat/completions", json={**_CHAT, "messages": long})
+            assert _error(r, 400)["param"] == "messages"
+            assert calls == []
+            r = http.post("/v1/completions", json={**_OK, "prompt": "x" * service.max_chars})
+            assert _error(r, 400)["code"] == "context_length_exceeded" and len(calls) == 1  # tokenised, then refused
+    finally:
+        del full.engine.encode
+
+
+def test_the_character_bound_holds_for_the_worst_text(full):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pcmoe.server import _chars_per_token
+
+    tok = full.engine.tokenizer
+    per_token = _chars_per_token(tok)
+    longest = sorted(tok.get_vocab(), key=len)[-40:]
+    for token in longest:  # text made of the longest tokens has the most characters per token
+        text = (tok.convert_tokens_to_string([token]) if token not in tok.all_special_tokens else token) * 30
+        assert len(text) <= per_token * len(full.engine.encode(text)), token
+
+    def fast(tokenizer):
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+    nfc = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    nfc.normalizer = normalizers.NFC()
+    assert _chars_per_token(fast(nfc)) == 4 * per_token  # "e" + 3 combining marks can become one character
+    words = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()  # drops whitespace: no bound
+    assert _chars_per_token(fast(words)) is None
+    stripped = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    stripped.normalizer = normalizers.Strip()
+    assert _chars_per_token(fast(stripped)) is None
+    few_bytes = Tokenizer(models.BPE({"a": 0, "b": 1}, []))  # BPE drops the bytes it lacks
+    few_bytes.pre_tokenizer = pre_tokenizers.ByteLevel()
+    assert _chars_per_token(fast(few_bytes)) is None
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {**_OK, "prompt": "hello there"}),
+    ("/v1/chat/completions", _CHAT),
+])
+def test_tokenising_runs_off_the_event_loop(srv, path, body):
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_encode(text):
+        entered.set()
+        release.wait(10)
+        return srv.engine._engine.encode(text)
+
+    srv.engine.encode = slow_encode
+    result = {}
+    request = threading.Thread(target=lambda: result.update(r=srv.http.post(path, json=body)))
+    try:
+        request.start()
+        assert entered.wait(10)
+        assert httpx.get(srv.url + "/health", timeout=5).status_code == 200  # while the prompt is tokenised
+    finally:
+        release.set()
+        request.join(20)
+        del srv.engine.encode
+    assert result["r"].status_code == 200, result["r"].text
 
 
 # -- queueing, cancellation, time limits ------------------------------------------------------
@@ -338,6 +484,130 @@ def test_request_timeout_ends_with_length(slow):
     assert 1 <= body["usage"]["completion_tokens"] < 300
 
 
+@contextlib.contextmanager
+def _running(srv):
+    """A streamed generation that holds the engine (400 tokens at 20 ms) until the block ends."""
+    with httpx.Client(base_url=srv.url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json={**_OK, "max_tokens": 400, "stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()  # kept: a discarded iterator closes the stream
+            next(lines)  # a first token: it runs
+            yield
+    assert _until(lambda: not srv.http.get("/health").json()["busy"]), "the abandoned generation runs on"
+
+
+def test_a_queued_request_times_out_with_503(slow):
+    service = slow.app.state.service
+    with _running(slow):
+        service.request_timeout_s = 0.3  # the running request keeps its own, earlier, deadline
+        try:
+            t0 = time.monotonic()
+            r = slow.http.post("/v1/completions", json=_OK)
+        finally:
+            service.request_timeout_s = 300.0
+        error = _error(r, 503)
+        assert error["code"] == "timeout" and error["type"] == "server_error" and time.monotonic() - t0 < 3
+        assert int(r.headers["retry-after"]) >= 1
+        assert slow.http.get("/health").json()["queue_depth"] == 0
+
+
+def test_a_queued_client_that_leaves_frees_its_place(slow):
+    gone = threading.Event()
+
+    def impatient():
+        with contextlib.suppress(httpx.ReadTimeout):
+            httpx.post(slow.url + "/v1/completions", json=_OK, timeout=1.0)
+        gone.set()
+
+    with _running(slow):
+        thread = threading.Thread(target=impatient)
+        thread.start()
+        assert _until(lambda: slow.http.get("/health").json()["queue_depth"] == 1)
+        assert gone.wait(10)
+        assert _until(lambda: slow.http.get("/health").json()["queue_depth"] == 0)
+        assert slow.http.get("/health").json()["busy"]  # it left the queue; nothing ran it
+        thread.join()
+
+
+def test_a_stuck_engine_gets_503_soon_after_the_deadline(slow):
+    service = slow.app.state.service
+    slow.engine.gate = threading.Event()
+    service.request_timeout_s, service.grace_s = 0.3, 0.3
+    try:
+        t0 = time.monotonic()
+        r = slow.http.post("/v1/completions", json=_OK)
+        elapsed = time.monotonic() - t0
+    finally:
+        slow.engine.gate.set()
+        slow.engine.gate = None
+        service.request_timeout_s, service.grace_s = 300.0, Service.grace_s
+    assert _error(r, 503)["code"] == "timeout" and elapsed < 5
+    assert slow.http.post("/v1/completions", json=_OK).status_code == 200  # the engine came back: it serves
+
+
+def test_an_engine_failure_outside_the_generation_is_a_500(srv):
+    def broken():
+        raise RuntimeError("stats are broken")
+
+    for stream in (False, True):
+        srv.engine.stats = broken
+        try:
+            r = srv.http.post("/v1/completions", json={**_OK, "stream": stream}, timeout=10)
+        finally:
+            del srv.engine.stats
+        if stream:
+            events = _events(r.text.splitlines())
+            assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error"
+        else:
+            assert _error(r, 500)["type"] == "server_error"
+        assert srv.http.post("/v1/completions", json=_OK, timeout=10).status_code == 200
+
+
+def test_a_failed_save_keeps_the_reply(srv, caplog):
+    def broken():
+        raise TypeError("cannot save")
+
+    srv.engine.save_state = broken
+    try:
+        r = srv.http.post("/v1/completions", json={**_OK, "user": "unsaved"}, timeout=10)
+    finally:
+        del srv.engine.save_state
+    assert r.status_code == 200 and not _state_file(srv.state_dir, "unsaved").exists()
+    assert "cannot save committee state" in caplog.text
+
+
+def _corrupt_states(shape):
+    good = {"format": "pcmoe-state/1", "num_experts": shape, "score": [[0.0] * n for n in shape],
+            "window": [[0.0] * n for n in shape], "members": [[0] for _ in shape]}
+    return {
+        "deeply nested": "[" * 100_000 + "]" * 100_000,  # RecursionError in json
+        "not JSON": "{",
+        "a list": "[]",
+        "short score": json.dumps({**good, "score": [[1.0]] * len(shape)}),
+        "member out of range": json.dumps({**good, "members": [[shape[0] + 5]] * len(shape)}),
+        "NaN window": json.dumps({**good, "window": [[float("nan")] * n for n in shape]}),
+        "layers missing": json.dumps({**good, "members": []}),
+    }
+
+
+def test_a_bad_user_state_starts_fresh(srv, caplog):
+    shape = [c.num_experts for c in srv.engine.committees]
+    for name, text in _corrupt_states(shape).items():
+        user = f"corrupt {name}"
+        _state_file(srv.state_dir, user).write_text(text)
+        loads = len(srv.engine.loaded_states)
+        r = srv.http.post("/v1/completions", json={**_OK, "user": user, "max_tokens": 8}, timeout=10)
+        assert r.status_code == 200, (name, r.text)
+        assert r.json()["pcmoe"]["user_state"] == "new", name
+        assert len(srv.engine.loaded_states) == loads, name  # refused before engine.load_state
+        assert srv.http.post("/v1/completions", json={**_OK, "max_tokens": 8}, timeout=10).status_code == 200
+        json.loads(_state_file(srv.state_dir, user).read_text())  # saved afresh
+        _state_file(srv.state_dir, user).unlink()
+    assert "ignoring committee state" in caplog.text
+    for line in caplog.messages:
+        assert "\n" not in line
+
+
 # -- metrics and per-user committees ----------------------------------------------------------
 
 
@@ -413,6 +683,27 @@ def test_user_committees_are_saved_and_restored(srv, tiny_lm, tmp_path_factory):
     assert engine.loaded_states == [saved]
 
 
+def test_user_states_keep_the_most_recent_users(srv, tmp_path):
+    from pcmoe.server import _UserStates
+
+    states = _UserStates(tmp_path, max_users=2)
+    for user in ("a", "b", "c"):
+        states.save(srv.engine, user)
+    assert not states.path("a").exists() and states.path("b").exists() and states.path("c").exists()
+    assert not states.restore(srv.engine, "a")
+    states.save(srv.engine, "b")  # b used again: c is now the oldest
+    states.save(srv.engine, "d")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(states.path(u).name for u in ("b", "d"))
+
+    (tmp_path / "notes.txt").write_text("not a state")
+    os.utime(states.path("d"), ns=(10**18, 10**18))
+    os.utime(states.path("b"), ns=(2 * 10**18, 2 * 10**18))
+    states = _UserStates(tmp_path, max_users=1)  # a restart with a smaller cap keeps the latest by mtime
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([states.path("b").name, "notes.txt"])
+    with pytest.raises(ValueError):
+        _UserStates(tmp_path, max_users=0)
+
+
 def test_remote_chat(full):
     from pcmoe.chat import RemoteChat, run_chat
 
@@ -426,6 +717,86 @@ def test_remote_chat(full):
     assert "hit rate" in text and "conversation cleared" in text and "unknown command /nope" in text
 
 
+def test_chat_command_against_a_server(full, monkeypatch, capsys):
+    from pcmoe.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/stats\n/exit\n"))
+    url = full.url + "/v1"
+    assert main(["chat", "--url", url, "--api-key", KEY, "--user", "cli", "--max-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "hit rate" in out and "Traceback" not in err and "error" not in out
+    assert main(["chat", "--url", url, "--api-key", "wrong"]) == 2
+    assert f"error: cannot reach {url}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["budget", "plan"])
+def test_serve_command(srv, tiny_lm, tmp_path, monkeypatch, capsys, how):
+    from pcmoe.cli import main
+
+    shape = [c.num_experts for c in srv.engine.committees]
+    sizes = [max(1, n // 2 - i % 2) for i, n in enumerate(shape)]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "pcmoe-plan/1", "committee_sizes": sizes}))
+    seen = {}
+
+    def run(app, host, port, **kwargs):  # uvicorn.run, on 127.0.0.1 and a free port whatever was asked
+        seen.update(host=host, port=port)
+        with serving(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+            auth = {"Authorization": "Bearer k"} if how == "plan" else {}
+            seen["stats"] = http.get("/v1/pcmoe/stats", headers=auth).json()
+            for user in ("one", "two"):
+                r = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2, "user": user}, headers=auth)
+                assert r.status_code == 200, r.text
+            seen["unauthorized"] = http.get("/v1/models").status_code
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.delenv("PCMOE_API_KEY", raising=False)
+    users = tmp_path / "users"
+    argv = ["serve", "--model", str(tiny_lm), "--host", "0.0.0.0", "--port", "9999", "--state-dir", str(users),
+            "--max-users", "1", "--quiet"]
+    argv += ["--budget", "60%experts"] if how == "budget" else ["--plan", str(plan), "--api-key", "k"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert seen["host"] == "0.0.0.0" and seen["port"] == 9999 and f"user states in {users}" in err
+    assert ("without --api-key" in err) == (how == "budget")
+    if how == "plan":
+        assert seen["stats"]["committee_sizes"] == sizes and seen["unauthorized"] == 401
+    else:
+        assert sum(seen["stats"]["committee_sizes"]) < sum(shape) and seen["unauthorized"] == 200
+    assert [p.name for p in users.iterdir()] == [_state_file(users, "two").name]  # --max-users 1
+
+
+@pytest.mark.parametrize("argv, env, says", [
+    (["--api-key", ""], None, "--api-key (or $PCMOE_API_KEY) is empty"),
+    ([], "", "is empty"),
+    (["--max-users", "0"], None, "--max-users must be at least 1"),
+])
+def test_serve_command_refuses_bad_options(monkeypatch, argv, env, says):
+    from pcmoe.cli import main
+
+    if env is None:
+        monkeypatch.delenv("PCMOE_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("PCMOE_API_KEY", env)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served"))
+    with pytest.raises(SystemExit, match=re.escape(says)):
+        main(["serve", "--model", "no-such-model", *argv])
+
+
+def test_decode_speed_metric(slow):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    t0 = time.monotonic()
+    body = slow.http.post("/v1/completions", json={**_OK, "max_tokens": 10}).json()
+    elapsed = time.monotonic() - t0
+    speed = body["pcmoe"]["decode_tokens_per_s"]
+    assert body["usage"]["completion_tokens"] == 10
+    # 9 decode steps, each after a 20 ms wait, within the request's time
+    assert 9 / elapsed <= speed <= 1 / slow.engine.delay
+    families = {f.name: f for f in text_string_to_metric_families(slow.http.get("/metrics").text)}
+    assert families["pcmoe_decode_tokens_per_second"].samples[0].value == pytest.approx(speed)
+
+
 def test_serve_command_line_defaults(monkeypatch):
     from pcmoe.cli import build_parser
 
@@ -433,6 +804,7 @@ def test_serve_command_line_defaults(monkeypatch):
     args = build_parser().parse_args(["serve", "--model", "m"])
     assert (args.host, args.port, args.queue_size, args.api_key) == ("127.0.0.1", 8000, 8, None)
     assert args.max_body_bytes == 1 << 20 and args.state_dir is None and not args.no_user_state
+    assert args.max_users == 1000
 
 
 def test_stop_strings_hold_back_a_possible_start():
