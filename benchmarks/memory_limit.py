@@ -9,7 +9,10 @@ before it starts):
     page cache), limit hits and tokens/s, side by side, `--trials` rounds in alternating order.
 
     sudo .venv/bin/python benchmarks/memory_limit.py --out results/memory_limit
-Writes <out>/memory_limit.json and <out>/memory_limit.md.
+Writes <out>/memory_limit.json and <out>/memory_limit.md. A run that exceeds --timeout is recorded
+as timed out. The held-out text defaults to the shipped model's eval text
+(models/pcmoe-lm/eval/heldout.txt); nothing under the gitignored data/ is needed beyond the random
+checkpoint this script builds there.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -27,10 +31,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pcmoe.bench.cgroup import available, run_limited  # noqa: E402
+from pcmoe.bench.common import git_commit  # noqa: E402
 from pcmoe.budget import atomic_write_text, format_bytes  # noqa: E402
 from pcmoe.checkpoint import Checkpoint  # noqa: E402
 
 DEFAULT_MODEL = REPO / "data/bench/qwen3-moe-400m"
+SHIPPED_LM = REPO / "models/pcmoe-lm"
+
+
+def default_data(model: Path | None = None) -> Path | None:
+    """The held-out text: the checkpoint's own eval text, else the shipped model's; None if neither."""
+    for folder in ([Path(model)] if model else []) + [SHIPPED_LM]:
+        if (folder / "eval" / "heldout.txt").exists():
+            return folder / "eval" / "heldout.txt"
+    return None
 
 
 def build_random_checkpoint(out: Path, tokenizer: Path) -> None:
@@ -55,39 +69,56 @@ def eval_cmd(args, policy: str, budget: str | None) -> list[str]:
 
 def run(args, policy, budget, limit):
     Checkpoint(args.model).evict_page_cache()  # cold start: weights come from the disk
-    r = run_limited(eval_cmd(args, policy, budget), limit, timeout=3600, cwd=str(REPO))
-    result = {"policy": policy, "budget": budget, "limit_bytes": limit, "returncode": r.returncode,
-              "oom_killed": r.oom_killed, "cgroup_max_usage_bytes": r.max_usage_bytes, "cgroup_failcnt": r.failcnt,
-              "wall_s": r.seconds}
-    if r.returncode == 0:
-        result.update(json.loads(r.stdout.strip().splitlines()[-1]))
+    result = {"policy": policy, "budget": budget, "limit_bytes": limit}
+    try:
+        r = run_limited(eval_cmd(args, policy, budget), limit, timeout=args.timeout, cwd=str(REPO))
+    except subprocess.TimeoutExpired:  # a run_limited that does not report timeouts itself
+        return dict(result, returncode=None, timed_out=True, stderr_tail=f"timed out after {args.timeout} s")
+    timed_out = getattr(r, "timed_out", False)
+    result.update({"returncode": None if timed_out else r.returncode, "timed_out": timed_out,
+                   "oom_killed": r.oom_killed, "cgroup_max_usage_bytes": r.max_usage_bytes,
+                   "cgroup_failcnt": r.failcnt, "wall_s": r.seconds})
+    if r.returncode == 0 and not timed_out:
+        try:
+            result.update(json.loads(r.stdout.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            result.update(returncode=1, stderr_tail="no JSON result on stdout")
     else:
         result["stderr_tail"] = r.stderr[-2000:]
     return result
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint (default: build a random one)")
     ap.add_argument("--tokenizer", type=Path, default=REPO / "models/pcmoe-lm",
                     help="tokenizer folder copied into a freshly built random checkpoint")
-    ap.add_argument("--data", type=Path, default=REPO / "data/lm/corpus/val_pydoc.txt")
+    ap.add_argument("--data", type=Path, help="held-out text (default: <model>/eval/heldout.txt, else "
+                    "models/pcmoe-lm/eval/heldout.txt)")
     ap.add_argument("--budget", default="50%")
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--trials", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is recorded as "
+                    "timed out (default 3600)")
     ap.add_argument("--out", type=Path, default=REPO / "results/memory_limit")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not available():
         sys.exit("error: needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory")
     if not (args.model / "config.json").exists():
+        if not (args.tokenizer / "tokenizer.json").exists():
+            sys.exit(f"error: {args.model} does not exist and there is no tokenizer in {args.tokenizer} to build a "
+                     "random checkpoint with; pass --model or --tokenizer")
         build_random_checkpoint(args.model, args.tokenizer)
-    if not args.data.exists():
-        sys.exit(f"error: {args.data} does not exist (scripts/train_lm.py writes the held-out corpus there)")
+    args.data = args.data or default_data(args.model)
+    if args.data is None or not Path(args.data).exists():
+        sys.exit(f"error: no held-out text ({args.data or SHIPPED_LM / 'eval' / 'heldout.txt'} does not exist); "
+                 "pass --data FILE.txt")
 
     calib = run(args, "committee", args.budget, None)
     if calib["returncode"] != 0:
-        sys.exit(f"error: calibration run failed:\n{calib.get('stderr_tail')}")
+        why = "timed out" if calib.get("timed_out") else "failed"
+        sys.exit(f"error: calibration run {why}:\n{calib.get('stderr_tail')}")
     overhead = calib["peak_rss_bytes"] - calib["resident_bytes"]
     configs = [("full", None, calib["full_model_bytes"]), ("committee", args.budget, calib["budget_bytes"]),
                ("on-demand", args.budget, calib["budget_bytes"])]
@@ -98,7 +129,8 @@ def main() -> int:
             r = run(args, policy, budget, weight_bytes + overhead)
             r["trial"] = trial
             runs.append(r)
-            print(f"trial {trial} {policy:10s} rc={r['returncode']} tok/s={r.get('tokens_per_s', 0):.1f} "
+            print(f"trial {trial} {policy:10s} rc={r['returncode']}{' (timed out)' if r.get('timed_out') else ''} "
+                  f"tok/s={r.get('tokens_per_s') or 0:.1f} "
                   f"peak RSS {format_bytes(r.get('peak_rss_bytes'))} limit {format_bytes(r['limit_bytes'])}",
                   flush=True)
 
@@ -113,6 +145,7 @@ def main() -> int:
         summary[policy]["weight_bytes"] = weight_bytes
         summary[policy]["limit_bytes"] = weight_bytes + overhead
         summary[policy]["all_completed"] = all(r["returncode"] == 0 for r in runs if r["policy"] == policy)
+        summary[policy]["timed_out"] = sum(bool(r.get("timed_out")) for r in runs if r["policy"] == policy)
     ratios = {}
     if summary["committee"]["tokens_per_s"] and summary["full"]["tokens_per_s"]:
         ratios["committee_vs_full_tokens_per_s"] = (summary["committee"]["tokens_per_s"]
@@ -120,8 +153,8 @@ def main() -> int:
     if summary["committee"]["tokens_per_s"] and summary["on-demand"]["tokens_per_s"]:
         ratios["committee_vs_on_demand_tokens_per_s"] = (summary["committee"]["tokens_per_s"]
                                                         / summary["on-demand"]["tokens_per_s"])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout
-    meta = {"command": " ".join(sys.argv), "commit": commit.strip(), "machine": platform.machine(),
+    meta = {"command": shlex.join([Path(sys.executable).name, "benchmarks/memory_limit.py", *(argv or sys.argv[1:])]),
+            "commit": git_commit(REPO), "machine": platform.machine(),
             "cpu": _cpu_name(), "threads": args.threads, "model": str(args.model), "budget": args.budget,
             "data": str(args.data), "max_tokens": args.max_tokens, "overhead_bytes": overhead}
     report = {"meta": meta, "calibration": calib, "summary": summary, "ratios": ratios, "runs": runs}
@@ -156,7 +189,9 @@ def _markdown(report) -> str:
         hit = f"{r['hit_rate']:.3f}" if r["hit_rate"] is not None else "-"
         stall = f"{r['stall_s']:.2f}" if r["stall_s"] is not None else "-"
         lines.append(f"| {policy} | {format_bytes(r['weight_bytes'])} | {format_bytes(r['limit_bytes'])} | "
-                     f"{'yes' if r['all_completed'] else 'NO'} | {format_bytes(r['peak_rss_bytes'])} | "
+                     f"{'yes' if r['all_completed'] else 'NO'}"
+                     f"{' (' + str(r['timed_out']) + ' timed out)' if r.get('timed_out') else ''} | "
+                     f"{format_bytes(r['peak_rss_bytes'])} | "
                      f"{format_bytes(r['cgroup_max_usage_bytes'])} | {tps} | {hit} | "
                      f"{format_bytes(r['bytes_read'])} | {stall} |")
     lines.append("")

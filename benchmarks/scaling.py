@@ -1,149 +1,19 @@
-"""Scaling: decode time and peak memory as the number of experts and the budget grow.
+"""Scaling study: decode time and peak memory as the number of experts and the budget grow.
 
-Random-weight Qwen3-MoE checkpoints (bf16; quality is meaningless, speed and memory are real):
-8 MoE layers, hidden 1024, expert width 768, top-4, with 16 / 32 / 64 experts per layer
-(0.6 / 1.2 / 2.4 GB). For each: `full`, `committee` at 25 / 50 / 75 % of expert memory (swaps
-every 8 tokens, async and sync), `magnitude-keep` and `on-demand` at 50 %. Every run is a fresh
-process with the checkpoint evicted from the page cache (pcmoe.bench.worker).
-
-It shows (a) decode time per token against resident memory, (b) the cost of one swap (a cold
-expert read) against the time of one decode step, and (c) that async swaps stay off the critical
-path: committee decode ~= magnitude-keep decode (no swaps) with stall ~0, while the same swaps
-done inline (sync) cost decode time.
+The study lives in pcmoe/bench/scaling.py (see its docstring); this script is its command line:
 
     .venv/bin/python benchmarks/scaling.py --out results/scaling [--experts 16,32,64] [--quick]
+    pcmoe bench --scaling        # the same study, run after the suite into <out>/scaling
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import random
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pcmoe.bench.suite import run_one  # noqa: E402
-from pcmoe.budget import atomic_write_text, format_bytes  # noqa: E402
-
-
-def build(folder: Path, experts: int) -> None:
-    import torch
-
-    from pcmoe.testing import make_checkpoint
-
-    if (folder / "config.json").exists():
-        return
-    torch.set_num_threads(2)
-    make_checkpoint("qwen3_moe", folder, dtype=torch.bfloat16, hidden_size=1024, num_hidden_layers=8,
-                    num_experts=experts, num_experts_per_tok=4, moe_intermediate_size=768, intermediate_size=2048,
-                    vocab_size=32000, num_attention_heads=16, num_key_value_heads=8, head_dim=64,
-                    max_position_embeddings=1024, tie_word_embeddings=False)
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=REPO / "results/scaling")
-    ap.add_argument("--models", type=Path, default=REPO / "data/bench/scaling", help="where checkpoints are built")
-    ap.add_argument("--experts", default="16,32,64")
-    ap.add_argument("--decode-tokens", type=int, default=48)
-    ap.add_argument("--prompts", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="16 experts only, fewer configurations")
-    args = ap.parse_args()
-    experts = [16] if args.quick else [int(e) for e in args.experts.split(",")]
-    rng = random.Random(0)
-    prompts = [[rng.randrange(100, 31000) for _ in range(32)] for _ in range(args.prompts)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = args.out / "runs.jsonl"
-    done = {}
-    if log.exists():
-        for line in log.read_text().splitlines():
-            rec = json.loads(line)
-            done[rec["label"]] = rec
-    results = []
-    for n in experts:
-        folder = args.models / f"qwen3-moe-e{n}"
-        build(folder, n)
-        base = {"kind": "pcmoe", "model": str(folder), "prompts": prompts, "decode_tokens": args.decode_tokens,
-                "threads": args.threads, "section": "scaling", "experts": n}
-        configs = [("full", None, {})]
-        for b in ((50,) if args.quick else (25, 50, 75)):
-            configs.append(("committee", b, {"update_every": 8, "margin": 0.0}))
-        configs += [("committee-sync", 50, {"update_every": 8, "margin": 0.0, "synchronous": True}),
-                    ("magnitude-keep", 50, {}), ("on-demand", 50, {})]
-        for name, budget, opts in configs:
-            label = f"E{n} {name}" + (f"@{budget}%" if budget else "")
-            if label in done:
-                results.append(done[label])
-                continue
-            policy = "committee" if name.startswith("committee") else name
-            spec = dict(base, label=label, policy=policy, options=opts,
-                        budget=f"{budget}%experts" if budget else None)
-            rec = run_one(spec, None, False)
-            rec["experts"] = n
-            with open(log, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            results.append(rec)
-            print(f"{label:28s} rc={rec['returncode']} decode {rec.get('decode_tokens_per_s', 0):.2f} tok/s "
-                  f"peak RSS {format_bytes(rec.get('peak_rss_bytes'))} stall {rec.get('stall_s', 0):.3f}s "
-                  f"swaps {rec.get('swaps')}", flush=True)
-    atomic_write_text(args.out / "scaling.json", json.dumps(results, indent=1))
-    md = markdown(results)
-    atomic_write_text(args.out / "scaling.md", md)
-    plot(args.out, results)
-    print(md)
-    return 0
-
-
-def markdown(results) -> str:
-    lines = ["| run | weights MB | peak RSS MB | decode ms/token | swaps | swap read ms (mean) | stall s |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results:
-        if r.get("returncode") != 0:
-            lines.append(f"| {r['label']} | failed: {r.get('error', '')[:60]} ||||||")
-            continue
-        d = r.get("decode_stats", {})
-        read_ms = f"{1e3 * d['read_s'] / d['reads']:.2f}" if d.get("reads") else "-"
-        lines.append(f"| {r['label']} | {r['resident_bytes'] / 1e6:.0f} | {r['peak_rss_bytes'] / 1e6:.0f} "
-                     f"| {1e3 / r['decode_tokens_per_s']:.1f} | {d.get('swaps', 0)} | {read_ms} "
-                     f"| {d.get('stall_s', 0):.3f} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(out: Path, results) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    ok = [r for r in results if r.get("returncode") == 0]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for n in sorted({r["experts"] for r in ok}):
-        rows = [r for r in ok if r["experts"] == n]
-        for name, marker in (("committee@", "o"), ("full", "s"), ("magnitude-keep", "^"), ("on-demand", "x"),
-                             ("committee-sync", "v")):
-            pts = sorted((r["resident_bytes"] / 1e6, 1e3 / r["decode_tokens_per_s"], r["peak_rss_bytes"] / 1e6)
-                         for r in rows if name in r["label"])
-            if not pts:
-                continue
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"E{n} {name.rstrip('@')}")
-            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker=marker, label=f"E{n} {name.rstrip('@')}")
-    axes[0].set_xlabel("resident weights (MB)")
-    axes[0].set_ylabel("decode ms / token")
-    axes[1].set_xlabel("resident weights (MB)")
-    axes[1].set_ylabel("peak RSS (MB)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=110)
-    plt.close(fig)
-
+from pcmoe.bench.scaling import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

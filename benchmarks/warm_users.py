@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_load_options(ap)
     ap.set_defaults(budget="50%experts")
-    ap.add_argument("--data", nargs="+", default=DEFAULT_DATA, help="one file per user (or one file split into "
-                                                                    "--users blocks); default: the val corpora")
+    ap.add_argument("--data", nargs="+", help="one file per user (or one file split into --users blocks); default: "
+                    "the val corpora under data/corpus if present, else <model>/eval/heldout.txt split")
     ap.add_argument("--users", type=int, help="users when --data is one file (default 3)")
     ap.add_argument("--docs-per-user", type=int, default=4, help="documents per user (default 4)")
     ap.add_argument("--max-tokens-per-doc", type=int, default=512, help="scored tokens per document (default 512)")
@@ -153,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.quiet = True
 
+    if not args.data:  # a clean clone has no data/: the model's shipped eval text, split into users
+        shipped = Path(args.model) / "eval" / "heldout.txt"
+        args.data = DEFAULT_DATA if all(Path(f).exists() for f in DEFAULT_DATA) else [str(shipped)]
+    missing = [f for f in args.data if not Path(f).exists()]
+    if missing:
+        raise SystemExit(f"error: {missing[0]} does not exist; pass --data FILE.txt [FILE.txt ...]")
     docs = user_documents(args.data, args.users, args.docs_per_user)
     stream = interleave(docs)
     conditions = ["shared", "per-user"] + ([] if args.no_reference else ["reference"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -143,9 +144,16 @@ def test_converter_root_layouts(tmp_path, monkeypatch):
 
 
 def test_limits_overhead_and_keys():
-    sizes = {"nonexpert": 100, "all_experts": 1000}
+    sizes = {"nonexpert": 100, "all_experts": 1000, "dtype": "bfloat16"}
     assert L.mmap_limit(sizes, "bf16", 7) == 100 + 500 + 7
     assert L.mmap_limit(sizes, "f32", 7) == 2 * 600 + 7
+    f32 = dict(sizes, dtype="float32")  # a float32 checkpoint: its bytes are already f32's
+    assert L.mmap_limit(f32, "f32", 7) == 600 + 7 and L.mmap_limit(f32, "bf16", 7) == 300 + 7
+    with pytest.raises(ValueError, match="dtype"):
+        L.mmap_limit({"nonexpert": 100, "all_experts": 1000}, "bf16", 7)  # no silent bf16 assumption
+    assert L.precisions("bfloat16") == (("bf16", "f32", "q8_0", "q4_K_M"), ("bf16", "f32"))
+    assert L.precisions("bfloat16", quick=True) == (("bf16", "q8_0", "q4_K_M"), ("bf16",))
+    assert L.precisions("float32") == (("f32", "bf16", "q8_0", "q4_K_M"), ("f32", "bf16"))
     assert L.runtime_overhead({"returncode": 0, "peak_rss_bytes": 1500, "model_bytes": 1000}) == 500
     assert L.runtime_overhead({"returncode": 1}) is None
     a = {"label": "x", "eval_tokens": 8, "prompts": [[1]], "gguf": "/a.gguf", "streams": "/s.json"}
@@ -174,8 +182,81 @@ def test_cache_follows_the_checkpoint(tmp_path):
 def test_run_all_skips_without_llama_cpp(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import raises ImportError
     recs = L.run_all(SimpleNamespace(model=str(tmp_path)), {}, None, False, tmp_path / "runs.jsonl", {})
-    assert recs == [{"label": "llama.cpp", "section": "peers", "returncode": 1, "error": L.SKIP_MESSAGE}]
+    assert recs == [{"label": "llama.cpp", "section": "peers", "returncode": None, "skipped": L.SKIP_MESSAGE}]
+    assert "pip install 'pcmoe[llamacpp]'" in L.SKIP_MESSAGE
     assert not (tmp_path / "runs.jsonl").exists()
+
+
+# -- the driver against a stand-in llama_cpp (no build needed) -----------------------------------
+
+FAKE_LLAMA = """
+import numpy as np
+
+class Llama:
+    # Deterministic logits from the last token: enough to drive pcmoe.bench.llamacpp.measure.
+    def __init__(self, model_path, n_ctx=64, n_batch=16, vocab_only=False, **kw):
+        self.n_ctx, self.n_tokens, self.vocab = n_ctx, 0, 300
+        self.scores = np.zeros((n_ctx, self.vocab), dtype=np.float32)
+        self.kw = kw
+
+    def reset(self):
+        self.n_tokens = 0
+
+    def eval(self, ids):
+        for t in ids:
+            row = np.sin(np.arange(self.vocab) * (1 + int(t) % 7))
+            self.scores[self.n_tokens] = row
+            self.n_tokens += 1
+
+    def close(self):
+        pass
+"""
+
+
+def test_run_all_with_a_stand_in_llama_cpp(tiny_lm, tmp_path, monkeypatch):
+    from pcmoe.bench import cgroup
+
+    fake = tmp_path / "fake"
+    (fake / "llama_cpp").mkdir(parents=True)
+    (fake / "llama_cpp" / "__init__.py").write_text(FAKE_LLAMA)
+    spec = importlib.util.spec_from_file_location("llama_cpp", fake / "llama_cpp" / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "llama_cpp", module)  # this process; undone after the test
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), str(REPO)]))  # the measuring processes
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" * 1000)
+    monkeypatch.setattr(L, "convert", lambda model, out, outtype, **kw: gguf)
+    data = tmp_path / "heldout.txt"
+    data.write_text("\n\n=====\n".join(["the quick brown fox jumps over the lazy dog " * 12,
+                                         "def main():\n    return 0\n" * 12]))
+    args = SimpleNamespace(model=str(tiny_lm), data=str(data), threads=1, eval_tokens=40, decode_tokens=3, prompts=1,
+                           trials=2, quick=True, out=str(tmp_path / "out"), llamacpp_src=None, gguf_dir=None)
+    sizes = {"nonexpert": 40_000, "all_experts": 300_000, "dtype": "float32"}  # tiny_lm is float32
+    use_cgroup = cgroup.available()
+    from pcmoe.bench.common import RunLog
+
+    log = RunLog(tmp_path / "runs.jsonl")
+    recs = {r["label"]: r for r in L.run_all(args, sizes, None, use_cgroup, log, {})}
+    assert list(recs) == ["llama.cpp resident/f32", "llama.cpp resident/q8_0", "llama.cpp resident/q4_K_M",
+                          "llama.cpp mmap@50%/f32"]  # the checkpoint's own precision first
+    for t in ("f32", "q8_0", "q4_K_M"):
+        r = recs[f"llama.cpp resident/{t}"]
+        assert r["returncode"] == 0, r.get("error")
+        assert r["tokens"] == 40 and len(r["decode_trials"]) == 2 and r["warmup"] == 1
+        assert 0 <= r["cpu_other_share"] <= 1 and r["curve"] == "llama.cpp resident"
+    mmap = recs["llama.cpp mmap@50%/f32"]
+    if use_cgroup:
+        assert mmap["returncode"] == 0, mmap.get("error")
+        assert mmap["budget_bytes"] == 40_000 + 150_000  # float32 checkpoint bytes are f32's: no rescaling
+        assert mmap["cgroup_limit_bytes"] == mmap["budget_bytes"] + mmap["overhead_allowance_bytes"]
+    else:
+        print("cgroup v1 memory controller not writable: the mmap run is skipped")
+        assert mmap["returncode"] is None and "cgroup" in mmap["skipped"]
+    done = log.done()
+    monkeypatch.setattr(L, "run_spec", lambda *a, **k: pytest.fail("a finished run was measured again"))
+    again = L.run_all(args, sizes, None, use_cgroup, log, done)
+    assert [r["label"] for r in again] == list(recs)
 
 
 # -- end to end on a tiny checkpoint (needs llama-cpp-python and the converter source) -----------
@@ -251,7 +332,7 @@ def test_tiny_f32_gguf_matches_transformers(tiny_gguf):
     assert math.isclose(res["ppl"], math.exp(nll / 40), rel_tol=1e-3)
     for k in ("eval_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes", "load_s"):
         assert res[k] > 0, k
-    assert len(res["decode_runs"]) == 2
+    assert len(res["decode_trials"]) == 3 and res["warmup"] == 1
     assert res["model_bytes"] == gguf.stat().st_size and res["use_mmap"] is False
     assert res["peak_rss_bytes"] > res["model_bytes"]
     assert "logits_for" not in res["spec"] and "streams" not in res["spec"]
@@ -279,21 +360,22 @@ def test_run_all_records_and_resumes(tiny_gguf, tmp_path, monkeypatch):
                                          "def main():\n    return 0\n" * 12, "hello world " * 30]))
     args = SimpleNamespace(model=str(folder), data=str(data), threads=1, eval_tokens=64, decode_tokens=4,
                            prompts=2, out=str(tmp_path / "out"), llamacpp_src=None, gguf_dir=str(tmp_path / "g"))
-    sizes = {"nonexpert": 40_000, "all_experts": 300_000}
+    sizes = {"nonexpert": 40_000, "all_experts": 300_000, "dtype": "bfloat16"}
     use_cgroup = cgroup.available()
     log = tmp_path / "runs.jsonl"
     recs = L.run_all(args, sizes, None, use_cgroup, log, {})
     by = {r["label"]: r for r in recs}
-    assert list(by) == [f"llama.cpp resident/{t}" for t in L.RESIDENT] + [f"llama.cpp mmap@50%/{t}" for t in L.MMAP]
-    for t in L.RESIDENT:
+    resident, mmap = L.precisions("bfloat16")
+    assert list(by) == [f"llama.cpp resident/{t}" for t in resident] + [f"llama.cpp mmap@50%/{t}" for t in mmap]
+    for t in resident:
         r = by[f"llama.cpp resident/{t}"]
         assert r["returncode"] == 0, r.get("error")
         assert r["section"] == "peers" and r["tokens"] == 64 and r["model_bytes"] == f32.stat().st_size
-        assert r["use_mmap"] is False and len(r["decode_runs"]) == 2 and r["key"].startswith("llamacpp-")
-    for t in L.MMAP:
+        assert r["use_mmap"] is False and len(r["decode_trials"]) == 3 and r["key"].startswith("llamacpp-")
+    for t in mmap:
         r = by[f"llama.cpp mmap@50%/{t}"]
         if not use_cgroup:
-            assert r["returncode"] == 1 and "cgroup" in r["error"]
+            assert r["returncode"] is None and "cgroup" in r["skipped"]
             continue
         assert r["returncode"] == 0, r.get("error")
         overhead = L.runtime_overhead(by[f"llama.cpp resident/{t}"])
@@ -301,9 +383,8 @@ def test_run_all_records_and_resumes(tiny_gguf, tmp_path, monkeypatch):
         assert r["cgroup_limit_bytes"] == L.mmap_limit(sizes, t, overhead + L.ALLOCATOR_SLACK)
         assert r["cgroup_max_usage_bytes"] <= r["cgroup_limit_bytes"] and r["oom_killed"] is False
     lines = [json.loads(x) for x in log.read_text().splitlines()]
-    assert [x["label"] for x in lines] == list(by)
+    assert [x["label"] for x in lines] == [label for label, r in by.items() if not r.get("skipped")]
     done = {x["key"]: x for x in lines if x["returncode"] == 0}
     monkeypatch.setattr(L, "run_spec", lambda *a, **k: pytest.fail("a finished run was measured again"))
     again = L.run_all(args, sizes, None, use_cgroup, log, done)
-    assert [r["label"] for r in again] == list(by) and len(log.read_text().splitlines()) == len(lines) + (
-        0 if use_cgroup else len(L.MMAP))
+    assert [r["label"] for r in again] == list(by) and len(log.read_text().splitlines()) == len(lines)

@@ -31,6 +31,7 @@ class LimitedRun:
     max_usage_bytes: int | None   # peak of the group's charge (RSS + page cache)
     failcnt: int | None           # times the group hit its limit (reclaim pressure)
     oom_killed: bool
+    timed_out: bool = False       # killed after `timeout` seconds (returncode 124)
 
 
 def run_limited(cmd: list[str], limit_bytes: int | None, env: dict | None = None, timeout: float | None = None,
@@ -50,8 +51,14 @@ def run_limited(cmd: list[str], limit_bytes: int | None, env: dict | None = None
                 f.write(str(os.getpid()))
 
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=enter_group)
+        timed_out = False
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                                  preexec_fn=enter_group)
+        except subprocess.TimeoutExpired as e:  # subprocess.run has killed the child
+            timed_out = True
+            proc = subprocess.CompletedProcess(cmd, 124, _text(e.stdout), _text(e.stderr)
+                                               + f"\ntimed out after {timeout:g} s")
         seconds = time.perf_counter() - t0
         usage = int((group / "memory.max_usage_in_bytes").read_text())
         failcnt = int((group / "memory.failcnt").read_text())
@@ -61,8 +68,9 @@ def run_limited(cmd: list[str], limit_bytes: int | None, env: dict | None = None
             for line in oom_control.read_text().splitlines():
                 if line.startswith("oom_kill ") and int(line.split()[1]) > 0:
                     oom = True
-        oom = oom or proc.returncode == -9
-        return LimitedRun(proc.returncode, proc.stdout, proc.stderr, seconds, limit_bytes, usage, failcnt, oom)
+        oom = (oom or proc.returncode == -9) and not timed_out
+        return LimitedRun(proc.returncode, proc.stdout, proc.stderr, seconds, limit_bytes, usage, failcnt, oom,
+                          timed_out)
     finally:
         for _ in range(50):  # the group can be removed once its last process is gone
             try:
@@ -70,3 +78,9 @@ def run_limited(cmd: list[str], limit_bytes: int | None, env: dict | None = None
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+def _text(data) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data

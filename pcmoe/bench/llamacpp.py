@@ -13,10 +13,12 @@ What it does, for the benchmark's checkpoint:
    stdout line is the JSON result) with the protocol of pcmoe.bench.worker: perplexity over the same
    held-out token streams (windows of 256 predicted tokens, no overlap), then greedy decode speed,
    peak RSS, the GGUF size as "model_bytes". The file is evicted from the page cache first.
-3. Runs: "llama.cpp resident/{bf16,f32,q8_0,q4_K_M}" (use_mmap=False, no limit) and
-   "llama.cpp mmap@50%/{bf16,f32}" (use_mmap=True inside a cgroup memory limit of non-expert
-   weights + 50 % of the expert weights + llama.cpp's runtime overhead, measured as the peak RSS of
-   the resident run of the same precision minus its model bytes).
+3. Runs: "llama.cpp resident/{CK,q8_0,q4_K_M}" (use_mmap=False, no limit; CK is the checkpoint's own
+   precision, bf16 for the shipped LM; the full sweep adds the other of bf16 / f32) and
+   "llama.cpp mmap@50%/{CK}" (+ the other in the full sweep): use_mmap=True inside a cgroup memory
+   limit of non-expert weights + 50 % of the expert weights, both at the GGUF's precision, +
+   llama.cpp's runtime overhead (the peak RSS of the resident run of the same precision minus its
+   model bytes) + 64 MiB. Decode speed: one warm-up generation, then the median of `trials` rounds.
 
 The converter source is found in `--llamacpp-src` / $PCMOE_LLAMACPP_SRC (a llama.cpp checkout, an
 extracted llama-cpp-python sdist, a folder holding one, or the sdist .tar.gz), else fetched with
@@ -31,20 +33,23 @@ import json
 import logging
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
 
+from pcmoe.bench import common
+from pcmoe.budget import atomic_write_text
+
 logger = logging.getLogger("pcmoe.bench.llamacpp")
 
-SKIP_MESSAGE = "skipped: pip install 'pcmoe[llamacpp]' (builds llama.cpp from source, ~7 min)"
+SKIP_MESSAGE = (common.missing("llama_cpp")
+                or "skipped: llama-cpp-python is not installed; pip install 'pcmoe[llamacpp]'")
 CONVERTER_TYPES = ("f32", "bf16", "q8_0")  # written by convert_hf_to_gguf.py
 QUANTIZED_TYPES = ("q4_K_M",)  # made from the bf16 (else f32) GGUF by llama_model_quantize
 OUTTYPES = CONVERTER_TYPES + QUANTIZED_TYPES
-RESIDENT = ("bf16", "f32", "q8_0", "q4_K_M")
+RESIDENT = ("bf16", "f32", "q8_0", "q4_K_M")  # every resident precision (the full sweep, a bf16 checkpoint)
 MMAP = ("bf16", "f32")
 FALLBACK_PRE = "gpt-2"
 ALLOCATOR_SLACK = 64 << 20  # the same slack the suite adds to pcmoe's measured overhead
@@ -239,14 +244,7 @@ def _quantize_main(argv: list[str]) -> int:
     return 0
 
 
-def fingerprint(model_dir: str | Path) -> dict:
-    """What a cached GGUF depends on: the checkpoint's files (names, sizes, mtimes)."""
-    files = {}
-    for f in sorted(Path(model_dir).iterdir()):
-        if f.is_file() and (f.suffix in (".safetensors", ".json", ".bin", ".model") or f.name == "tokenizer.model"):
-            st = f.stat()
-            files[f.name] = [st.st_size, int(st.st_mtime)]
-    return {"files": files}
+fingerprint = common.fingerprint  # what a cached GGUF depends on: the checkpoint's files
 
 
 def default_gguf_dir(model_dir: str | Path) -> Path:
@@ -275,7 +273,7 @@ def _cached(out: Path, meta: dict) -> bool:
 
 
 def _mark(out: Path, meta: dict, **extra) -> None:
-    out.with_name(out.name + ".json").write_text(json.dumps(dict(extra, source=meta), indent=1))
+    atomic_write_text(out.with_name(out.name + ".json"), json.dumps(dict(extra, source=meta), indent=1))
 
 
 def _run_checked(cmd: list[str], what: str, env: dict | None = None) -> None:
@@ -390,6 +388,7 @@ def measure(spec: dict) -> dict:
     from llama_cpp import Llama
 
     path = spec["gguf"]
+    cpu = common.CpuMeter()
     if spec.get("evict", True):
         evict(path)
     threads = spec.get("threads") or 1
@@ -415,28 +414,24 @@ def measure(spec: dict) -> dict:
         out.update({"ppl": math.exp(nll / count) if count else float("nan"), "nll_per_token": nll / max(count, 1),
                     "tokens": count, "eval_tokens_per_s": count / dt if dt > 0 else 0.0})
     if spec.get("prompts"):
-        decode_tokens = spec.get("decode_tokens", 64)
-        prefill, decode = [], []
-        for ids in spec["prompts"]:
+        def prefill(ids):
             llm.reset()
-            t0 = time.perf_counter()
             llm.eval(ids)
-            t1 = time.perf_counter()
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            for _ in range(decode_tokens - 1):
-                llm.eval([token])
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            t2 = time.perf_counter()
-            prefill.append(len(ids) / (t1 - t0))
-            decode.append((decode_tokens - 1) / (t2 - t1))
-        out.update({"prefill_tokens_per_s": statistics.median(prefill),
-                    "decode_tokens_per_s": statistics.median(decode), "decode_runs": decode})
+            return None, np.asarray(llm.scores[llm.n_tokens - 1])
+
+        def step(_, token):
+            llm.eval([token])
+            return np.asarray(llm.scores[llm.n_tokens - 1])
+
+        out.update(common.decode_trials(prefill, step, spec["prompts"], spec.get("decode_tokens", 64),
+                                        trials=spec.get("trials", 3), warmup=spec.get("warmup", 1)))
     if spec.get("logits_for"):  # parity checks: the logits of every position of one id sequence
         llm.reset()
         llm.eval(spec["logits_for"])
         out["logits"] = llm.scores[:len(spec["logits_for"])].tolist()
     llm.close()
     out["peak_rss_bytes"] = _peak_rss()
+    out.update(cpu.stop())
     return out
 
 
@@ -459,14 +454,22 @@ def run_spec(spec: dict, limit: int | None, use_cgroup: bool, timeout: float = 7
         rc, stdout, stderr = r.returncode, r.stdout, r.stderr
         extra = {"cgroup_limit_bytes": limit, "cgroup_max_usage_bytes": r.max_usage_bytes,
                  "cgroup_failcnt": r.failcnt, "oom_killed": r.oom_killed}
+        if r.timed_out:
+            extra["timed_out"] = True
     else:
-        p = subprocess.run(_worker_cmd(spec), capture_output=True, text=True, timeout=timeout, env=env)
-        rc, stdout, stderr = p.returncode, p.stdout, p.stderr
+        try:
+            p = subprocess.run(_worker_cmd(spec), capture_output=True, text=True, timeout=timeout, env=env)
+            rc, stdout, stderr = p.returncode, p.stdout, p.stderr
+        except subprocess.TimeoutExpired:
+            rc, stdout, stderr, extra = 124, "", f"timed out after {timeout:g} s", {"timed_out": True}
     result = {"label": spec["label"], "section": spec["section"], "returncode": rc,
               "wall_s": time.perf_counter() - t0}
     result.update(extra)
     if rc == 0:
-        result.update(json.loads(stdout.strip().splitlines()[-1]))
+        try:
+            result.update(json.loads(stdout.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            result.update(returncode=1, error="the worker printed no JSON result")
     else:
         result["error"] = (stderr.strip().splitlines() or [f"(no output, exit {rc})"])[-1][:500]
     return result
@@ -479,9 +482,22 @@ def _key(spec: dict) -> str:
 
 def mmap_limit(sizes: dict, outtype: str, overhead: int, fraction: float = 0.5) -> int:
     """The cgroup limit of a mmap run: non-expert weights + `fraction` of the expert weights at the
-    GGUF's precision (`sizes` are the bf16 checkpoint's bytes: f32 is twice) + llama.cpp's overhead."""
-    scale = {"f32": 2.0, "bf16": 1.0}[outtype]
+    GGUF's precision + llama.cpp's overhead. `sizes` are the checkpoint's bytes at its own dtype
+    (sizes["dtype"]: bfloat16, float32, ...), rescaled to the GGUF's bytes per weight."""
+    if sizes.get("dtype") not in common.BYTES_PER_WEIGHT or outtype not in common.BYTES_PER_WEIGHT:
+        raise ValueError(f"mmap limits need a float checkpoint and GGUF (dtype {sizes.get('dtype')!r}, "
+                         f"outtype {outtype!r})")
+    scale = common.BYTES_PER_WEIGHT[outtype] / common.BYTES_PER_WEIGHT[sizes["dtype"]]
     return int(scale * (sizes["nonexpert"] + fraction * sizes["all_experts"])) + int(overhead)
+
+
+def precisions(checkpoint_dtype: str | None, quick: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(resident, mmap) GGUF types of the peer runs: the checkpoint's own precision first, then the
+    quantised ones; the full sweep adds the other of bf16 / f32."""
+    own = common.GGUF_TYPE.get(checkpoint_dtype or "", "bf16")
+    own = own if own in CONVERTER_TYPES else "bf16"
+    other = () if quick else tuple(t for t in MMAP if t != own)
+    return (own, *other, "q8_0", "q4_K_M"), (own, *other)
 
 
 def runtime_overhead(resident: dict) -> int | None:
@@ -510,7 +526,7 @@ def _streams_file(args, out_dir: Path, eval_tokens: int) -> Path:
     text = json.dumps(streams)
     path = out_dir / f"llamacpp-streams-{hashlib.sha1(text.encode()).hexdigest()[:10]}.json"
     if not path.exists():
-        path.write_text(text)
+        atomic_write_text(path, text)
     return path
 
 
@@ -523,31 +539,35 @@ def _window(model_dir: str) -> int:
 
 
 def run_all(args, sizes, overhead, use_cgroup, log, done) -> list[dict]:
-    """The llama.cpp peer runs of `pcmoe bench` (see the module docstring). `overhead` is pcmoe's
-    calibrated overhead (unused: llama.cpp's own is measured here); `log` is runs.jsonl, `done` the
-    successful records of an earlier sweep by key."""
+    """The llama.cpp peer runs of `pcmoe bench` (see the module docstring). `sizes` are the
+    checkpoint's (suite._model_sizes: bytes at its own dtype, sizes["dtype"]); `overhead` is pcmoe's
+    (unused: llama.cpp's own is measured here); `log` is runs.jsonl (a path or a common.RunLog),
+    `done` the successful records of an earlier sweep by key."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        return [{"label": "llama.cpp", "section": "peers", "returncode": 1, "error": SKIP_MESSAGE}]
+        print(f"[llama.cpp] {SKIP_MESSAGE}", file=sys.stderr)
+        return [{"label": "llama.cpp", "section": "peers", "returncode": None, "skipped": SKIP_MESSAGE}]
     from pcmoe.bench.suite import _prompts
 
     threads = getattr(args, "threads", 1) or 1
     quick = getattr(args, "quick", False)
     eval_tokens = getattr(args, "eval_tokens", None) or (1024 if quick else 8192)
-    decode_tokens = getattr(args, "decode_tokens", 64)
-    n_prompts = getattr(args, "prompts", 3)
+    decode_tokens = getattr(args, "decode_tokens", None) or (32 if quick else 64)
+    n_prompts = getattr(args, "prompts", None) or (2 if quick else 3)
+    trials = getattr(args, "trials", None) or 3
+    resident_types, mmap_types = precisions(sizes.get("dtype"), quick)
     gguf_dir = Path(getattr(args, "gguf_dir", None) or os.environ.get("PCMOE_GGUF_DIR") or default_gguf_dir(args.model))
     src = getattr(args, "llamacpp_src", None)
     out_dir = Path(getattr(args, "out", None) or gguf_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = Path(log)
+    log = log if isinstance(log, common.RunLog) else common.RunLog(log)
     results: list[dict] = []
 
     def record(rec: dict) -> dict:
         results.append(rec)
-        with open(log, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if rec.get("returncode") is not None:
+            log.append(rec)
         status = "ok" if rec["returncode"] == 0 else f"FAILED ({rec.get('error')})"
         print(f"[llama.cpp] {rec['label']:28s} {rec.get('wall_s', 0):6.1f}s {status}", file=sys.stderr)
         return rec
@@ -571,12 +591,13 @@ def run_all(args, sizes, overhead, use_cgroup, log, done) -> list[dict]:
 
     prompts = _prompts(args.model, args.data, n_prompts)
     streams = _streams_file(args, out_dir, eval_tokens)
-    base = {"kind": "llamacpp", "model": str(args.model), "data": str(args.data), "eval_tokens": eval_tokens,
-            "decode_tokens": decode_tokens, "threads": threads, "n_ctx": N_CTX, "n_batch": N_BATCH,
-            "window": _window(args.model), "prompts": prompts, "streams": str(streams)}
+    base = {"kind": "llamacpp", "model": str(args.model), "model_fp": fingerprint(args.model), "data": str(args.data),
+            "eval_tokens": eval_tokens, "decode_tokens": decode_tokens, "trials": trials, "warmup": 1,
+            "threads": threads, "n_ctx": N_CTX, "n_batch": N_BATCH, "window": _window(args.model),
+            "prompts": prompts, "streams": str(streams)}
 
     resident: dict[str, dict] = {}
-    for t in RESIDENT:
+    for t in resident_types:
         spec = dict(base, label=f"llama.cpp resident/{t}", section="peers", outtype=t, use_mmap=False)
         key = _key(spec)
         if key in done:
@@ -590,10 +611,10 @@ def run_all(args, sizes, overhead, use_cgroup, log, done) -> list[dict]:
             continue
         spec["gguf"] = str(path)
         rec = run_spec(spec, None, use_cgroup)
-        rec["key"] = key
+        rec.update(key=key, curve="llama.cpp resident", limit_basis="none: fully resident (use_mmap=False)")
         resident[t] = record(rec)
 
-    for t in MMAP:
+    for t in mmap_types:
         spec = dict(base, label=f"llama.cpp mmap@50%/{t}", section="peers", outtype=t, use_mmap=True,
                     expert_fraction=0.5)
         key = _key(spec)
@@ -603,10 +624,11 @@ def run_all(args, sizes, overhead, use_cgroup, log, done) -> list[dict]:
         fail = {"label": spec["label"], "section": "peers", "returncode": 1, "key": key}
         measured = runtime_overhead(resident.get(t, {}))
         if not use_cgroup:
-            record(dict(fail, error="skipped: needs cgroup v1 memory limits (root, /sys/fs/cgroup/memory)"))
+            record(dict(fail, returncode=None,
+                        skipped="skipped: needs cgroup v1 memory limits (root, /sys/fs/cgroup/memory)"))
             continue
         if measured is None:
-            record(dict(fail, error=f"skipped: no resident {t} run to measure llama.cpp's overhead"))
+            record(dict(fail, returncode=None, skipped=f"skipped: no resident {t} run to measure llama.cpp's overhead"))
             continue
         path = gguf(t)
         if not isinstance(path, Path):
@@ -617,7 +639,8 @@ def run_all(args, sizes, overhead, use_cgroup, log, done) -> list[dict]:
         spec["gguf"] = str(path)
         rec = run_spec(spec, limit, True)
         rec.update(key=key, overhead_bytes=measured, overhead_allowance_bytes=allowance,
-                   budget_bytes=limit - allowance)
+                   budget_bytes=limit - allowance, curve=f"llama.cpp mmap/{t}", mem_pct=50.0,
+                   limit_basis="weights at the GGUF's precision + llama.cpp's measured overhead + 64 MiB")
         record(rec)
     return results
 

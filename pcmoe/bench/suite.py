@@ -1,13 +1,24 @@
 """pcmoe bench: the paper's memory / quality / speed trade-off, with in-engine baselines and peers.
 
 Every measurement is a fresh process (`pcmoe.bench.worker`) started with the checkpoint evicted
-from the page cache and, where cgroup v1 is available, inside a memory limit of its weight bytes
-plus the runtime overhead measured in a calibration run. Results are appended to
-<out>/runs.jsonl as they come (an interrupted sweep resumes where it stopped), then summarised in
-<out>/bench.json, <out>/bench.md and PNG plots.
+from the page cache. Where cgroup v1 is writable, each runs in a memory cgroup (its peak charge is
+recorded) whose limit is what the setup is allowed to hold:
+  - `full` runs first, without a limit: its peak RSS minus its resident weights is the runtime's
+    overhead (Python, torch, activations), measured independently of every budgeted run;
+  - pcmoe runs: their weight bytes (the budget; quantised runs at their quantised sizes) + that
+    overhead + 64 MiB of allocator slack;
+  - transformers fully resident: no limit (it keeps the safetensors file mapped beside its own
+    copy, ~2x the weights, see docs/anchors); accelerate offload: its budget + 1 GiB, the
+    allowance the anchors used; llama.cpp: see pcmoe.bench.llamacpp.
+Budgets of every language-model run are on one absolute axis, in % of the checkpoint's expert
+memory at its own precision: `committee/int4@20%` holds as many bytes as `committee@20%`.
+Results are appended to <out>/runs.jsonl as they come (an interrupted sweep resumes where it
+stopped; a record is reused only for the same checkpoint files), then summarised in
+<out>/bench.json, <out>/bench.md and PNG plots; --markdown writes BENCHMARKS.md from them.
 
-    pcmoe bench --quick                   # minutes: a few budgets and policies, short evals
-    pcmoe bench                           # the full sweep (an hour or more on 2 cores)
+    pcmoe bench --quick                               # minutes: every section, fewer points
+    pcmoe bench --markdown BENCHMARKS.md --scaling    # the full sweep (hours on 2 cores)
+    pcmoe bench --report-only --markdown BENCHMARKS.md   # regenerate the reports from <out>
 """
 
 from __future__ import annotations
@@ -15,17 +26,31 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
+import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from pcmoe.bench import common
 from pcmoe.budget import format_bytes
 
 LM_POLICIES = ("committee", "random-keep", "magnitude-keep", "static-frequency", "on-demand")
 FULL_BUDGETS = (30, 40, 50, 60, 75, 100)
-QUICK_BUDGETS = (40, 60)
+QUICK_BUDGETS = (40, 50, 60)
+# --quick: the committee over the budgets, the baselines the targets need at 50 % only.
+QUICK_GRID = {"committee": QUICK_BUDGETS, "magnitude-keep": (50,), "on-demand": (50,)}
+STORAGE = ("nvme", "ufs", "emmc")
+QUICK_STORAGE = ("emmc",)  # the slowest profile, committee only (does async swapping hide it?)
+QUANT_BUDGETS = {"int4": (15, 20, 25), "int8": (30, 40)}  # % of the checkpoint's expert memory
+QUICK_QUANT_BUDGETS: dict = {}  # quick: int8 / int4 fully resident and the committee at full/int4's memory
+VISION_POLICIES = ("committee", "random-keep", "magnitude-keep", "on-demand")
+QUICK_VISION = {"committee": (50,)}
+ALLOCATOR_SLACK = 64 << 20
+ACCELERATE_ALLOWANCE = 1 << 30  # docs/anchors: accelerate ran inside a cgroup of budget + 1 GiB
+TIMEOUT_S = 7200
+SECTIONS = ("storage", "quant", "peers", "llamacpp", "vision", "topk")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,17 +59,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="held-out documents (default: <model>/eval/heldout.txt)")
     p.add_argument("--profile", help="routing profile for static-frequency (default: <model>/profile.json)")
     p.add_argument("--out", default="results/bench", help="output folder (default results/bench)")
-    p.add_argument("--quick", action="store_true", help="a few configurations and short evaluations")
+    p.add_argument("--quick", action="store_true", help="every section with fewer points and short evaluations")
     p.add_argument("--budgets", help="comma-separated %% of expert memory (default 30,40,50,60,75,100)")
     p.add_argument("--policies", help=f"comma-separated policies (default {','.join(LM_POLICIES)})")
     p.add_argument("--eval-tokens", type=int, help="held-out tokens per perplexity (default 8192; quick 1024)")
-    p.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per prompt")
-    p.add_argument("--prompts", type=int, default=3, help="prompts per decode measurement")
+    p.add_argument("--decode-tokens", type=int, help="tokens generated per prompt (default 64; quick 32)")
+    p.add_argument("--prompts", type=int, help="prompts per decode trial (default 3; quick 2)")
+    p.add_argument("--trials", type=int, default=3, help="timed decode rounds after one warm-up (median; default 3)")
+    p.add_argument("--frames", type=int, help="vision frames per run (default 2000; quick 300)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-cgroup", action="store_true", help="do not run inside cgroup memory limits")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: "
-                                               "storage,quant,peers,llamacpp,vision,topk")
+    p.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
     p.add_argument("--fresh", action="store_true", help="ignore results of an earlier, interrupted sweep")
+    p.add_argument("--markdown", metavar="FILE", help="also write FILE (e.g. BENCHMARKS.md) from the results, "
+                   "keeping its hand-written reading; plots are copied beside it (see --plots-dir)")
+    p.add_argument("--plots-dir", help="where --markdown copies the plots (default <FILE's folder>/docs/benchmarks)")
+    p.add_argument("--report-only", action="store_true", help="measure nothing: rebuild bench.json/md, plots and "
+                   "--markdown from <out>/bench.json")
+    p.add_argument("--scaling", action="store_true", help="also run the scaling study (pcmoe.bench.scaling, "
+                   "random-weight 0.6-2.4 GB models built under data/bench/scaling) into <out>/scaling")
     p.add_argument("--llamacpp-src", help="llama.cpp converter source: a llama.cpp tree, an extracted llama-cpp-python "
                    "sdist (or a folder holding one) or its .tar.gz (default: $PCMOE_LLAMACPP_SRC, else the sdist "
                    "of the installed version is fetched with pip into the pcmoe cache)")
@@ -52,65 +85,168 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "or $PCMOE_GGUF_DIR)")
 
 
+def resolve_defaults(args) -> None:
+    """Fill the options whose default depends on --quick."""
+    quick = args.quick
+    for name, full, fast in (("eval_tokens", 8192, 1024), ("decode_tokens", 64, 32), ("prompts", 3, 2),
+                             ("frames", 2000, 300)):
+        if getattr(args, name, None) is None:
+            setattr(args, name, fast if quick else full)
+
+
+def command_line(args) -> str:
+    """The `pcmoe bench` command that reproduces `args` (built from the parsed options, so it is
+    right however main() was called)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_arguments(p)
+    parts = ["pcmoe", "bench"]
+    for action in p._actions:
+        if not action.option_strings or not hasattr(args, action.dest):
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default or value is None:
+            continue
+        flag = max(action.option_strings, key=len)
+        if isinstance(action, argparse._StoreTrueAction):
+            parts.append(flag)
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
 # -- the plan of runs ----------------------------------------------------------------------------
 
 
-def plan_runs(args, prompts) -> list[dict]:
-    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else (
-        QUICK_BUDGETS if args.quick else FULL_BUDGETS)
-    policies = args.policies.split(",") if args.policies else (
-        ("committee", "magnitude-keep", "on-demand") if args.quick else LM_POLICIES)
+def _pct_bytes(sizes: dict, pct: float) -> int:
+    """Absolute bytes of `pct` % of the checkpoint's expert memory (at its own precision)."""
+    return int(sizes["nonexpert"] + pct / 100 * sizes["all_experts"])
+
+
+def _pct_of(sizes: dict, nbytes: int) -> float:
+    return 100 * (nbytes - sizes["nonexpert"]) / sizes["all_experts"]
+
+
+def _fmt_pct(pct: float) -> str:
+    return f"{pct:.0f}%" if abs(pct - round(pct)) < 1e-6 else f"{pct:.1f}%"
+
+
+def plan_runs(args, prompts, sizes: dict, vision_sizes: dict | None = None) -> list[dict]:
+    """Every run of the sweep, in order. `sizes` are _model_sizes(args.model) (they turn budgets
+    into bytes); vision runs need `vision_sizes`. A run that cannot be made carries "skip"."""
+    resolve_defaults(args)
+    if args.budgets or args.policies:
+        budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else (
+            QUICK_BUDGETS if args.quick else FULL_BUDGETS)
+        policies = args.policies.split(",") if args.policies else (tuple(QUICK_GRID) if args.quick else LM_POLICIES)
+        grid = {p: tuple(budgets) for p in policies}
+    else:
+        grid = QUICK_GRID if args.quick else {p: FULL_BUDGETS for p in LM_POLICIES}
     skip = set(filter(None, args.skip.split(",")))
-    eval_tokens = args.eval_tokens or (1024 if args.quick else 8192)
-    base = {"kind": "pcmoe", "model": args.model, "data": args.data, "eval_tokens": eval_tokens,
-            "prompts": prompts, "decode_tokens": args.decode_tokens, "threads": args.threads}
-    runs = [dict(base, label="full", section="lm", policy="full")]
-    for b in budgets:
-        for policy in policies:
+    base = {"kind": "pcmoe", "model": str(args.model), "model_fp": sizes.get("fingerprint"), "data": args.data,
+            "eval_tokens": args.eval_tokens, "prompts": prompts, "decode_tokens": args.decode_tokens,
+            "trials": args.trials, "warmup": 1, "threads": args.threads}
+    runs = [dict(base, label="full", section="lm", curve="full", policy="full", calibration=True,
+                 weight_bytes=sizes["full"], mem_pct=100.0)]
+
+    def budgeted(label, section, curve, policy, pct, quant=None, weight=None, **extra):
+        q = sizes["quant"].get(quant) if quant else sizes
+        opts = dict(extra.pop("options", {}))
+        if quant:
+            opts["quantize"] = quant
+        if policy == "static-frequency":
+            opts["profile"] = args.profile
+        nbytes = weight if weight is not None else _pct_bytes(sizes, pct)
+        run = dict(base, label=label, section=section, curve=curve, policy=policy, budget=nbytes,
+                   options=opts, weight_bytes=nbytes, mem_pct=round(pct, 2), **extra)
+        if q is None:
+            run["skip"] = f"skipped: {quant} is not available for this model ({sizes['quant_errors'].get(quant)})"
+        elif nbytes < q["min_budget"][policy == "committee"]:
+            run["skip"] = (f"skipped: {format_bytes(nbytes)} is below the minimum budget "
+                           f"{format_bytes(q['min_budget'][policy == 'committee'])} for {policy}"
+                           + (f" over {quant} experts" if quant else ""))
+        return run
+
+    for policy, budgets in grid.items():
+        for b in budgets:
             if b == 100 and policy != "committee":
                 continue  # at 100 % every keep policy is the full model
-            opts = {"profile": args.profile} if policy == "static-frequency" else {}
-            if policy == "on-demand" or policy == "committee":
-                opts["io_bandwidth"] = None
-            runs.append(dict(base, label=f"{policy}@{b}%", section="lm", policy=policy, budget=f"{b}%experts",
-                             expert_fraction=b / 100, options=opts))
-    if "topk" not in skip:
-        runs.append(dict(base, label="topk-reduce", section="lm", policy="topk-reduce"))
+            runs.append(budgeted(f"{policy}@{b}%", "lm", policy, policy, b))
+    if "topk" not in skip and not args.quick:
+        runs.append(dict(base, label="topk-reduce", section="lm", curve="topk-reduce", policy="topk-reduce",
+                         weight_bytes=sizes["full"], mem_pct=100.0))
     if "storage" not in skip:
-        for storage in ("nvme", "ufs", "emmc"):
-            for policy in ("committee", "on-demand"):
-                runs.append(dict(base, label=f"{policy}@50%/{storage}", section="storage", policy=policy,
-                                 budget="50%experts", expert_fraction=0.5, options={"io_bandwidth": storage},
-                                 eval_tokens=eval_tokens // 2, storage=storage))
+        for storage in (QUICK_STORAGE if args.quick else STORAGE):
+            for policy in ("committee",) if args.quick else ("committee", "on-demand"):
+                runs.append(budgeted(f"{policy}@50%/{storage}", "storage", f"{policy}/{storage}", policy, 50,
+                                     options={"io_bandwidth": storage}, storage=storage,
+                                     eval_tokens=args.eval_tokens // 2))
     if "quant" not in skip:
+        bf16_pcts = {b for p, bs in grid.items() if p == "committee" for b in bs}
         for q in ("int8", "int4"):
-            runs.append(dict(base, label=f"full/{q}", section="quant", policy="full", options={"quantize": q}))
-            for b in ((25,) if args.quick else (15, 25, 35)):
-                runs.append(dict(base, label=f"committee/{q}@{b}%", section="quant", policy="committee",
-                                 budget=f"{b}%experts", expert_fraction=b / 100, options={"quantize": q}))
+            qs = sizes["quant"].get(q)
+            full_q = qs["full"] if qs else sizes["full"]
+            runs.append(budgeted(f"full/{q}", "quant", f"full/{q}", "full", _pct_of(sizes, full_q), quant=q,
+                                 weight=full_q))
+            runs[-1].pop("budget")  # all resident: no budget
+            if qs and (q == "int4" or not args.quick):  # quick: committee@50% is next to full/int8 already
+                pct = _pct_of(sizes, full_q)
+                runs.append(budgeted(f"committee@{_fmt_pct(pct)} (=full/{q})", "quant", "committee", "committee",
+                                     pct, weight=full_q, matched_to=f"full/{q}"))
+            for b in (QUICK_QUANT_BUDGETS if args.quick else QUANT_BUDGETS).get(q, ()):
+                runs.append(budgeted(f"committee/{q}@{b}%", "quant", f"committee/{q}", "committee", b, quant=q))
+                if b not in bf16_pcts:  # the bf16 committee at the same bytes, for the comparison
+                    runs.append(budgeted(f"committee@{b}%", "quant", "committee", "committee", b))
+                    bf16_pcts.add(b)
     if "peers" not in skip:
-        runs.append(dict(base, label="transformers", section="peers", kind="transformers",
-                         eval_tokens=min(eval_tokens, 2048)))
-        runs.append(dict(base, label="accelerate-offload@50%", section="peers", kind="accelerate",
-                         expert_fraction=0.5, eval_tokens=min(eval_tokens, 512), prompts=prompts[:1],
-                         decode_tokens=min(args.decode_tokens, 16)))
-    if args.vision and Path(args.vision, "config.json").exists() and "vision" not in skip:
-        frames = 300 if args.quick else 2000
-        vbase = {"kind": "pcmoe", "model": args.vision, "vision": True, "frames": frames, "threads": args.threads,
+        runs.append(dict(base, label="transformers", section="peers", curve="transformers", kind="transformers",
+                         eval_tokens=min(args.eval_tokens, 2048), weight_bytes=sizes["full"], mem_pct=100.0))
+        acc = dict(base, label="accelerate-offload@50%", section="peers", curve="accelerate-offload",
+                   kind="accelerate", expert_fraction=0.5, budget_bytes=_pct_bytes(sizes, 50),
+                   weight_bytes=_pct_bytes(sizes, 50), mem_pct=50.0, eval_tokens=min(args.eval_tokens, 512),
+                   prompts=prompts[:1], decode_tokens=min(args.decode_tokens, 16), trials=min(args.trials, 2))
+        if common.missing("accelerate"):
+            acc["skip"] = common.missing("accelerate")
+        runs.append(acc)
+    if vision_sizes and "vision" not in skip:
+        vbase = {"kind": "pcmoe", "model": str(args.vision), "model_fp": vision_sizes.get("fingerprint"),
+                 "vision": True, "frames": args.frames, "threads": args.threads, "section": "vision",
                  "options": {"update_unit": "inputs", "update_every": 4}}
-        runs.append(dict(vbase, label="vision full", section="vision", policy="full"))
-        for b in budgets:
-            for policy in ("committee", "random-keep", "magnitude-keep", "on-demand"):
+        runs.append(dict(vbase, label="vision full", curve="vision full", policy="full", calibration=True,
+                         weight_bytes=vision_sizes["full"], mem_pct=100.0))
+        vgrid = QUICK_VISION if args.quick else {p: grid.get("committee", FULL_BUDGETS) for p in VISION_POLICIES}
+        for policy, budgets in vgrid.items():
+            for b in budgets:
                 if b == 100:
                     continue
-                runs.append(dict(vbase, label=f"vision {policy}@{b}%", section="vision", policy=policy,
-                                 budget=f"{b}%experts", expert_fraction=b / 100))
+                nbytes = _pct_bytes(vision_sizes, b)
+                run = dict(vbase, label=f"vision {policy}@{b}%", curve=f"vision {policy}", policy=policy,
+                           budget=nbytes, weight_bytes=nbytes, mem_pct=float(b))
+                need = vision_sizes["min_budget"][policy == "committee"]
+                if nbytes < need:
+                    run["skip"] = f"skipped: {format_bytes(nbytes)} is below the minimum budget {format_bytes(need)}"
+                runs.append(run)
+    for r in runs:
+        r["key"] = _key(r)
     return runs
 
 
 def _key(spec: dict) -> str:
-    return hashlib.sha1(json.dumps({k: v for k, v in spec.items() if k != "prompts"}, sort_keys=True,
-                                   default=str).encode()).hexdigest()[:12]
+    """Identifies a measurement: its spec (with the checkpoint's fingerprint), not the prompt ids."""
+    keep = {k: v for k, v in spec.items() if k not in ("prompts", "key", "skip")}
+    return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def limit_for(spec: dict, overhead: int | None) -> tuple[int | None, str]:
+    """The cgroup memory limit of a run and why."""
+    if spec.get("kind") == "transformers":
+        return None, "none: transformers keeps the safetensors file mapped beside its copy (~2x weights)"
+    if spec.get("kind") == "accelerate":
+        return spec["budget_bytes"] + ACCELERATE_ALLOWANCE, "budget + 1 GiB (the anchors' allowance)"
+    if spec.get("calibration"):
+        return None, "none: calibration (peak RSS - resident weights = runtime overhead)"
+    if overhead is None:
+        return None, "none: no runtime overhead measured (the full run failed)"
+    return spec["weight_bytes"] + overhead + ALLOCATOR_SLACK, "weights + measured overhead + 64 MiB"
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -120,43 +256,77 @@ def _worker_cmd(spec: dict) -> list[str]:
     return [sys.executable, "-m", "pcmoe.bench.worker", json.dumps(spec)]
 
 
-def run_one(spec: dict, limit: int | None, use_cgroup: bool) -> dict:
+def _spec_for_worker(spec: dict) -> dict:
+    return {k: v for k, v in spec.items() if k not in ("key", "skip")}
+
+
+def run_one(spec: dict, limit: int | None, use_cgroup: bool, timeout: float = TIMEOUT_S) -> dict:
+    """Measure one spec in a fresh worker process; the record of the run (never raises on a
+    failed, killed or timed-out worker)."""
     t0 = time.perf_counter()
+    cmd = _worker_cmd(_spec_for_worker(spec))
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec.get("threads") or 1))
+    extra = {}
     if use_cgroup:
         from pcmoe.bench.cgroup import run_limited
 
-        r = run_limited(_worker_cmd(spec), limit, timeout=7200)
-        rc, stdout, stderr = r.returncode, r.stdout, r.stderr
+        r = run_limited(cmd, limit, env=env, timeout=timeout)
+        rc, stdout, stderr, timed_out = r.returncode, r.stdout, r.stderr, r.timed_out
         extra = {"cgroup_limit_bytes": limit, "cgroup_max_usage_bytes": r.max_usage_bytes,
                  "cgroup_failcnt": r.failcnt, "oom_killed": r.oom_killed}
     else:
-        p = subprocess.run(_worker_cmd(spec), capture_output=True, text=True, timeout=7200)
-        rc, stdout, stderr, extra = p.returncode, p.stdout, p.stderr, {}
-    result = {"label": spec["label"], "section": spec["section"], "returncode": rc, "wall_s": time.perf_counter() - t0}
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            rc, stdout, stderr, timed_out = p.returncode, p.stdout, p.stderr, False
+        except subprocess.TimeoutExpired:
+            rc, stdout, stderr, timed_out = 124, "", f"timed out after {timeout:g} s", True
+    result = {"label": spec["label"], "section": spec["section"], "curve": spec.get("curve"), "returncode": rc,
+              "wall_s": time.perf_counter() - t0}
+    for k in ("mem_pct", "weight_bytes", "matched_to", "storage", "key"):
+        if k in spec:
+            result[k] = spec[k]
     result.update(extra)
+    if timed_out:
+        result["timed_out"] = True
     if rc == 0:
-        result.update(json.loads(stdout.strip().splitlines()[-1]))
+        try:
+            result.update(json.loads(stdout.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            result.update(returncode=1, error="the worker printed no JSON result")
     else:
-        result["error"] = (stderr.strip().splitlines() or ["(no output)"])[-1][:500]
+        result["error"] = (stderr.strip().splitlines() or [f"(no output, exit {rc})"])[-1][:500]
     return result
 
 
-def _model_sizes(model: str) -> dict:
-    import pcmoe
+def skipped(spec: dict, message: str) -> dict:
+    rec = {"label": spec["label"], "section": spec["section"], "curve": spec.get("curve"), "returncode": None,
+           "skipped": message}
+    for k in ("mem_pct", "weight_bytes", "matched_to", "key"):
+        if k in spec:
+            rec[k] = spec[k]
+    return rec
 
-    with pcmoe.load(model, policy="committee", budget="100%", progress=False) as engine:
-        sizes = engine.sizes
-        return {"nonexpert": sizes.nonexpert, "all_experts": sizes.all_experts, "full": sizes.full,
-                "tokenizer": engine.tokenizer is not None}
 
+def _model_sizes(model: str, quant: bool = True) -> dict:
+    """Weight bytes of a checkpoint at its precision and quantised, from its headers (no weight is
+    read), and its fingerprint."""
+    from pcmoe.engine import inspect
 
-def _weight_bytes(spec, sizes) -> int:
-    """The weight bytes a run is allowed (its cgroup limit before the overhead allowance)."""
-    if spec.get("kind") == "accelerate":
-        return int(sizes["nonexpert"] + spec["expert_fraction"] * sizes["all_experts"])
-    if spec.get("expert_fraction") is not None:
-        return int(sizes["nonexpert"] + spec["expert_fraction"] * sizes["all_experts"])
-    return sizes["full"]
+    def info(quantize=None):
+        i = inspect(model, quantize=quantize)
+        return {"nonexpert": i["nonexpert_bytes"], "all_experts": i["all_expert_bytes"],
+                "full": i["full_model_bytes"], "dtype": i["dtype"], "tokenizer": i["tokenizer"],
+                "min_budget": {True: i["minimum_budget_committee"], False: i["minimum_budget_static"]}}
+
+    sizes = info()
+    sizes["quant"], sizes["quant_errors"] = {}, {}
+    for q in ("int8", "int4") if quant else ():
+        try:
+            sizes["quant"][q] = info(q)
+        except Exception as e:  # noqa: BLE001 - e.g. int4 needs input sizes divisible by 32
+            sizes["quant_errors"][q] = str(e).splitlines()[0][:200]
+    sizes["fingerprint"] = hashlib.sha1(json.dumps(common.fingerprint(model), sort_keys=True).encode()).hexdigest()
+    return sizes
 
 
 def _prompts(model: str, data: str, n: int, length: int = 64) -> list[list[int]]:
@@ -177,9 +347,26 @@ def _prompts(model: str, data: str, n: int, length: int = 64) -> list[list[int]]
     return prompts
 
 
-def cmd_bench(args) -> int:
-    from pcmoe.bench import cgroup
+def _log_status(i: int, n: int, rec: dict) -> None:
+    if rec.get("skipped"):
+        status = rec["skipped"]
+    elif rec["returncode"] == 0:
+        status = "ok"
+    else:
+        status = f"FAILED ({rec.get('error')})"
+    print(f"[{i}/{n}] {rec['label']:30s} {rec.get('wall_s', 0):6.1f}s {status}", file=sys.stderr, flush=True)
 
+
+def cmd_bench(args) -> int:
+    from pcmoe.bench import cgroup, report
+
+    command = command_line(args)  # before the defaults below are filled in
+    out = Path(args.out)
+    if args.report_only:
+        if not (out / "bench.json").exists():
+            raise SystemExit(f"error: {out}/bench.json does not exist; run pcmoe bench --out {out} first")
+        print(report.rebuild(out, markdown_to=args.markdown, plots_dir=args.plots_dir))
+        return 0
     model = Path(args.model)
     if not (model / "config.json").exists():
         raise SystemExit(f"error: {model} is not a checkpoint folder")
@@ -187,84 +374,70 @@ def cmd_bench(args) -> int:
     args.profile = args.profile or str(model / "profile.json")
     if not Path(args.data).exists():
         raise SystemExit(f"error: held-out data {args.data} does not exist; pass --data FILE.txt")
-    out = Path(args.out)
+    resolve_defaults(args)
     out.mkdir(parents=True, exist_ok=True)
     use_cgroup = not args.no_cgroup and cgroup.available()
+    if not args.no_cgroup and not use_cgroup:
+        print("cgroup v1 memory controller not writable (needs root and /sys/fs/cgroup/memory): "
+              "runs without memory limits", file=sys.stderr)
     sizes = _model_sizes(args.model)
+    skip = set(filter(None, args.skip.split(",")))
+    vision_sizes = None
+    if args.vision and "vision" not in skip and Path(args.vision, "config.json").exists():
+        vision_sizes = _model_sizes(args.vision, quant=False)
     prompts = _prompts(args.model, args.data, args.prompts)
-    runs = plan_runs(args, prompts)
+    if len(prompts) < args.prompts:
+        print(f"only {len(prompts)} documents of {args.data} have 64 tokens: {len(prompts)} prompt(s) per trial",
+              file=sys.stderr)
+    runs = plan_runs(args, prompts, sizes, vision_sizes)
     if not Path(args.profile).exists():
         runs = [r for r in runs if r.get("policy") != "static-frequency"]
-    done = {}
-    log = out / "runs.jsonl"
-    if log.exists() and not args.fresh:
-        for line in log.read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("returncode") == 0:
-                done[rec["key"]] = rec
-    # Calibration: the runtime's own overhead (peak RSS minus resident weights), unlimited.
-    overhead = None
-    calib = next((r for r in done.values() if r["label"] == "calibration"), None)
-    if use_cgroup and calib is None:
-        spec = dict(runs[0], label="calibration", section="calibration", policy="committee", budget="50%experts",
-                    expert_fraction=0.5)
-        calib = run_one(spec, None, True)
-        calib["key"] = "calibration"
-        with open(log, "a") as f:
-            f.write(json.dumps(calib) + "\n")
-    if use_cgroup and calib and calib.get("returncode") == 0:
-        overhead = int(calib["peak_rss_bytes"] - calib["resident_bytes"]) + (64 << 20)  # + allocator slack
-    limits = f"on, overhead allowance {format_bytes(overhead)}" if overhead else "off"
-    print(f"{len(runs)} runs; cgroup limits {limits}", file=sys.stderr)
+    log = common.RunLog(out / "runs.jsonl")
+    if args.fresh:
+        log.restart()
+    done = log.done()
+    overheads: dict[str, int] = {}
+    print(f"{len(runs)} runs; cgroup memory limits {'on' if use_cgroup else 'off'}", file=sys.stderr)
     results = []
     for i, spec in enumerate(runs):
-        key = _key(spec)
-        if key in done:
-            results.append(done[key])
-            continue
-        if spec["kind"] == "accelerate":
-            spec["budget_bytes"] = _weight_bytes(spec, sizes)
-        vision = spec.get("vision")
-        limit = None
-        if overhead and not vision:
-            limit = _weight_bytes(spec, sizes) + overhead
-        t0 = time.perf_counter()
-        rec = run_one(spec, limit, use_cgroup and not vision)
-        rec["key"] = key
+        if spec.get("skip"):
+            rec = skipped(spec, spec["skip"])
+        elif spec["key"] in done:
+            rec = done[spec["key"]]
+        else:
+            limit, basis = limit_for(spec, overheads.get(spec["model"]))
+            rec = run_one(spec, limit if use_cgroup else None, use_cgroup)
+            rec["limit_basis"] = basis if use_cgroup else "none: cgroup limits off"
+            log.append(rec)
+        if spec.get("calibration") and rec.get("returncode") == 0:
+            overheads[spec["model"]] = max(0, int(rec["peak_rss_bytes"] - rec["resident_bytes"]))
+            if not spec.get("vision"):
+                print(f"runtime overhead (full run: peak RSS - resident weights): "
+                      f"{format_bytes(overheads[spec['model']])}", file=sys.stderr)
         results.append(rec)
-        with open(log, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        status = "ok" if rec["returncode"] == 0 else f"FAILED ({rec.get('error')})"
-        print(f"[{i + 1}/{len(runs)}] {spec['label']:28s} {time.perf_counter() - t0:6.1f}s {status}", file=sys.stderr)
-    if "llamacpp" not in args.skip and "peers" not in args.skip:
+        _log_status(i + 1, len(runs), rec)
+    if "llamacpp" not in skip and "peers" not in skip:
         from pcmoe.bench import llamacpp
 
-        results.extend(llamacpp.run_all(args, sizes, overhead, use_cgroup, log, done))
-    from pcmoe.bench.report import write_report
+        results.extend(llamacpp.run_all(args, sizes, overheads.get(str(args.model)), use_cgroup, log, done))
+    meta = _meta(args, command, sizes, vision_sizes, overheads, use_cgroup)
+    if args.scaling:
+        from pcmoe.bench import scaling
 
-    meta = _meta(args, sizes, overhead, use_cgroup)
-    report = write_report(out, results, meta)
-    print(report)
+        argv = ["--out", str(out / "scaling"), "--threads", str(args.threads), "--trials", str(args.trials)]
+        scaling.main(argv + (["--quick"] if args.quick else []))
+        meta["scaling_command"] = shlex.join(["python", "-m", "pcmoe.bench.scaling", *argv]
+                                             + (["--quick"] if args.quick else []))
+    print(report.write_report(out, results, meta, markdown_to=args.markdown, plots_dir=args.plots_dir))
     return 0
 
 
-def _meta(args, sizes, overhead, use_cgroup) -> dict:
-    import torch
-    import transformers
-
-    def run(cmd):
-        return subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"command": "pcmoe bench " + " ".join(sys.argv[2:]), "commit": run(["git", "rev-parse", "--short", "HEAD"]),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu, "cores": _cores(), "threads": args.threads,
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "model": args.model, "model_sizes": sizes, "overhead_allowance": overhead, "cgroup": use_cgroup,
-            "data": args.data}
-
-
-def _cores() -> int:
-    import os
-
-    return os.cpu_count() or 0
+def _meta(args, command, sizes, vision_sizes, overheads, use_cgroup) -> dict:
+    m = common.machine()
+    return {"command": command, "commit": common.git_commit(), "date": time.strftime("%Y-%m-%d %H:%M"),
+            **m, "threads": args.threads, "versions": common.versions(), "model": str(args.model),
+            "model_sizes": sizes, "vision": str(args.vision) if vision_sizes else None, "vision_sizes": vision_sizes,
+            "overheads": overheads, "allocator_slack": ALLOCATOR_SLACK, "accelerate_allowance": ACCELERATE_ALLOWANCE,
+            "cgroup": use_cgroup, "data": args.data, "quick": args.quick, "trials": args.trials, "warmup": 1,
+            "prompts": args.prompts, "decode_tokens": args.decode_tokens, "eval_tokens": args.eval_tokens,
+            "frames": args.frames}

@@ -4,12 +4,14 @@
 
 spec: {"kind": "pcmoe" | "transformers" | "accelerate", "model": DIR, "budget": ..., "policy": ...,
        "plan": ..., "options": {...load options...}, "data": FILE, "eval_tokens": N,
-       "prompts": [[ids...], ...], "decode_tokens": N, "threads": N, "vision": bool, "frames": N,
-       "evict": bool, "offload_folder": DIR (accelerate)}
+       "prompts": [[ids...], ...], "decode_tokens": N, "trials": N, "warmup": N, "threads": N,
+       "vision": bool, "frames": N, "evict": bool, "budget_bytes": N (accelerate), "offload_folder": DIR}
 
 LM measurements, in this order: perplexity over a stream of held-out documents (the committee
-warms up and adapts), then decode speed (greedy, one prompt after another), with the page cache
-of the checkpoint evicted before loading.
+warms up and adapts), then decode speed: `warmup` greedy generations that are not timed, then
+`trials` rounds over all prompts, the median round reported (common.decode_trials). The checkpoint
+is evicted from the page cache before loading. Every result carries the CPU share other
+processes used while it was measured (common.CpuMeter).
 """
 
 from __future__ import annotations
@@ -17,30 +19,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import warnings
 
-
-def _decode_runs(step_fn, prefill_fn, prompts, decode_tokens):
-    """Median prefill and decode tokens/s over prompts. prefill_fn(ids) -> state, logits;
-    step_fn(state, token) -> logits."""
-    import torch
-
-    prefill, decode = [], []
-    for ids in prompts:
-        t0 = time.perf_counter()
-        state, logits = prefill_fn(ids)
-        t1 = time.perf_counter()
-        token = int(torch.argmax(logits))
-        for _ in range(decode_tokens - 1):
-            logits = step_fn(state, token)
-            token = int(torch.argmax(logits))
-        t2 = time.perf_counter()
-        prefill.append(len(ids) / (t1 - t0))
-        decode.append((decode_tokens - 1) / (t2 - t1))
-    return statistics.median(prefill), statistics.median(decode), decode
+from pcmoe.bench.common import CpuMeter, decode_trials
 
 
 def _hf_perplexity(model, config, streams, eval_tokens, window=256, chunk=32):
@@ -76,6 +59,11 @@ def _streams(tokenizer, data, eos):
     return [[eos] + tokenizer(d, add_special_tokens=False)["input_ids"] + [eos] for d in read_documents(data)]
 
 
+def _trials(spec) -> dict:
+    return {"decode_tokens": spec.get("decode_tokens", 64), "trials": spec.get("trials", 3),
+            "warmup": spec.get("warmup", 1)}
+
+
 def run_pcmoe(spec):
     import torch
 
@@ -92,12 +80,7 @@ def run_pcmoe(spec):
     out = {"load_s": time.perf_counter() - t0}
     try:
         if spec.get("vision"):
-            from pcmoe.models.vit_moe import evaluate_stream
-
-            engine.reset_stats()
-            out.update(evaluate_stream(engine, spec.get("data"), frames=spec.get("frames", 1000),
-                                       seed=spec.get("seed", 0), progress=False))
-            out.update(_engine_stats(engine))
+            out.update(_vision(engine, spec))
             return out
         from pcmoe.evaluate import perplexity, read_documents
 
@@ -123,26 +106,60 @@ def run_pcmoe(spec):
             out["eval_tokens_per_s"] = tokens / sum(s["seconds"] for s in series)
             out["eval_stats"] = _engine_stats(engine)
         if spec.get("prompts"):
-            engine.reset_stats()
+            t = _trials(spec)
 
             def prefill(ids):
                 engine.begin_input()
                 logits, state = engine.prefill(ids)
                 return state, logits
 
-            with torch.inference_mode():
-                pre, dec, all_dec = _decode_runs(engine.decode_step, prefill, spec["prompts"],
-                                                 spec.get("decode_tokens", 64))
+            with torch.inference_mode():  # statistics reset after the warm-up: they cover the trials
+                d = decode_trials(prefill, engine.decode_step, spec["prompts"], t["decode_tokens"],
+                                  trials=t["trials"], warmup=t["warmup"], after_warmup=engine.reset_stats)
             engine.end_input()
             st = _engine_stats(engine)
-            generated = len(spec["prompts"]) * spec.get("decode_tokens", 64)
-            out.update({"prefill_tokens_per_s": pre, "decode_tokens_per_s": dec, "decode_runs": all_dec,
-                        "decode_stats": st, "bytes_per_token": st["bytes_read"] / generated})
+            out.update(d)
+            out.update({"decode_stats": st, "bytes_per_token": st["bytes_read"] / d["timed_tokens"]})
         out.update(_engine_stats(engine))
         out["series"] = series
     finally:
         engine.close()
-    out["peak_rss_bytes"] = peak_rss_bytes()
+        out["peak_rss_bytes"] = peak_rss_bytes()
+    return out
+
+
+def _vision(engine, spec) -> dict:
+    """Accuracy and speed on the frame stream (vit_moe.evaluate_stream), with the committee's
+    statistics sampled every `series_every` frames: evaluate_stream marks each frame with
+    engine.begin_input(), which is where the samples are taken."""
+    from pcmoe.models.vit_moe import evaluate_stream
+
+    frames = spec.get("frames", 1000)
+    every = spec.get("series_every") or max(1, frames // 40)
+    series, seen, last = [], [0], {"hits": 0, "choices": 0, "swaps": 0, "bytes_read": 0}
+    begin = engine.begin_input
+
+    def sample():
+        st = engine.stats()
+        series.append({"frame": seen[0], **{k: st[k] - last[k] for k in last}})
+        last.update({k: st[k] for k in last})
+
+    def begin_input():
+        if seen[0] and seen[0] % every == 0:
+            sample()
+        seen[0] += 1
+        begin()
+
+    engine.reset_stats()
+    engine.begin_input = begin_input
+    try:
+        out = evaluate_stream(engine, spec.get("data"), frames=frames, seed=spec.get("seed", 0), progress=False)
+    finally:
+        engine.begin_input = begin
+    sample()
+    out.update(_engine_stats(engine))
+    out["bytes_per_frame"] = out["bytes_read"] / max(out["frames"], 1)
+    out["series"] = series
     return out
 
 
@@ -150,10 +167,17 @@ def _engine_stats(engine):
     st = engine.stats()
     keep = ("policy", "budget_bytes", "resident_bytes", "resident_expert_bytes", "nonexpert_bytes",
             "full_model_bytes", "committee_sizes", "hit_rate", "router_mass_outside", "exchanged", "skipped",
-            "swaps", "swap_failures", "bytes_read", "reads", "read_s", "stall_s", "peak_rss_bytes")
+            "swaps", "swap_failures", "bytes_read", "reads", "read_s", "stall_s", "peak_rss_bytes", "choices", "hits")
     out = {k: st[k] for k in keep}
     out["per_layer_swaps"] = [layer["swaps"] for layer in st["per_layer"]]
     return out
+
+
+def _held_bytes(model) -> int:
+    """Parameter and buffer bytes of a transformers model held in RAM (accelerate leaves the
+    offloaded ones on the meta device)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cpu")
 
 
 def run_transformers(spec, offload: bool):
@@ -174,31 +198,37 @@ def run_transformers(spec, offload: bool):
     if offload:
         tmp = tempfile.mkdtemp(prefix="pcmoe-offload-", dir=spec.get("offload_folder"))
         kwargs.update(device_map="auto", max_memory={"cpu": int(spec["budget_bytes"])}, offload_folder=tmp)
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], **kwargs).eval()
-    tok = AutoTokenizer.from_pretrained(spec["model"])
-    out = {"load_s": time.perf_counter() - t0, "policy": "accelerate-offload" if offload else "transformers"}
-    if spec.get("eval_tokens"):
-        out.update(_hf_perplexity(model, model.config, _streams(tok, spec["data"], tok.eos_token_id),
-                                  spec["eval_tokens"]))
+    try:
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], **kwargs).eval()
+        tok = AutoTokenizer.from_pretrained(spec["model"])
+        out = {"load_s": time.perf_counter() - t0, "policy": "accelerate-offload" if offload else "transformers",
+               "held_bytes": _held_bytes(model), "dtype": str(model.dtype).replace("torch.", "")}
+        if offload:
+            out["budget_bytes"] = int(spec["budget_bytes"])
+        if spec.get("eval_tokens"):
+            out.update(_hf_perplexity(model, model.config, _streams(tok, spec["data"], tok.eos_token_id),
+                                      spec["eval_tokens"]))
 
-    def prefill(ids):
-        cache = DynamicCache(config=model.config)
-        logits = model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1).logits
-        return cache, logits[0, -1]
+        def prefill(ids):
+            cache = DynamicCache(config=model.config)
+            logits = model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1).logits
+            return cache, logits[0, -1]
 
-    def step(cache, token):
-        return model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1]
+        def step(cache, token):
+            return model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1]
 
-    if spec.get("prompts"):
-        with torch.inference_mode():
-            pre, dec, all_dec = _decode_runs(step, prefill, spec["prompts"], spec.get("decode_tokens", 64))
-        out.update({"prefill_tokens_per_s": pre, "decode_tokens_per_s": dec, "decode_runs": all_dec})
-    out["peak_rss_bytes"] = peak_rss_bytes()
-    if tmp:
-        import shutil
+        if spec.get("prompts"):
+            t = _trials(spec)
+            with torch.inference_mode():
+                out.update(decode_trials(prefill, step, spec["prompts"], t["decode_tokens"], trials=t["trials"],
+                                         warmup=t["warmup"]))
+        out["peak_rss_bytes"] = peak_rss_bytes()
+    finally:
+        if tmp:
+            import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -208,12 +238,14 @@ def main() -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     spec = json.loads(sys.argv[1])
     kind = spec.get("kind", "pcmoe")
+    cpu = CpuMeter()
     if kind == "pcmoe":
         result = run_pcmoe(spec)
     elif kind in ("transformers", "accelerate"):
         result = run_transformers(spec, offload=kind == "accelerate")
     else:
         raise SystemExit(f"unknown kind {kind!r}")
+    result.update(cpu.stop())
     result["spec"] = {k: v for k, v in spec.items() if k != "prompts"}
     print(json.dumps(result))
     return 0

@@ -1,0 +1,200 @@
+"""Helpers shared by the bench suite, its workers and the peers (torch-free at import).
+
+- RunLog: runs.jsonl, rewritten atomically on every record (an interrupted sweep resumes from it);
+- fingerprint: what identifies a checkpoint's contents for resuming (file names, sizes, mtimes);
+- decode_trials: warm-up excluded, median tokens/s over several trials;
+- CpuMeter: the CPU share other processes used while a run was measured (/proc/stat minus ours);
+- savefig: PNGs written atomically; missing(): the one-line message for a missing optional extra.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from pcmoe.budget import atomic_write_bytes, atomic_write_text
+
+BUSY_CPU_SHARE = 0.10  # runs where other processes used more of the machine than this are flagged
+# The checkpoint's torch dtype -> the GGUF type of the same precision, and bytes per weight.
+GGUF_TYPE = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}
+BYTES_PER_WEIGHT = {"bf16": 2, "f16": 2, "f32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
+EXTRAS = {"accelerate": "pcmoe[bench]", "matplotlib": "pcmoe[bench]", "llama_cpp": "pcmoe[llamacpp]"}
+
+
+def missing(module: str) -> str | None:
+    """None if `module` imports, else the one-line skip message naming what to pip install."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(module) is not None:
+            return None
+    except (ImportError, ValueError):
+        pass
+    name = {"llama_cpp": "llama-cpp-python"}.get(module, module)
+    hint = f"pip install '{EXTRAS[module]}'" if module in EXTRAS else f"pip install {name}"
+    extra = " (builds llama.cpp from source, ~7 min)" if module == "llama_cpp" else ""
+    return f"skipped: {name} is not installed; {hint}{extra}"
+
+
+def fingerprint(model_dir: str | os.PathLike) -> dict:
+    """What a result measured on a checkpoint depends on: its files (names, sizes, mtimes)."""
+    files = {}
+    for f in sorted(Path(model_dir).iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".json", ".bin", ".model") or f.name == "tokenizer.model"):
+            st = f.stat()
+            files[f.name] = [st.st_size, int(st.st_mtime)]
+    return {"files": files}
+
+
+class RunLog:
+    """runs.jsonl: one JSON record per finished run, rewritten atomically on every append."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.records: list[dict] = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    self.records.append(json.loads(line))
+                except ValueError:
+                    continue  # a torn line from a crash before atomic writes: ignore it
+
+    def done(self) -> dict[str, dict]:
+        """The successful records by key (the latest wins)."""
+        return {r["key"]: r for r in self.records if r.get("returncode") == 0 and r.get("key")}
+
+    def append(self, rec: dict) -> None:
+        self.records.append(rec)
+        atomic_write_text(self.path, "".join(json.dumps(r, default=str) + "\n" for r in self.records))
+
+    def restart(self) -> None:
+        """--fresh: keep the earlier log as runs.jsonl.old and start an empty one."""
+        if self.path.exists():
+            os.replace(self.path, self.path.with_name(self.path.name + ".old"))
+        self.records = []
+
+
+# -- timing --------------------------------------------------------------------------------------
+
+
+def decode_trials(prefill_fn, step_fn, prompts, decode_tokens: int, trials: int = 3, warmup: int = 1,
+                  after_warmup=None) -> dict:
+    """Greedy prefill + decode speed: `warmup` generations (not timed), then `trials` rounds over
+    all prompts; each round's tokens/s is its tokens over its time; the result is the median round.
+    prefill_fn(ids) -> (state, logits); step_fn(state, token) -> logits; logits have .argmax();
+    after_warmup() runs between the warm-up and the trials (e.g. to reset statistics)."""
+    def generate(ids):
+        t0 = time.perf_counter()
+        state, logits = prefill_fn(ids)
+        t1 = time.perf_counter()
+        token = int(logits.argmax())
+        for _ in range(decode_tokens - 1):
+            token = int(step_fn(state, token).argmax())
+        return t1 - t0, time.perf_counter() - t1
+
+    for i in range(warmup):
+        generate(prompts[i % len(prompts)])
+    if after_warmup is not None:
+        after_warmup()
+    prefill, decode = [], []
+    for _ in range(max(1, trials)):
+        pre_s = dec_s = 0.0
+        for ids in prompts:
+            a, b = generate(ids)
+            pre_s, dec_s = pre_s + a, dec_s + b
+        prefill.append(sum(len(p) for p in prompts) / pre_s)
+        decode.append(len(prompts) * (decode_tokens - 1) / dec_s if dec_s > 0 else 0.0)
+    return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
+            "prefill_trials": prefill, "decode_trials": decode, "trials": len(decode), "warmup": warmup,
+            "timed_tokens": len(decode) * len(prompts) * decode_tokens}
+
+
+def _cpu_times() -> tuple[int, int, int] | None:
+    """(all CPUs' jiffies, their busy jiffies, this process's jiffies) or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]  # user .. steal (guest is inside user)
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = sum(fields)
+    busy = total - fields[3] - fields[4]  # minus idle and iowait
+    return total, busy, int(own[11]) + int(own[12])  # utime + stime (all threads)
+
+
+class CpuMeter:
+    """The share of the machine's CPU time (all cores) other processes used between start and stop."""
+
+    def __init__(self):
+        self.t0 = _cpu_times()
+
+    def stop(self) -> dict:
+        t1 = _cpu_times()
+        if self.t0 is None or t1 is None or t1[0] <= self.t0[0]:
+            return {"cpu_other_share": None, "cpu_own_share": None}
+        total = t1[0] - self.t0[0]
+        busy, own = t1[1] - self.t0[1], t1[2] - self.t0[2]
+        return {"cpu_other_share": max(0.0, (busy - own) / total), "cpu_own_share": own / total}
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+
+def savefig(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Render a matplotlib figure to PNG and write it atomically (temporary name beside it, then
+    os.replace): a reader never sees half a PNG."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """The short commit hash, with "-dirty" when the working tree has uncommitted changes."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=cwd, timeout=30)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine() -> dict:
+    """CPU model, cores, RAM and kernel of this machine."""
+    import platform
+
+    cpu, ram = platform.processor(), None
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+        ram = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                    if line.startswith("MemTotal:")), None)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count() or 0, "ram_bytes": ram, "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+def versions() -> dict:
+    """Installed versions of the packages the numbers depend on (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("pcmoe", "torch", "transformers", "accelerate", "llama-cpp-python", "matplotlib", "numpy",
+                 "safetensors", "tokenizers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
