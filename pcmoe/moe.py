@@ -135,13 +135,15 @@ class SlotExperts(nn.Module):
         self.bank = {name: torch.zeros((num_slots, *shape), dtype=dt)
                      for name, (shape, dt) in bank_tensors(kernel, dtype, quant).items()}
         self._staging = threading.local()
+        self._slots = [{name: t[s] for name, t in self.bank.items()} for s in range(num_slots)]  # fixed views
 
     @property
     def slot_nbytes(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self.bank.values())
 
     def slot(self, s: int) -> dict[str, torch.Tensor]:
-        return {name: t[s] for name, t in self.bank.items()}
+        """Views of slot s (the bank is never reallocated, so the views stay valid)."""
+        return self._slots[s]
 
     def staging(self, s: int) -> dict[str, torch.Tensor]:
         """Where a load writes an expert's weights as stored: the slot itself, or (quantised banks)

@@ -1,7 +1,7 @@
 """The paper's motivation study (paper.md §1) on any pcmoe checkpoint, through the engine.
 
   python scripts/observations.py --model models/pcmoe-vit --out docs/observations/vision
-  python scripts/observations.py --model models/pcmoe-lm --data data/lm/corpus/val_code.txt \
+  python scripts/observations.py --model models/pcmoe-lm --data models/pcmoe-lm/eval/heldout.txt \
       --out docs/observations/lm
 
 1. Temporal locality (§1.1): with policy "full", the share of each input's routing choices that

@@ -106,7 +106,7 @@ def test_async_swaps_equal_sync_swaps(tiny_checkpoint, family):
     assert sync_stats["swaps"] > 0, "the test must exercise swaps"
     assert torch.equal(sync_logits, async_logits)
     assert sync_stats["swaps"] == async_stats["swaps"]
-    timing = ("read_s", "stall_s")
+    timing = ("read_s", "stall_s", "bytes_read")  # a load issued at the last step may still be in flight
     assert [{k: v for k, v in layer.items() if k not in timing} for layer in sync_stats["per_layer"]] == \
         [{k: v for k, v in layer.items() if k not in timing} for layer in async_stats["per_layer"]]
     assert all(layer["skipped"] >= 0 for layer in sync_stats["per_layer"])
