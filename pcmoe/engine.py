@@ -168,12 +168,12 @@ def _fingerprint(ckpt: Checkpoint) -> str:
     return h.hexdigest()[:16]
 
 
-def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
+def _progress(iterable, desc: str, enabled: bool, total: int | None = None, unit: str = "expert"):
     if not enabled:
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, leave=False, unit="expert", dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, total=total, leave=False, unit=unit, dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -822,7 +822,7 @@ def _load_checkpoint(folder, ckpt, config, family, budget_spec, policy, plan, op
         budget = need
 
     # Load non-expert tensors into the skeleton.
-    for key, info in nonexpert.items():
+    for key, info in _progress(nonexpert.items(), "non-expert weights", opts.progress, len(nonexpert), "tensor"):
         _set_tensor(model, key, ckpt.read(info, meta_state[key].dtype, evict=opts.evict))
     if missing and hasattr(model, "tie_weights"):
         model.tie_weights(missing_keys=missing, recompute_mapping=True)
