@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--aux-coef", type=float, default=0.05, help="load-balancing loss coefficient")
+    ap.add_argument("--aux-coef", type=float, default=0.02, help="per-layer load-balancing loss coefficient")
     ap.add_argument("--no-bf16", action="store_true", help="train the matmuls in fp32 (slower on AVX-512 BF16 CPUs)")
     ap.add_argument("--export", type=Path, help="write the trained model to this folder and evaluate it")
     ap.add_argument("--revive-dead-experts", action="store_true",
@@ -72,10 +72,10 @@ def ship(args, cfg) -> None:
     train_tokens = {d: len(t) for d, t in load_tokens(args.work, "train").items()}
     log = [json.loads(line) for line in (args.work / "log.jsonl").read_text().splitlines()]
     ckpt_cfg = torch.load(args.work / "ckpt.pt", weights_only=False)["cfg"]
-    # The balancing coefficient was raised mid-run (records before that have no "aux_coef": 0.01).
-    coefs = [r.get("aux_coef", 0.01) for r in log]
-    changes = [(r["step"], c) for i, (r, c) in enumerate(zip(log, coefs)) if i == 0 or c != coefs[i - 1]]
-    info["aux_coef_schedule"] = changes
+    coefs = [r.get("aux_coef") for r in log]
+    info["aux_coef_schedule"] = [(r["step"], c) for i, (r, c) in enumerate(zip(log, coefs))
+                                 if i == 0 or c != coefs[i - 1]]
+    info["starved_experts"] = [(r["step"], r["starved_experts"]) for r in log if "starved_experts" in r]
     info["revivals"] = [{"step": r["step"], "experts": len(r["experts"])}
                         for r in torch.load(args.work / "ckpt.pt", weights_only=False).get("revivals", [])]
     info.update(val_ppl=ppl, val_ppl_mean=sum(ppl.values()) / len(ppl), val_tokens=val_tokens,
@@ -109,9 +109,10 @@ def write_card(out: Path, info: dict) -> None:
     c = info["config"]
     schedule = info.get("aux_coef_schedule") or [(1, c["shape"]["router_aux_loss_coef"])]
     aux = ", then ".join(f"{coef} from step {step}" for step, coef in schedule)
-    if len(schedule) > 1:
-        aux += (" (raised after the first 1000 steps showed 3-6 of the 16 experts per layer receiving no "
-                "tokens; the resumed run is `--aux-coef` " + str(schedule[-1][1]) + ")")
+    starved = info.get("starved_experts") or []
+    starved_text = (f" Experts under 0.5 % of their layer's choices (on the training batch at each evaluation): "
+                    f"{starved[0][1]} at step {starved[0][0]}, {starved[-1][1]} at step {starved[-1][0]} "
+                    f"(of {cfg.num_experts * cfg.num_hidden_layers})." if starved else "")
     revived = "".join(f" At step {r['step']}, {r['experts']} experts that the router no longer chose (under 0.5 % of a "
                       f"layer's choices) were re-seeded as perturbed copies of busy experts "
                       f"(`--revive-dead-experts`), and training resumed." for r in info.get("revivals", []))
@@ -174,9 +175,10 @@ python scripts/train_lm.py --work data/lm --export models/pcmoe-lm
 ```
 
 AdamW (betas 0.9/0.95, weight decay {c['weight_decay']}), peak learning rate {c['lr']} with {c['warmup_steps']} warm-up steps and cosine
-decay to {c['min_lr']}, batches of {c['batch_size']} x {c['seq_len']} tokens, load-balancing loss coefficient
-{aux}, gradient clipping {c['grad_clip']}, bf16 autocast, seed {c['seed']}. {info['step']} steps = {info['tokens_seen'] / 1e6:.1f} M
-tokens (about one epoch).{revived} {info['wall_hours']:.1f} h wall clock on {c['threads']} thread(s) of an {info['cpu']} (2 vCPUs,
+decay to {c['min_lr']}, batches of {c['batch_size']} x {c['seq_len']} tokens, a Switch load-balancing loss computed per
+MoE layer and averaged (`pcmoe/training/balance.py`; transformers' own `aux_loss` pools all layers, which let a first
+run starve half of some layers' experts) with coefficient {aux}, gradient clipping {c['grad_clip']}, bf16 autocast, seed {c['seed']}. {info['step']} steps = {info['tokens_seen'] / 1e6:.1f} M
+tokens (about one epoch).{starved_text}{revived} {info['wall_hours']:.1f} h wall clock on {c['threads']} thread(s) of an {info['cpu']} (2 vCPUs,
 shared with other work during training, so the time is an upper bound). Exported {info['exported']} at commit {commit}.
 
 ![training curve](../../docs/lm_training.png)

@@ -194,19 +194,6 @@ class VitMoeForImageClassification(nn.Module):
         return VitMoeOutput(self.classifier(x), tuple(router_logits) if router_logits is not None else None)
 
 
-def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
-    """Switch-style N * sum_e f_e * P_e averaged over layers, divided by k (1.0 = balanced), where
-    f_e is the share of routing choices and P_e the mean router probability of expert e."""
-    losses = []
-    for logits in router_logits:                                                # [T, N]
-        probs = torch.softmax(logits.float(), dim=-1)
-        N = probs.shape[-1]
-        idx = torch.topk(probs, top_k, dim=-1).indices                          # [T, k]
-        share = F.one_hot(idx, N).float().sum(dim=1).mean(dim=0) / top_k       # [N]
-        losses.append(N * (share * probs.mean(dim=0)).sum())
-    return torch.stack(losses).mean()
-
-
 class VitMoeFamily(Family):
     model_types = (MODEL_TYPE,)
     block_classes = ("VitMoeSparseBlock",)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pcmoe.training.balance import expert_shares, load_balancing_loss
 from pcmoe.training.corpus import DOC_SEPARATOR, DOMAINS, write_corpus
 
 EOS = "<|endoftext|>"
@@ -267,14 +268,16 @@ def train(work: Path, cfg: TrainConfig, log=print) -> None:
             ce = torch.nn.functional.cross_entropy(
                 out.logits.float().reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1)
             )
-            loss = ce + cfg.shape.router_aux_loss_coef * out.aux_loss
+            # Per-layer balance (not transformers' aux_loss, which balances all layers pooled).
+            aux = load_balancing_loss(out.router_logits, cfg.shape.num_experts_per_tok)
+            loss = ce + cfg.shape.router_aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
         tokens_since += batch.shape[0] * (batch.shape[1] - 1)
-        record = {"step": step, "ce": round(ce.item(), 4), "aux": round(out.aux_loss.item(), 4),
+        record = {"step": step, "ce": round(ce.item(), 4), "aux": round(aux.item(), 4), "balance": "per-layer",
                   "aux_coef": cfg.shape.router_aux_loss_coef, "lr": round(lr_at(step - 1, cfg), 6),
                   "time": time.time()}
         if step % 10 == 0:
@@ -285,7 +288,11 @@ def train(work: Path, cfg: TrainConfig, log=print) -> None:
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             ppl = evaluate(model, val_tokens, cfg.seq_len, cfg.eval_tokens)
             record["val_ppl"] = {k: round(v, 2) for k, v in ppl.items()}
-            log(f"step {step} val ppl {record['val_ppl']}")
+            shares = expert_shares(out.router_logits, cfg.shape.num_experts_per_tok)    # this batch, [L, N]
+            record["starved_experts"] = int((shares < 0.005).sum())
+            record["expert_share_range"] = [round(float(shares.min()), 4), round(float(shares.max()), 4)]
+            log(f"step {step} val ppl {record['val_ppl']} experts under 0.5 % of a layer's choices: "
+                f"{record['starved_experts']}")
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:

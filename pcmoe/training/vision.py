@@ -25,11 +25,11 @@ from pcmoe.models.vit_moe import (
     VitMoeConfig,
     VitMoeForImageClassification,
     from_pretrained,
-    load_balancing_loss,
     load_fashion_mnist,
     save_pretrained,
     shift_images,
 )
+from pcmoe.training.balance import load_balancing_loss
 
 
 @dataclass
