@@ -96,3 +96,21 @@ def test_shipped_lm_loads_with_pcmoe_and_transformers():
     with pcmoe.load(SHIPPED, budget="50%experts", progress=False) as engine:
         text = "".join(s.text for s in engine.generate("import os\n", max_new_tokens=8))
         assert len(text) > 0
+
+
+def test_balance_loss_is_per_layer():
+    """Two layers that each use half of the experts, complementary halves: pooled over layers they
+    look balanced, per layer they are not."""
+    from pcmoe.training.balance import expert_shares, load_balancing_loss
+
+    T, N = 64, 4
+    first = torch.full((T, N), -10.0)
+    first[:, :2] = torch.randn(T, 2)           # layer 0 uses experts 0 and 1
+    second = first[:, [2, 3, 0, 1]]            # layer 1 uses experts 2 and 3
+    balanced = torch.zeros(T, N)
+    balanced[torch.arange(T), torch.arange(T) % N] = 5.0
+    assert load_balancing_loss((balanced,), 1) == pytest.approx(1.0, abs=0.05)
+    assert load_balancing_loss((first, second), 2) > 1.8          # each layer starves two experts
+    pooled = expert_shares((torch.cat([first, second]),), 2)[0]
+    assert torch.allclose(pooled, torch.full((N,), 0.25, dtype=torch.float64))
+    assert (expert_shares((first, second), 2)[:, 2:4][0] == 0).all()
