@@ -10,7 +10,7 @@ if [ ! -f "$model/config.json" ]; then  # only before the default model was firs
   echo "note: $model is a tiny random checkpoint (models/pcmoe-lm is not in this checkout)" >&2
   [ -f "$model/config.json" ] || .venv/bin/python -c "
 from pathlib import Path; from pcmoe.testing import make_checkpoint, make_tokenizer
-p = Path('$model'); t = make_tokenizer(p); make_checkpoint('qwen3_moe', p, vocab_size=len(t))" >/dev/null 2>&1
+p = Path('$model'); t = make_tokenizer(p); make_checkpoint('qwen3_moe', p, vocab_size=len(t))" >/dev/null
 fi
 exec .venv/bin/pcmoe generate --model "$model" --budget 50%experts --policy committee \
   --prompt "${1:-The module provides functions for}" --max-tokens "${2:-80}"
