@@ -21,6 +21,7 @@ class LayerCommittee:
         self.expert_to_slot = torch.full((num_experts + 1,), -1, dtype=torch.long)
         self.slot_to_expert = [-1] * num_slots                                  # [S], -1 = empty
         self.mask = torch.zeros(num_experts, dtype=torch.bool)                 # [N] members
+        self.slot_list = [-1] * num_experts  # expert -> slot as a Python list, for single-token routing
         self.reserved: set[int] = set()  # empty slots an in-flight load is writing into
 
     # -- queries -----------------------------------------------------------------------------
@@ -29,7 +30,7 @@ class LayerCommittee:
         return [e for e in self.slot_to_expert if e >= 0]
 
     def is_member(self, expert: int) -> bool:
-        return bool(self.mask[expert])
+        return self.slot_list[expert] >= 0
 
     def free_slots(self) -> list[int]:
         return [s for s, e in enumerate(self.slot_to_expert) if e < 0 and s not in self.reserved]
@@ -54,6 +55,7 @@ class LayerCommittee:
         self.slot_to_expert[slot] = expert
         self.expert_to_slot[expert] = slot
         self.mask[expert] = True
+        self.slot_list[expert] = slot
 
     def evict(self, expert: int) -> int:
         """Remove a member; its slot becomes free (the caller may then overwrite it)."""
@@ -62,6 +64,7 @@ class LayerCommittee:
             raise RuntimeError(f"expert {expert} is not resident")
         self.mask[expert] = False
         self.expert_to_slot[expert] = -1
+        self.slot_list[expert] = -1
         self.slot_to_expert[slot] = -1
         return slot
 

@@ -26,18 +26,51 @@ class ImportanceTracker:
         self.expert_norms = expert_norms.double()               # [N]
         self.mode = mode
         self.ema_decay = ema_decay
-        self.window = torch.zeros_like(self.expert_norms)       # [N] sum of ||x||*|G| since the update
+        self._window = torch.zeros_like(self.expert_norms)      # [N] sum of ||x||*|G| since the update
         self.score = torch.zeros_like(self.expert_norms)        # [N] what the last update decided on
         self.total = torch.zeros_like(self.expert_norms)        # [N] importance since load (profiles)
-        self.counts = torch.zeros_like(self.expert_norms)       # [N] tokens routed (unmasked)
+        self._counts = torch.zeros_like(self.expert_norms)      # [N] tokens routed (unmasked)
+        # Single-token steps accumulate in Python lists (no tensor op per step); folded in on read.
+        n = len(self.expert_norms)
+        self._host_window, self._host_counts, self._host_dirty = [0.0] * n, [0.0] * n, False
 
     def accumulate(self, x_norm: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> None:
         """x_norm [T], idx [T, k] (unmasked routing, -1 = none), weights [T, k]."""
         valid = idx >= 0
         contrib = (x_norm.double()[:, None] * weights.double().abs())[valid]   # [pairs]
         experts = idx[valid]
-        self.window.index_add_(0, experts, contrib)
-        self.counts.index_add_(0, experts, torch.ones_like(contrib))
+        self._window.index_add_(0, experts, contrib)
+        self._counts.index_add_(0, experts, torch.ones_like(contrib))
+
+    def accumulate_one(self, x_norm: float, idx: list[int], weights: list[float]) -> None:
+        """One token: the same as accumulate() with Python numbers."""
+        for e, w in zip(idx, weights):
+            if e >= 0:
+                self._host_window[e] += x_norm * abs(w)
+                self._host_counts[e] += 1.0
+        self._host_dirty = True
+
+    def _fold(self) -> None:
+        if self._host_dirty:
+            self._window += torch.tensor(self._host_window, dtype=torch.float64)
+            self._counts += torch.tensor(self._host_counts, dtype=torch.float64)
+            n = len(self._host_window)
+            self._host_window, self._host_counts, self._host_dirty = [0.0] * n, [0.0] * n, False
+
+    @property
+    def window(self) -> torch.Tensor:
+        self._fold()
+        return self._window
+
+    @window.setter
+    def window(self, value: torch.Tensor) -> None:
+        self._fold()
+        self._window = value
+
+    @property
+    def counts(self) -> torch.Tensor:
+        self._fold()
+        return self._counts
 
     def close_window(self) -> torch.Tensor:
         """End the update window; returns the score [N] to choose the committee by."""
@@ -47,7 +80,7 @@ class ImportanceTracker:
             self.score = window
         else:
             self.score = self.ema_decay * self.score + (1 - self.ema_decay) * window
-        self.window = torch.zeros_like(self.window)
+        self.window = torch.zeros_like(self.expert_norms)
         return self.score
 
 

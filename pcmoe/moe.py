@@ -165,15 +165,19 @@ class SlotExperts(nn.Module):
             else:
                 slot[name].copy_(w)
 
+    def forward_one(self, x: torch.Tensor, slots: list[int], weights: list[float]) -> torch.Tensor:
+        """One token: x [1, H], its k slots (-1 = none) and weights as Python numbers -> [1, H]."""
+        out = None
+        for s, w in zip(slots, weights):
+            if s >= 0:
+                y = self.kernel(x, self._slots[s])
+                out = y.mul_(w) if out is None else out.add_(y, alpha=w)
+        return torch.zeros_like(x) if out is None else out
+
     def forward(self, x: torch.Tensor, slot_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], slot_idx [T, k] (-1 = no expert), weights [T, k] -> [T, H]."""
         if x.shape[0] == 1:  # decode: a handful of experts, no gather/scatter
-            out = None
-            for s, w in zip(slot_idx[0].tolist(), weights[0].tolist()):
-                if s >= 0:
-                    y = self.kernel(x, self.slot(s))
-                    out = y.mul_(w) if out is None else out.add_(y, alpha=w)
-            return torch.zeros_like(x) if out is None else out
+            return self.forward_one(x, slot_idx[0].tolist(), weights[0].tolist())
         out = torch.zeros_like(x)
         # Sort the (token, choice) pairs by slot once; each slot's rows are then contiguous.
         k = slot_idx.shape[1]

@@ -21,7 +21,7 @@ import torch
 
 from pcmoe.committee import LayerCommittee
 from pcmoe.importance import ImportanceTracker
-from pcmoe.routing import GatingStats, Route, gate, route_stats
+from pcmoe.routing import GatingStats, Route, gate, gate_one, route_stats, softmax_topk_one
 
 DYNAMIC_POLICIES = ("committee",)       # need spare slots and a scheduler
 STATIC_KEEP_POLICIES = ("random-keep", "magnitude-keep", "static-frequency")
@@ -59,6 +59,8 @@ class MaskedGatingController(LayerController):
         self.strategy, self.tau = strategy, tau
 
     def forward(self, block, x, logits, batch_shape):
+        if x.shape[0] == 1 and block.family.host_routing:
+            return self._forward_one(block, x, logits)
         select = self._select(block, batch_shape)
         if self.committee.complete:  # nothing to mask: the model's own routing, no counting ops
             exe = full = select(logits, None)
@@ -69,6 +71,27 @@ class MaskedGatingController(LayerController):
         self.stats.add(stats)
         self._track(x, full)
         return block.experts(x, self.committee.slots_of(exe.idx), exe.weights)
+
+
+    def _forward_one(self, block, x, logits):
+        """One token, routed in Python numbers (routing.gate_one): the same decisions and weights as
+        the tensor path, without a dozen tensor ops per layer."""
+        family, committee = block.family, self.committee
+        values = logits[0].tolist()
+        if committee.complete:
+            idx, weights, _ = softmax_topk_one(values, family.top_k, family.renormalises)
+            f_idx, f_w = idx, weights
+            stats = GatingStats(choices=sum(e >= 0 for e in idx), mass_total=sum(weights))
+            stats.hits = stats.choices
+        else:
+            member = [s >= 0 for s in committee.slot_list]
+            idx, weights, f_idx, f_w, stats = gate_one(values, family.top_k, family.renormalises, member,
+                                                       self.renorm, self.strategy, self.tau)
+        self.stats.add(stats)
+        if self.track:
+            self.tracker.accumulate_one(float(torch.linalg.vector_norm(x, dtype=torch.float32)), f_idx, f_w)
+        slot_of = committee.slot_list
+        return block.experts.forward_one(x, [slot_of[e] if e >= 0 else -1 for e in idx], weights)
 
 
 class TopkReduceController(LayerController):

@@ -16,6 +16,7 @@ routers that renormalise over the chosen k (Mixtral, Qwen with norm_topk_prob, g
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -212,3 +213,73 @@ def gate(select, logits: torch.Tensor, mask: torch.Tensor, strategy: str, tau: f
     stats.exchanged = int(substitute.sum())
     stats.skipped = int(((full.idx >= 0).sum(dim=1) - (exe.idx >= 0).sum(dim=1)).clamp(min=0).sum())
     return exe, full, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# One token in Python numbers: batch-1 decoding routes a handful of experts, where a dozen tensor
+# ops per layer cost more than the arithmetic. Same rules as softmax_topk + gate above (tested
+# against them); used by the softmax-top-k families only.
+
+
+def _softmax(values: list[float]) -> list[float]:
+    top = max(values)
+    if top == NEG_INF:
+        return [0.0] * len(values)
+    exps = [math.exp(v - top) if v != NEG_INF else 0.0 for v in values]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def softmax_topk_one(logits: list[float], k: int, norm_topk: bool, member: list[bool] | None = None,
+                     renorm: bool = True) -> tuple[list[int], list[float], list[float]]:
+    """softmax_topk for one token: (idx [k], weights [k], unmasked probabilities [N])."""
+    probs_full = _softmax(logits)
+    if member is None:
+        probs = probs_full
+    elif renorm:
+        probs = _softmax([v if m else NEG_INF for v, m in zip(logits, member)])
+    else:
+        probs = [p if m else 0.0 for p, m in zip(probs_full, member)]
+    order = sorted(range(len(probs)), key=lambda e: (-probs[e], e))[:k]
+    idx = [e if member is None or member[e] else -1 for e in order]
+    top = [probs[e] if i >= 0 else 0.0 for e, i in zip(order, idx)]
+    if norm_topk:
+        total = sum(top)
+        top = [t / total for t in top] if total > 0 else top
+    return idx, top, probs_full
+
+
+def gate_one(logits: list[float], k: int, norm_topk: bool, member: list[bool], renorm: bool, strategy: str,
+             tau: float = 0.0) -> tuple[list[int], list[float], list[int], list[float], GatingStats]:
+    """gate() for one token: (executed idx, weights, unmasked idx, weights, stats)."""
+    f_idx, f_w, probs = softmax_topk_one(logits, k, norm_topk)
+    miss = [e >= 0 and not member[e] for e in f_idx]
+    stats = GatingStats(choices=sum(e >= 0 for e in f_idx), mass_total=sum(f_w),
+                        mass_outside=sum(w for w, m in zip(f_w, miss) if m))
+    n_miss = sum(miss)
+    stats.hits = stats.choices - n_miss
+    skip_route = ([-1 if m else e for e, m in zip(f_idx, miss)], [0.0 if m else w for w, m in zip(f_w, miss)])
+    if n_miss == 0 and strategy != "exchange":
+        return f_idx, f_w, f_idx, f_w, stats
+    if strategy == "skip":
+        stats.skipped = n_miss
+        return *skip_route, f_idx, f_w, stats
+    if strategy not in ("exchange", "hybrid"):
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    e_idx, e_w, _ = softmax_topk_one(logits, k, norm_topk, member, renorm)
+    if n_miss == 0:
+        return e_idx, e_w, f_idx, f_w, stats
+    chosen = set(f_idx)
+    substitute = [e >= 0 and e not in chosen for e in e_idx]
+    if strategy == "hybrid":
+        low = [s and probs[e] < tau for s, e in zip(substitute, e_idx)]
+        if not any(s and not lo for s, lo in zip(substitute, low)):     # no strong substitute: as skip
+            e_idx, e_w = skip_route
+            substitute = [False] * len(e_idx)
+        else:
+            e_idx = [-1 if lo else e for e, lo in zip(e_idx, low)]
+            e_w = [0.0 if lo else w for w, lo in zip(e_w, low)]
+            substitute = [s and not lo for s, lo in zip(substitute, low)]
+    stats.exchanged = sum(substitute)
+    stats.skipped = max(0, sum(e >= 0 for e in f_idx) - sum(e >= 0 for e in e_idx))
+    return e_idx, e_w, f_idx, f_w, stats

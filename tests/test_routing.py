@@ -117,3 +117,25 @@ def test_sparsemixer_masked_and_single_member():
     assert route.idx[0].tolist() == [1, 2]
     alone = sparsemixer_top2(logits, 0.01, torch.tensor([False, False, True, False]))
     assert alone.idx[0].tolist() == [2, -1] and alone.weights[0, 1] == 0
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("renorm", [True, False])
+@pytest.mark.parametrize("strategy, tau", [("exchange", 0.0), ("skip", 0.0), ("hybrid", 0.08)])
+@pytest.mark.parametrize("N, k, members", [(8, 2, 3), (16, 2, 8), (16, 4, 2), (6, 1, 3), (8, 2, 8)])
+def test_single_token_routing_equals_the_tensor_path(norm, renorm, strategy, tau, N, k, members):
+    """routing.gate_one (Python numbers, batch-1 decode) against gate + softmax_topk (tensors)."""
+    from pcmoe.routing import gate_one
+
+    gen = torch.Generator().manual_seed(N * 100 + k * 10 + members)
+    for trial in range(20):
+        logits = torch.randn(1, N, generator=gen) * 2
+        mask = torch.zeros(N, dtype=torch.bool)
+        mask[torch.randperm(N, generator=gen)[:members]] = True
+        exe, full, st = gate(lambda lg, m: softmax_topk(lg, k, norm, m, renorm), logits, mask, strategy, tau)
+        e_idx, e_w, f_idx, f_w, st1 = gate_one(logits[0].tolist(), k, norm, mask.tolist(), renorm, strategy, tau)
+        assert e_idx == exe.idx[0].tolist() and f_idx == full.idx[0].tolist(), trial
+        assert e_w == pytest.approx(exe.weights[0].tolist(), abs=1e-6)
+        assert f_w == pytest.approx(full.weights[0].tolist(), abs=1e-6)
+        assert (st1.choices, st1.hits, st1.exchanged, st1.skipped) == (st.choices, st.hits, st.exchanged, st.skipped)
+        assert st1.mass_outside == pytest.approx(st.mass_outside, abs=1e-6)

@@ -86,6 +86,9 @@ class Family:
         norm = getattr(self.config, "norm_topk_prob", True)
         return softmax_topk(logits, k or self.top_k, norm, mask, renorm, out_dtype=logits.dtype)
 
+    # Whether select() is softmax_topk, so single tokens can be routed in Python (routing.gate_one).
+    host_routing = True
+
     @property
     def renormalises(self) -> bool:
         """Whether the router renormalises over the chosen experts (then gating options A == B)."""

@@ -63,6 +63,7 @@ class Phimoe(Mixtral):
     """PhiMoE: Mixtral layout, sparsemixer top-2 routing; the router is `mlp.router` in memory
     and `block_sparse_moe.gate` on disk."""
 
+    host_routing = False
     model_types = ("phimoe",)
     block_classes = ("PhimoeSparseMoeBlock",)
     router_attr = "router"
@@ -79,6 +80,7 @@ class DeepseekV3(Family):
     """DeepSeek-V3: sigmoid router with selection bias and group-limited top-k, a scaling factor,
     shared experts (always resident), dense first layers."""
 
+    host_routing = False
     model_types = ("deepseek_v3",)
     block_classes = ("DeepseekV3MoE",)
 
@@ -102,6 +104,7 @@ class GptOss(Family):
     """gpt-oss: experts fused on disk ([E, H, 2I] etc., read one slice per expert), router with a
     bias, softmax over the top-k logits, clamped SwiGLU with biases."""
 
+    host_routing = False
     model_types = ("gpt_oss",)
     block_classes = ("GptOssMLP",)
     router_attr = "router"
@@ -146,6 +149,7 @@ class SwitchTransformers(Family):
     """Switch Transformers (encoder-decoder, T5): top-1 routing with expert capacity, ModuleDict
     experts `expert_<e>.{wi,wo}`; routing in float32."""
 
+    host_routing = False
     model_types = ("switch_transformers",)
     block_classes = ("SwitchTransformersSparseMLP",)
     router_attr = "router"
