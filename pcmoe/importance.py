@@ -39,8 +39,9 @@ class ImportanceTracker:
         valid = idx >= 0
         contrib = (x_norm.double()[:, None] * weights.double().abs())[valid]   # [pairs]
         experts = idx[valid]
-        self._window.index_add_(0, experts, contrib)
-        self._counts.index_add_(0, experts, torch.ones_like(contrib))
+        # Out of place, so that an inference-mode tensor never meets an update outside that mode.
+        self._window = self._window.index_add(0, experts, contrib)
+        self._counts = self._counts.index_add(0, experts, torch.ones_like(contrib))
 
     def accumulate_one(self, x_norm: float, idx: list[int], weights: list[float]) -> None:
         """One token: the same as accumulate() with Python numbers."""
@@ -52,8 +53,9 @@ class ImportanceTracker:
 
     def _fold(self) -> None:
         if self._host_dirty:
-            self._window += torch.tensor(self._host_window, dtype=torch.float64)
-            self._counts += torch.tensor(self._host_counts, dtype=torch.float64)
+            # Out of place: the tensors may have been made under inference mode, the fold may run outside it.
+            self._window = self._window + torch.tensor(self._host_window, dtype=torch.float64)
+            self._counts = self._counts + torch.tensor(self._host_counts, dtype=torch.float64)
             n = len(self._host_window)
             self._host_window, self._host_counts, self._host_dirty = [0.0] * n, [0.0] * n, False
 

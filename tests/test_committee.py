@@ -157,3 +157,18 @@ def test_async_equals_sync_and_measures_stall():
     assert st.swaps > 2 and st.stall_s > 0  # loads slower than the (instant) steps: measured stall
     _, st_fast = run(False, 0.0)
     assert st_fast.swaps == st.swaps
+
+
+def test_importance_survives_switching_inference_mode():
+    """Windows made under torch.inference_mode and updated outside it (and back) stay usable."""
+    tracker = ImportanceTracker(torch.ones(4))
+    with torch.inference_mode():
+        tracker.accumulate(torch.ones(2), torch.tensor([[0, 1], [1, 2]]), torch.ones(2, 2))
+        tracker.close_window()
+    with torch.no_grad():
+        tracker.accumulate(torch.ones(1), torch.tensor([[3, 1]]), torch.ones(1, 2))
+    tracker.accumulate_one(2.0, [0, -1], [0.5, 0.0])
+    with torch.inference_mode():
+        tracker.accumulate_one(1.0, [0, 1], [1.0, 1.0])
+    assert tracker.window.tolist() == [2.0, 2.0, 0.0, 1.0]
+    assert tracker.counts.tolist() == [3.0, 4.0, 1.0, 1.0]
