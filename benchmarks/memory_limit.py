@@ -57,8 +57,9 @@ def build_random_checkpoint(out: Path, tokenizer: Path) -> None:
     make_checkpoint("qwen3_moe", out, dtype=torch.bfloat16, hidden_size=512, num_hidden_layers=8, num_experts=32,
                     moe_intermediate_size=512, intermediate_size=1024, vocab_size=8192, num_attention_heads=8,
                     num_key_value_heads=4, head_dim=64, max_position_embeddings=1024, tie_word_embeddings=False)
-    for f in tokenizer.iterdir():
-        shutil.copy(f, out / f.name)
+    for f in tokenizer.iterdir():  # the tokenizer's files only (the folder may be a whole model)
+        if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+            shutil.copy(f, out / f.name)
 
 
 def eval_cmd(args, policy: str, budget: str | None) -> list[str]:
