@@ -33,9 +33,10 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding x*cos + rotate_half(x)*sin in three ops: rotate_half(x) = cat(-x2, x1) is
+    roll(x, D/2) with the first half negated, which `signed_sin` (= cat(-sin1, sin2)) carries."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class KVCache:
@@ -111,7 +112,8 @@ class FastDecoder:
         cache.reserve(p + n)
         x = self.embed(ids)                                                   # [1, n, H]
         cos, sin = self.rotary(x, torch.arange(p, p + n).unsqueeze(0))       # [1, n, D]
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                         # [1, 1, n, D]
+        half = sin.shape[-1] // 2
+        cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)  # [1,1,n,D]
         mask = None
         if n > 1 and p > 0:  # a chunk after cached tokens: causal within the chunk, all of the past
             mask = torch.ones(n, p + n, dtype=torch.bool).tril(diagonal=p)
@@ -131,13 +133,14 @@ class FastDecoder:
                 q = _rms(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
                 k = _rms(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
             qk = _rotate(torch.cat((q, k), dim=2).transpose(1, 2), cos, sin)  # [1, Hq+Hkv, n, D] in one pass
-            q = qk[:, :Hq]
-            cache.k[i][:, :, p:p + n] = qk[:, Hq:]
-            cache.v[i][:, :, p:p + n] = v.transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, cache.k[i][:, :, :p + n], cache.v[i][:, :, :p + n],
-                                               attn_mask=mask, is_causal=mask is None and n > 1,
-                                               scale=attn.scaling, enable_gqa=Hq != Hkv)  # [1, Hq, n, D]
-            x = x + attn.o_proj(a.transpose(1, 2).reshape(1, n, Hq * D))
+            keys, values = cache.k[i], cache.v[i]                               # [1, Hkv, capacity, D]
+            keys.narrow(2, p, n).copy_(qk.narrow(1, Hq, Hkv))
+            values.narrow(2, p, n).copy_(v.transpose(1, 2))
+            a = F.scaled_dot_product_attention(qk.narrow(1, 0, Hq), keys.narrow(2, 0, p + n),
+                                               values.narrow(2, 0, p + n), attn_mask=mask,
+                                               is_causal=mask is None and n > 1, scale=attn.scaling,
+                                               enable_gqa=Hq != Hkv)             # [1, Hq, n, D]
+            x = x + F.linear(a.transpose(1, 2).reshape(1, n, Hq * D), attn.o_proj.weight, attn.o_proj.bias)
             h = _rms(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
             x = x + layer.mlp(h)
         cache.length = p + n
