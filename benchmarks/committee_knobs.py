@@ -29,24 +29,33 @@ from pcmoe.budget import atomic_write_text  # noqa: E402
 from pcmoe.engine import inspect  # noqa: E402
 from pcmoe.evaluate import perplexity, read_documents  # noqa: E402
 
-# name -> (policy, load options); the first committee row is the default configuration.
+# name -> (policy, load options); the first committee row is the default configuration. Options
+# are changes from the defaults (EMA 0.95, F = 16 tokens, margin 0.1, staged swaps with no spare
+# slot, profile.json beside the model as warm start); the paper's own arrangement is a row too.
+NO_PROFILE = {"profile": "none"}
+PAPER = {"importance": "window", "spare_slots": 1, **NO_PROFILE}
 CONFIGS = {
     "full (reference)": ("full", {}),
     "magnitude-keep (static)": ("magnitude-keep", {}),
-    "committee, defaults (F=16 tokens, window, margin 0.1)": ("committee", {}),
+    "static-frequency (profile.json top experts, static)": ("static-frequency", {}),
+    "committee, defaults": ("committee", {}),
+    "paper's arrangement: window importance, 1 spare slot, no profile": ("committee", PAPER),
+    "window importance (no EMA)": ("committee", {"importance": "window"}),
+    "EMA decay 0.5": ("committee", {"ema_decay": 0.5}),
+    "EMA decay 0.9": ("committee", {"ema_decay": 0.9}),
+    "EMA decay 0.98": ("committee", {"ema_decay": 0.98}),
+    "1 spare slot per layer (no staging)": ("committee", {"spare_slots": 1}),
+    "no profile (magnitude start, zero prior)": ("committee", NO_PROFILE),
+    "profile members, never updated": ("committee", {"update_every": 10**9}),
     "F = 4 tokens": ("committee", {"update_every": 4}),
     "F = 64 tokens": ("committee", {"update_every": 64}),
-    "F = 256 tokens": ("committee", {"update_every": 256}),
     "F = 1 document": ("committee", {"update_every": 1, "update_unit": "inputs"}),
-    "EMA importance (decay 0.5)": ("committee", {"importance": "ema"}),
-    "EMA importance (decay 0.8)": ("committee", {"importance": "ema", "ema_decay": 0.8}),
     "margin 0": ("committee", {"margin": 0.0}),
     "margin 0.5": ("committee", {"margin": 0.5}),
     "swap 1 expert / step": ("committee", {"bytes_per_step": "1x"}),
     "swap 8 experts / step": ("committee", {"bytes_per_step": "8x"}),
     "skip": ("committee", {"strategy": "skip"}),
     "hybrid tau 0.05": ("committee", {"strategy": "hybrid", "tau": 0.05}),
-    "warm start from profile.json": ("committee", {"profile": "profile.json"}),
 }
 
 
@@ -54,8 +63,6 @@ def _options(model: Path, opts: dict, expert_bytes: int) -> dict:
     out = dict(opts)
     if isinstance(out.get("bytes_per_step"), str):  # "<n>x" experts
         out["bytes_per_step"] = int(out["bytes_per_step"][:-1]) * expert_bytes
-    if out.get("profile"):
-        out["profile"] = str(model / out["profile"])
     return out
 
 
@@ -76,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (policy, opts) in CONFIGS.items():
         if args.only and not any(s in name for s in args.only):
             continue
-        if opts.get("profile") and not (args.model / opts["profile"]).exists():
-            print(f"skip {name}: no {opts['profile']} beside the model", flush=True)
+        if policy == "static-frequency" and not (args.model / "profile.json").exists():
+            print(f"skip {name}: no profile.json beside the model", flush=True)
             continue
         budget = None if policy == "full" else args.budget
         t0 = time.perf_counter()

@@ -96,8 +96,9 @@ def minimum_budget(sizes: ModelBytes, spare_slots: int) -> int:
     return sizes.slots_bytes([min(1 + spare_slots, n) for n in sizes.num_experts])
 
 
-def uniform_sizes(budget: int, sizes: ModelBytes, spare_slots: int, policy: str) -> list[int]:
-    """The largest near-uniform committee sizes whose slots fit the budget.
+def uniform_sizes(budget: int, sizes: ModelBytes, spare_slots: int, policy: str, reserved: int = 0) -> list[int]:
+    """The largest near-uniform committee sizes whose slots fit the budget (what is left of it
+    after `reserved` bytes, e.g. swap staging buffers, which the error message then includes).
 
     Each layer gets the same share of its experts; leftover bytes give one more member to layers
     in order. A layer that keeps all its experts needs no spare slot."""
@@ -107,10 +108,12 @@ def uniform_sizes(budget: int, sizes: ModelBytes, spare_slots: int, policy: str)
     L = len(sizes.num_experts)
     need_min = minimum_budget(sizes, spare_slots)
     if budget < need_min:
+        total = need_min + reserved
+        extra = f" + {format_bytes(reserved)} of swap staging buffers" if reserved else ""
         raise BudgetError(
-            f"budget {format_bytes(budget)} is below the minimum {format_bytes(need_min)} for policy {policy} "
-            f"(non-expert weights {format_bytes(sizes.nonexpert)} + {1 + spare_slots} expert slot(s) per MoE layer); "
-            f"raise the budget to at least {need_min} bytes")
+            f"budget {format_bytes(budget + reserved)} is below the minimum {format_bytes(total)} for policy {policy} "
+            f"(non-expert weights {format_bytes(sizes.nonexpert)} + {1 + spare_slots} expert slot(s) per MoE layer"
+            f"{extra}); raise the budget to at least {total} bytes")
     best = [1] * L
     for n in range(1, max(sizes.num_experts) + 1):
         cand = [min(n, N) for N in sizes.num_experts]

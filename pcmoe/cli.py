@@ -45,11 +45,15 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--update-every", type=int, default=16, help="committee update period F (default 16)")
     g.add_argument("--update-unit", default="tokens", choices=("tokens", "inputs"), help="unit of F")
     g.add_argument("--swap-bytes", type=int, help="swap I/O allowance per forward step in bytes (default 2 experts)")
-    g.add_argument("--importance", default="window", choices=("window", "ema"), help="importance aggregation")
+    g.add_argument("--importance", default="ema", choices=("window", "ema"),
+                   help="importance aggregation: sum over the update window, or an EMA of windows (default)")
+    g.add_argument("--ema-decay", type=float, default=0.95, help="EMA importance: weight of the past (default 0.95)")
     g.add_argument("--margin", type=float, default=0.1, help="hysteresis margin for swaps (default 0.1)")
-    g.add_argument("--spare-slots", type=int, default=1, help="extra slots per layer swaps load into")
+    g.add_argument("--spare-slots", type=int, default=0,
+                   help="extra slots per layer that swaps load into (default 0: swap in place, one more member)")
     g.add_argument("--sync-swaps", action="store_true", help="load swaps inline (same outputs, for testing)")
-    g.add_argument("--profile", help="routing profile JSON (from `pcmoe profile`): warm start / static-frequency")
+    g.add_argument("--profile", help="routing profile JSON (from `pcmoe profile`): warm start / static-frequency "
+                                     "(default: profile.json beside the model if any; 'none' for no profile)")
     g.add_argument("--topk", type=int, help="topk-reduce: experts kept per token")
     g.add_argument("--seed", type=int, default=0, help="random-keep seed")
     g = p.add_argument_group("runtime")
@@ -66,7 +70,7 @@ def _load_engine(args):
         args.model, budget=args.budget, policy=args.policy, plan=args.plan, dtype=args.dtype,
         strategy=args.strategy, renorm=args.gate_weights == "renorm", tau=args.tau,
         update_every=args.update_every, update_unit=args.update_unit, bytes_per_step=args.swap_bytes,
-        importance=args.importance, margin=args.margin, spare_slots=args.spare_slots,
+        importance=args.importance, ema_decay=args.ema_decay, margin=args.margin, spare_slots=args.spare_slots,
         synchronous=args.sync_swaps, profile=args.profile, topk=args.topk, seed=args.seed,
         track_importance=getattr(args, "track_importance", None),
         io_bandwidth=args.io_bandwidth, evict=not args.no_evict, threads=args.threads,
@@ -119,8 +123,8 @@ def cmd_info(args) -> int:
     print(f"  all experts          {_fmt_bytes(info['all_expert_bytes'])} "
           f"({info['all_expert_bytes'] / info['full_model_bytes']:.1%} of the weights)")
     print(f"  full model           {_fmt_bytes(info['full_model_bytes'])}")
-    print(f"  minimum budget       {_fmt_bytes(info['minimum_budget_committee'])} (committee: 1 member + 1 spare "
-          f"slot per layer); {_fmt_bytes(info['minimum_budget_static'])} for static policies")
+    print(f"  minimum budget       {_fmt_bytes(info['minimum_budget_static'])} (one expert per MoE layer); "
+          f"{_fmt_bytes(info['minimum_budget_committee'])} for a committee with a spare slot per layer")
     return 0
 
 

@@ -76,6 +76,13 @@ class LayerCommittee:
     def release(self, slot: int) -> None:
         self.reserved.discard(slot)
 
+    def replace(self, outgoing: int, incoming: int) -> int:
+        """Between two forwards: `incoming` takes over the slot of member `outgoing`, whose weights
+        the caller has just overwritten with the incoming expert's. Returns the slot."""
+        slot = self.evict(outgoing)
+        self.install(incoming, slot)
+        return slot
+
     def switch(self, incoming: int, outgoing: int, slot: int) -> None:
         """Atomically (between two forwards) swap `outgoing` for `incoming`, which was loaded into
         the reserved `slot`. The outgoing expert's slot becomes free afterwards, never before."""

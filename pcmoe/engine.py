@@ -397,7 +397,8 @@ class Engine:
                 "resident_expert_bytes": self.sizes.expert[layer] * self.slots[layer],
             })
         stall = sum(c.stall_s for c in self.controllers) + (sched.stall_s if sched else 0.0)
-        resident_expert_bytes = sum(b * s for b, s in zip(self.sizes.expert, self.slots))
+        buffers = self.load_info.get("swap_buffer_bytes", 0)  # staging buffers of swaps: resident too
+        resident_expert_bytes = sum(b * s for b, s in zip(self.sizes.expert, self.slots)) + buffers
         return {
             "policy": self.policy,
             "budget_bytes": self.budget,
@@ -421,6 +422,8 @@ class Engine:
             "read_s": st.read_s,
             "read_errors": st.errors,
             "stall_s": stall,
+            "swap_buffer_bytes": buffers,
+            "swap_copy_s": sched.copy_s if sched else 0.0,
             "peak_rss_bytes": peak_rss_bytes(),
             "rss_bytes": rss_bytes(),
             "load": self.load_info,
@@ -589,17 +592,12 @@ def _validate(policy: str, opts: LoadOptions, family) -> None:
         raise PcmoeError(f"unknown quantize {opts.quantize!r}; use int8 or int4")
     if opts.quantize and not family.kernel().linear_weights:
         raise PcmoeError(f"quantised experts are not supported for {family.model_types[0]}")
-    if opts.spare_slots < 1 and policy in DYNAMIC_POLICIES:
-        raise PcmoeError("the committee policy needs at least one spare slot per layer to swap into")
     if policy == "topk-reduce":
         k = family.top_k
         if opts.topk is None:
             opts.topk = max(1, k // 2)
         if not 1 <= opts.topk < k:
             raise PcmoeError(f"topk-reduce needs 1 <= topk < {k} (the model's experts per token)")
-    if policy == "static-frequency" and not opts.profile:
-        raise PcmoeError("static-frequency needs a routing profile: pass profile=FILE "
-                         "(make one with `pcmoe profile --model DIR --data FILE.txt`)")
 
 
 def _resolve_dtype(opts: LoadOptions, first_expert_dtype: torch.dtype) -> torch.dtype:
@@ -662,6 +660,20 @@ def _check_expert_shapes(folder: Path, pieces, shapes: dict[str, tuple[int, ...]
                         f"{folder}: expert tensor {piece.info.name} has shape {list(piece.info.shape)}, which does "
                         f"not fit the expert shape {list(shape)} that config.json implies; the config does not "
                         "match the weights")
+
+
+def _profile_path(folder: Path, given: str | None, policy: str) -> str | None:
+    """The routing profile to use: the given file, else the profile.json shipped beside the
+    checkpoint (a warm start for the committee, the subset of static-frequency), else none."""
+    if given is not None and str(given).lower() in ("", "none"):
+        given = None
+    elif given is None and (folder / "profile.json").exists() and policy in ("committee", "on-demand",
+                                                                             "static-frequency"):
+        given = str(folder / "profile.json")
+    if policy == "static-frequency" and given is None:
+        raise PcmoeError("static-frequency needs a routing profile: pass profile=FILE (make one with "
+                         "`pcmoe profile --model DIR --data FILE.txt`) or put profile.json beside the checkpoint")
+    return given
 
 
 def _read_profile(path, model_type: str, num_experts: list[int]) -> dict:
@@ -799,25 +811,34 @@ def _load_checkpoint(folder, ckpt, config, family, budget_spec, policy, plan, op
     N = family.num_experts
     expert_bytes = sizes.expert
 
-    # Committee sizes and slots.
+    # Committee sizes, slots and (committee without spare slots) the shared swap staging buffers.
     spare = opts.spare_slots if policy in DYNAMIC_POLICIES else 0
+    bytes_per_step = opts.bytes_per_step or 2 * max(expert_bytes)
+    staging_bytes = slot_nbytes(family.kernel(), dtype, None)           # one expert as read from disk
+    # A load issued at one step boundary is switched at the next, so a step's allowance bounds what
+    # is in flight: that many buffers.
+    n_buffers = max(1, max(bytes_per_step, max(expert_bytes)) // max(expert_bytes)) \
+        if policy in DYNAMIC_POLICIES and spare == 0 else 0
+    buffer_bytes = n_buffers * staging_bytes
     budget = parse_budget(budget_spec, sizes)
     if plan is not None:
         committee_sizes = check_plan(plan, config.model_type, sizes.num_experts)
         if policy in ALL_RESIDENT_POLICIES:
             committee_sizes = list(sizes.num_experts)
-    elif policy in ALL_RESIDENT_POLICIES or budget is None:
+    elif policy in ALL_RESIDENT_POLICIES or budget is None or sizes.full <= budget:
         committee_sizes = list(sizes.num_experts)
     else:
-        committee_sizes = uniform_sizes(budget, sizes, spare, policy)
+        committee_sizes = uniform_sizes(budget - buffer_bytes, sizes, spare, policy, reserved=buffer_bytes)
     slots = slots_for(committee_sizes, sizes, spare)
-    need = sizes.slots_bytes(slots)
+    if all(n >= N for n, N in zip(committee_sizes, sizes.num_experts)):
+        n_buffers = buffer_bytes = 0  # nothing will ever be swapped
+    need = sizes.slots_bytes(slots) + buffer_bytes
     if budget is not None and need > budget:
         if policy in ALL_RESIDENT_POLICIES:
             raise PcmoeError(f"policy {policy} keeps every expert resident ({format_bytes(need)}) but the budget "
                              f"is {format_bytes(budget)}; raise the budget or use committee/on-demand")
         raise PcmoeError(f"the plan needs {format_bytes(need)} of weights but the budget is {format_bytes(budget)} "
-                         f"(minimum {format_bytes(minimum_budget(sizes, spare))})")
+                         f"(minimum {format_bytes(minimum_budget(sizes, spare) + buffer_bytes)})")
     if budget is None:
         budget = need
 
@@ -843,7 +864,8 @@ def _load_checkpoint(folder, ckpt, config, family, budget_spec, policy, plan, op
 
     store = ExpertStore(ckpt, pieces, io_bandwidth_mbps=_io_bandwidth(opts.io_bandwidth), evict=opts.evict)
     norms = _expert_norms(ckpt, store, sizes.num_experts, opts)
-    profile = _read_profile(opts.profile, config.model_type, sizes.num_experts) if opts.profile else None
+    profile_path = _profile_path(folder, opts.profile, policy)
+    profile = _read_profile(profile_path, config.model_type, sizes.num_experts) if profile_path else None
 
     committees, trackers, controllers = [], [], []
     fill = []
@@ -853,7 +875,8 @@ def _load_checkpoint(folder, ckpt, config, family, budget_spec, policy, plan, op
         for slot, e in enumerate(members):
             fill.append((layer, e, slot))
         committees.append(committee)
-        trackers.append(ImportanceTracker(norms[layer], opts.importance, opts.ema_decay))
+        prior = torch.tensor(profile["importance"][layer], dtype=torch.float64) if profile else None
+        trackers.append(ImportanceTracker(norms[layer], opts.importance, opts.ema_decay, prior))
     def load_into_slot(layer: int, expert: int, slot: int) -> bool:
         bank = blocks[layer].experts
         staged = bank.staging(slot)
@@ -881,11 +904,17 @@ def _load_checkpoint(folder, ckpt, config, family, budget_spec, policy, plan, op
 
     scheduler = None
     if policy in DYNAMIC_POLICIES and any(n < N for n in committee_sizes):
+        staging = None
+        if n_buffers:
+            shapes = family.kernel().tensors
+            buffers = [{name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
+                       for _ in range(n_buffers)]
+            staging = (lambda layer, expert, b: store.load(layer, expert, buffers[b]),
+                       lambda layer, b, slot: blocks[layer].experts.write(slot, buffers[b]), n_buffers)
         scheduler = SwapScheduler(
             committees, trackers, committee_sizes, expert_bytes, load_into_slot,
-            update_every=opts.update_every, unit=opts.update_unit,
-            bytes_per_step=opts.bytes_per_step or 2 * max(expert_bytes), margin=opts.margin,
-            synchronous=opts.synchronous)
+            update_every=opts.update_every, unit=opts.update_unit, bytes_per_step=bytes_per_step,
+            margin=opts.margin, synchronous=opts.synchronous, staging=staging)
 
     tokenizer = None
     if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
@@ -894,7 +923,8 @@ def _load_checkpoint(folder, ckpt, config, family, budget_spec, policy, plan, op
         with contextlib.suppress(Exception):
             tokenizer = AutoTokenizer.from_pretrained(folder)
     load_info = {"seconds": time.perf_counter() - t_load, "bytes_read": store.stats.bytes_read,
-                 "dtype": str(dtype).replace("torch.", "")}
+                 "dtype": str(dtype).replace("torch.", ""), "profile": profile_path,
+                 "swap_buffers": n_buffers, "swap_buffer_bytes": buffer_bytes}
     fast = None
     if opts.fast:
         from pcmoe import fast as fast_path

@@ -155,6 +155,15 @@ class SlotExperts(nn.Module):
             self._staging.buffers = {n: torch.empty(shape, dtype=self.dtype) for n, shape in shapes}
         return self._staging.buffers
 
+    def write(self, s: int, weights: dict[str, torch.Tensor]) -> None:
+        """Overwrite slot s with one expert's full-precision weights (a staging buffer)."""
+        if self.quant is not None:
+            self.commit(s, weights)
+            return
+        slot = self.slot(s)
+        for name, w in weights.items():
+            slot[name].copy_(w)
+
     def commit(self, s: int, staged: dict[str, torch.Tensor]) -> None:
         if self.quant is None:
             return

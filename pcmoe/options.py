@@ -25,14 +25,15 @@ class LoadOptions:
     update_every: int = 16         # committee update period F ...
     update_unit: str = "tokens"    # ... counted in tokens or inputs (requests / documents)
     bytes_per_step: int | None = None  # swap I/O allowance per forward step (default: 2 experts)
-    importance: str = "window"     # window | ema
-    ema_decay: float = 0.5
+    importance: str = "ema"        # window | ema (measured better: docs/results/committee_knobs.md)
+    ema_decay: float = 0.95
     margin: float = 0.1            # hysteresis: a newcomer must beat a member by this factor
-    spare_slots: int = 1           # extra slots per layer that swaps load into
+    spare_slots: int = 0           # extra slots per layer that swaps load into; 0 = swap in place
     io_bandwidth: float | str | None = None  # MB/s (or emmc / ufs / nvme) storage emulation
     synchronous: bool = False      # load swaps inline (tests); same outputs as async
     seed: int = 0                  # random-keep
-    profile: str | None = None     # importance profile: initial committee / static-frequency
+    profile: str | None = None     # routing profile: warm start / static-frequency; None = <model>/profile.json
+                                   # if there is one, "none" = no profile
     topk: int | None = None        # topk-reduce: experts kept per token
     threads: int | None = None
     track_importance: bool | None = None  # accumulate importance; default: committee policy only

@@ -10,9 +10,16 @@ boundary before step k+1, whether it ran on the I/O thread (async) or inline (sy
 therefore give identical outputs; in async mode the main thread only waits if the disk was slower
 than one step, and that wait is measured as stall time (the goal is zero).
 
-Safety: a load only ever writes into a reserved empty slot that no member maps to; the committee
-switch (slot table + routing mask) happens between forwards; the evicted expert's slot becomes free
-only after the switch.
+Two ways to make room (both keep the old member serving until the switch, and keep it if the
+load fails):
+  staged (default, no spare slot)  loads go into one of a few staging buffers shared by all layers;
+                                   at the switch the main thread copies the buffer into the outgoing
+                                   member's slot. Costs a copy per swap, saves a slot per layer.
+  spare slots (spare_slots >= 1)   loads go straight into a reserved empty slot of the layer.
+
+Safety: a load only ever writes into a staging buffer or a reserved empty slot that no member maps
+to; the committee switch (slot table + routing mask) happens between forwards; the evicted expert's
+slot is reused (staged) or becomes free (spare) only at the switch.
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ class _Job:
     layer: int
     incoming: int
     outgoing: int
-    slot: int
+    slot: int                 # reserved empty slot it loads into (-1 when staged)
     nbytes: int
+    buffer: int = -1          # staging buffer it loads into (-1 when it loads into a slot)
     future: Future | None = None
     ok: bool = False
 
@@ -46,6 +54,7 @@ class SchedulerStats:
     swap_failures: int = 0    # loads that failed after retries (the old member stayed)
     bytes_issued: int = 0
     stall_s: float = 0.0      # time forward passes waited for swap I/O
+    copy_s: float = 0.0       # staged swaps: time spent copying buffers into slots at switches
     per_layer_swaps: list[int] = field(default_factory=list)
     per_layer_stall_s: list[float] = field(default_factory=list)
 
@@ -64,7 +73,11 @@ class SwapScheduler:
         bytes_per_step: int,
         margin: float = 0.0,
         synchronous: bool = False,
+        staging: tuple[Callable[[int, int, int], bool], Callable[[int, int, int], None], int] | None = None,
     ):
+        """load(layer, expert, slot) reads an expert into an empty slot. staging = (load_buffer(layer,
+        expert, buffer), commit(layer, buffer, slot), number of buffers) switches swaps through
+        staging buffers instead of spare slots (see the module docstring)."""
         if unit not in UNITS:
             raise ValueError(f"update unit must be one of {UNITS}, not {unit!r}")
         if update_every < 1:
@@ -78,6 +91,8 @@ class SwapScheduler:
         # An expert larger than one step's bytes is issued once enough allowance has built up.
         self.allowance_cap = max(bytes_per_step, max(expert_bytes))
         self.synchronous = synchronous
+        self.load_buffer, self.commit, buffers = staging if staging else (None, None, 0)
+        self.free_buffers = list(range(buffers))
         self.allowance = 0
         self.units = 0
         self.steps = 0
@@ -130,33 +145,44 @@ class SwapScheduler:
     def _issue(self) -> None:
         self.allowance = min(self.allowance + self.bytes_per_step, self.allowance_cap)
         keep = []
+        loading = {(job.layer, job.incoming) for job in self.inflight}
+        leaving = {(job.layer, job.outgoing) for job in self.inflight if job.outgoing >= 0}
         for i, (layer, incoming, outgoing) in enumerate(self.pending):
             committee = self.committees[layer]
-            if committee.is_member(incoming) or (outgoing >= 0 and not committee.is_member(outgoing)):
-                continue  # stale
+            if committee.is_member(incoming) or (outgoing >= 0 and not committee.is_member(outgoing)) \
+                    or (layer, incoming) in loading or (layer, outgoing) in leaving:
+                continue  # stale, or already on its way in / out
             free = committee.free_slots()
-            if not free:
-                keep.append((layer, incoming, outgoing))  # this layer's spare slot is busy
+            staged = not free and outgoing >= 0 and bool(self.free_buffers)
+            if not free and not staged:
+                keep.append((layer, incoming, outgoing))  # no spare slot / staging buffer free yet
                 continue
             nbytes = self.expert_bytes[layer]
             if nbytes > self.allowance:
                 keep.extend(self.pending[i:])
                 break
             self.allowance -= nbytes
-            committee.reserve(free[0])
-            job = _Job(layer, incoming, outgoing, free[0], nbytes)
+            if staged:
+                job = _Job(layer, incoming, outgoing, -1, nbytes, buffer=self.free_buffers.pop(0))
+                load, target = self.load_buffer, job.buffer
+            else:
+                committee.reserve(free[0])
+                job = _Job(layer, incoming, outgoing, free[0], nbytes)
+                load, target = self.load, job.slot
+            loading.add((layer, incoming))
+            leaving.add((layer, outgoing))
             self.stats.bytes_issued += nbytes
             if self.synchronous:
                 t0 = time.perf_counter()
                 try:
-                    job.ok = bool(self.load(layer, incoming, job.slot))
+                    job.ok = bool(load(layer, incoming, target))
                 except Exception:
                     job.ok = False
                 waited = time.perf_counter() - t0
                 self.stats.stall_s += waited
                 self.stats.per_layer_stall_s[layer] += waited
             else:
-                job.future = self._pool.submit(self.load, layer, incoming, job.slot)
+                job.future = self._pool.submit(load, layer, incoming, target)
             self.inflight.append(job)
         self.pending = keep
 
@@ -174,7 +200,19 @@ class SwapScheduler:
                 except Exception:  # whatever went wrong, keep serving with the old member
                     job.ok = False
             committee = self.committees[job.layer]
-            if job.ok:
+            if job.buffer >= 0:
+                if job.ok and committee.is_member(job.outgoing) and not committee.is_member(job.incoming):
+                    t0 = time.perf_counter()
+                    slot = int(committee.expert_to_slot[job.outgoing])
+                    self.commit(job.layer, job.buffer, slot)   # the outgoing member's weights are overwritten
+                    committee.replace(job.outgoing, job.incoming)
+                    self.stats.copy_s += time.perf_counter() - t0
+                    self.stats.swaps += 1
+                    self.stats.per_layer_swaps[job.layer] += 1
+                elif not job.ok:
+                    self.stats.swap_failures += 1
+                self.free_buffers.append(job.buffer)
+            elif job.ok:
                 committee.switch(job.incoming, job.outgoing, job.slot)
                 self.stats.swaps += 1
                 self.stats.per_layer_swaps[job.layer] += 1

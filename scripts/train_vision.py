@@ -2,6 +2,7 @@
 
   OMP_NUM_THREADS=1 python scripts/train_vision.py --work runs/vision --epochs 20     # train / resume
   OMP_NUM_THREADS=1 python scripts/train_vision.py --work runs/vision --epochs 20 --export models/pcmoe-vit
+  python scripts/train_vision.py --card-only models/pcmoe-vit   # re-measure a model folder, rewrite its card
 """
 
 import argparse
@@ -12,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from pcmoe.training.vision import VisionTrainConfig, export, train
+from pcmoe.budget import atomic_write_text
+from pcmoe.training.vision import VisionTrainConfig, export, measure, train
 
 
 def main() -> None:
@@ -25,17 +27,25 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", help="folder of the Fashion-MNIST IDX .gz files (default: /usr/share/datasets/...)")
     ap.add_argument("--export", type=Path, help="write the trained model to this folder and evaluate it")
+    ap.add_argument("--card-only", type=Path, metavar="FOLDER",
+                    help="measure an exported model folder and write its card, without the training log")
     args = ap.parse_args()
 
     cfg = VisionTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
                             seed=args.seed, data=args.data)
-    if args.export:
-        info = export(args.work, args.export, cfg)
-        info.update(_run_facts(args.work))
-        info["stream"] = _stream_metrics(args.export, args.data)
-        (args.export / "training_summary.json").write_text(
-            json.dumps({k: v for k, v in info.items() if k != "config"} | {"config": info["config"]}, indent=1) + "\n")
-        write_card(args.export, info, args.epochs)
+    if args.export or args.card_only:
+        folder = args.export or args.card_only
+        if args.export:
+            info = export(args.work, args.export, cfg)
+            info.update(_run_facts(args.work))
+        else:
+            info = measure(folder, cfg) | {"wall_hours": None, "epoch_accuracy": [], "step": None,
+                                           "cpu": _cpu(), "exported": None}
+        info["stream"] = _stream_metrics(folder, args.data)
+        atomic_write_text(folder / "training_summary.json",
+                          json.dumps({k: v for k, v in info.items() if k != "config"} | {"config": info["config"]},
+                                     indent=1) + "\n")
+        write_card(folder, info, args.epochs)
         print(json.dumps({k: v for k, v in info.items() if k not in ("expert_share", "config")}))
         return
     train(args.work, cfg, log=lambda m: print(m, flush=True))
@@ -80,7 +90,15 @@ def write_card(out: Path, info: dict, epochs: int) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     c = info["config"]
     stream = info["stream"]
-    curve = ", ".join(f"{e:.0f}: {a:.4f}" for e, a in info["epoch_accuracy"][::4] + info["epoch_accuracy"][-1:])
+    if info["wall_hours"] is not None:
+        curve = ", ".join(f"{e:.0f}: {a:.4f}" for e, a in info["epoch_accuracy"][::4] + info["epoch_accuracy"][-1:])
+        run = (f"{info['step']} steps. Wall time {info['wall_hours'] * 60:.0f} min on a {info['cpu']} (2 vCPU; a "
+               f"second training job shared the machine), exported {info['exported']} at commit {commit}.\n\n"
+               f"Test accuracy by epoch: {curve}.")
+    else:
+        run = ("The training log of this checkpoint was lost with the machine it ran on (a session restart), so "
+               "its wall time and accuracy curve are not reported; every metric below was measured on the "
+               f"shipped files themselves at commit {commit} on a {info['cpu']}.")
     shares = info["expert_share"]
     share_rows = "\n".join(f"| {layer} | {min(s):.3f} | {max(s):.3f} |" for layer, s in enumerate(shares))
     card = f"""# pcmoe-vit
@@ -118,12 +136,9 @@ and horizontal flips; every metric below is on the test images.
     OMP_NUM_THREADS=1 python scripts/train_vision.py --work runs/vision --epochs {epochs} --export models/pcmoe-vit
 
 AdamW (lr {c['lr']}, cosine to {c['min_lr']}, {c['warmup_steps']} warm-up steps, weight decay
-{c['weight_decay']}), batch {c['batch_size']}, {epochs} epochs ({info['step']} steps), label
-smoothing {c['label_smoothing']}, Switch load-balancing loss x {cfg.router_aux_loss_coef}, seed {c['seed']},
-one torch thread. Wall time {info['wall_hours'] * 60:.0f} min on a {info['cpu']} (2 vCPU; a second
-training job shared the machine), exported {info['exported']} at commit {commit}.
-
-Test accuracy by epoch: {curve}.
+{c['weight_decay']}), batch {c['batch_size']}, {epochs} epochs, label smoothing {c['label_smoothing']},
+Switch load-balancing loss x {cfg.router_aux_loss_coef}, seed {c['seed']}, one torch thread.
+{run}
 
 ## Metrics
 

@@ -98,11 +98,12 @@ def run_stream(folder, synchronous, steps=24, **kw):
     return torch.cat(out), st
 
 
+@pytest.mark.parametrize("spare_slots", [0, 1])  # 0: staged through shared buffers; 1: spare slot per layer
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-def test_async_swaps_equal_sync_swaps(tiny_checkpoint, family):
+def test_async_swaps_equal_sync_swaps(tiny_checkpoint, family, spare_slots):
     folder, _ = tiny_checkpoint(family)
-    sync_logits, sync_stats = run_stream(folder, synchronous=True)
-    async_logits, async_stats = run_stream(folder, synchronous=False)
+    sync_logits, sync_stats = run_stream(folder, synchronous=True, spare_slots=spare_slots)
+    async_logits, async_stats = run_stream(folder, synchronous=False, spare_slots=spare_slots)
     assert sync_stats["swaps"] > 0, "the test must exercise swaps"
     assert torch.equal(sync_logits, async_logits)
     assert sync_stats["swaps"] == async_stats["swaps"]
@@ -110,6 +111,26 @@ def test_async_swaps_equal_sync_swaps(tiny_checkpoint, family):
     assert [{k: v for k, v in layer.items() if k not in timing} for layer in sync_stats["per_layer"]] == \
         [{k: v for k, v in layer.items() if k not in timing} for layer in async_stats["per_layer"]]
     assert all(layer["skipped"] >= 0 for layer in sync_stats["per_layer"])
+
+
+@pytest.mark.parametrize("spare_slots", [0, 1])
+def test_after_swaps_every_slot_holds_its_members_weights(tiny_checkpoint, spare_slots):
+    folder, _ = tiny_checkpoint("qwen3_moe")
+    with pcmoe.load(folder, budget="45%experts", policy="committee", update_every=1, synchronous=True,
+                    margin=0.0, spare_slots=spare_slots, progress=False) as engine:
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for _ in range(12):
+                engine.model(input_ids=torch.randint(0, 128, (1, 3), generator=gen))
+        assert engine.stats()["swaps"] > 0, "the test must exercise swaps"
+        for layer, committee in enumerate(engine.committees):
+            bank = engine.blocks[layer].experts
+            for expert in committee.members():
+                slot = bank.slot(int(committee.expert_to_slot[expert]))
+                fresh = {name: torch.empty_like(t) for name, t in slot.items()}
+                engine.store.read_expert(layer, expert, fresh)
+                for name in slot:
+                    assert torch.equal(slot[name], fresh[name]), (layer, expert, name)
 
 
 @pytest.mark.parametrize("budget", ["35%experts", "50%experts", "75%", "0.45MB", 420_000])
@@ -121,7 +142,9 @@ def test_resident_bytes_never_exceed_budget(tiny_checkpoint, budget, policy):
         slot_bytes = sum(b.experts.slot_nbytes * b.experts.num_slots for b in engine.blocks)
         nonexpert = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters())
     assert st["resident_bytes"] <= st["budget_bytes"]
-    assert slot_bytes == st["resident_expert_bytes"]
+    # swaps without spare slots stage through shared buffers, which count as resident expert bytes
+    assert st["swap_buffer_bytes"] == st["load"]["swap_buffer_bytes"]
+    assert slot_bytes + st["swap_buffer_bytes"] == st["resident_expert_bytes"]
     assert nonexpert == st["nonexpert_bytes"]  # every parameter is a non-expert weight (experts are slots)
 
 
@@ -131,8 +154,10 @@ def test_plan_file_sets_per_layer_sizes(tiny_checkpoint, tmp_path):
     folder, _ = tiny_checkpoint("qwen3_moe")
     write_plan(tmp_path / "plan.json", "qwen3_moe", [8, 8], [3, 6], options={"update_every": 4})
     with pcmoe.load(folder, plan=tmp_path / "plan.json", progress=False) as engine:
-        assert engine.committee_sizes == [3, 6] and engine.slots == [4, 7]
+        assert engine.committee_sizes == [3, 6] and engine.slots == [3, 6]  # staged swaps: no spare slot
         assert engine.options.update_every == 4
+    with pcmoe.load(folder, plan=tmp_path / "plan.json", spare_slots=1, progress=False) as engine:
+        assert engine.slots == [4, 7] and engine.stats()["swap_buffer_bytes"] == 0
     write_plan(tmp_path / "bad.json", "qwen3_moe", [8, 8], [3, 9])
     with pytest.raises(PcmoeError, match="1..8"):
         pcmoe.load(folder, plan=tmp_path / "bad.json", progress=False)

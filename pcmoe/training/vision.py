@@ -174,13 +174,18 @@ def export(work: Path, out_dir: Path, cfg: VisionTrainConfig) -> dict:
     model = VitMoeForImageClassification(VitMoeConfig(**cfg.model))
     model.load_state_dict(state["model"])
     save_pretrained(model.eval(), out_dir)
+    info = measure(out_dir, cfg) | {"step": state["step"]}
+    (work / "export.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def measure(out_dir: Path, cfg: VisionTrainConfig) -> dict:
+    """Test accuracy, expert shares and sizes of a written model folder."""
     reloaded = from_pretrained(out_dir)
     test = evaluate(reloaded, *load_fashion_mnist("test", cfg.data))
     nbytes = {"experts": 0, "rest": 0}
     for key, p in reloaded.state_dict().items():
         nbytes["experts" if ".experts." in key else "rest"] += p.numel() * p.element_size()
-    info = {"step": state["step"], "test_accuracy": test["accuracy"], "expert_share": test["expert_share"],
+    return {"test_accuracy": test["accuracy"], "expert_share": test["expert_share"],
             "parameters": sum(p.numel() for p in reloaded.parameters()), "weight_bytes": nbytes,
             "file_bytes": (out_dir / "model.safetensors").stat().st_size, "config": asdict(cfg)}
-    (work / "export.json").write_text(json.dumps(info, indent=1) + "\n")
-    return info
