@@ -42,14 +42,16 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gate-weights", default="renorm", choices=("renorm", "original"),
                    help="exchange weights: renormalised over members (A) or the full-softmax ones (B)")
     g.add_argument("--tau", type=float, default=0.05, help="hybrid: skip substitutes whose gate is below tau")
-    g.add_argument("--update-every", type=int, default=16, help="committee update period F (default 16)")
-    g.add_argument("--update-unit", default="tokens", choices=("tokens", "inputs"), help="unit of F")
+    # Committee knobs default to None: LoadOptions' defaults, or the model's pcmoe_options.json, apply.
+    g.add_argument("--update-every", type=int, help="committee update period F (default 16, or the model's "
+                                                    "pcmoe_options.json)")
+    g.add_argument("--update-unit", choices=("tokens", "inputs"), help="unit of F (default tokens)")
     g.add_argument("--swap-bytes", type=int, help="swap I/O allowance per forward step in bytes (default 2 experts)")
-    g.add_argument("--importance", default="ema", choices=("window", "ema"),
+    g.add_argument("--importance", choices=("window", "ema"),
                    help="importance aggregation: sum over the update window, or an EMA of windows (default)")
-    g.add_argument("--ema-decay", type=float, default=0.95, help="EMA importance: weight of the past (default 0.95)")
-    g.add_argument("--margin", type=float, default=0.1, help="hysteresis margin for swaps (default 0.1)")
-    g.add_argument("--spare-slots", type=int, default=0,
+    g.add_argument("--ema-decay", type=float, help="EMA importance: weight of the past (default 0.95)")
+    g.add_argument("--margin", type=float, help="hysteresis margin for swaps (default 0.1)")
+    g.add_argument("--spare-slots", type=int,
                    help="extra slots per layer that swaps load into (default 0: swap in place, one more member)")
     g.add_argument("--sync-swaps", action="store_true", help="load swaps inline (same outputs, for testing)")
     g.add_argument("--profile", help="routing profile JSON (from `pcmoe profile`): warm start / static-frequency "
@@ -66,12 +68,13 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
 def _load_engine(args):
     import pcmoe
 
+    knobs = {"update_every": args.update_every, "update_unit": args.update_unit, "importance": args.importance,
+             "ema_decay": args.ema_decay, "margin": args.margin, "spare_slots": args.spare_slots}
     return pcmoe.load(
         args.model, budget=args.budget, policy=args.policy, plan=args.plan, dtype=args.dtype,
-        strategy=args.strategy, renorm=args.gate_weights == "renorm", tau=args.tau,
-        update_every=args.update_every, update_unit=args.update_unit, bytes_per_step=args.swap_bytes,
-        importance=args.importance, ema_decay=args.ema_decay, margin=args.margin, spare_slots=args.spare_slots,
-        synchronous=args.sync_swaps, profile=args.profile, topk=args.topk, seed=args.seed,
+        strategy=args.strategy, renorm=args.gate_weights == "renorm", tau=args.tau, bytes_per_step=args.swap_bytes,
+        **{k: v for k, v in knobs.items() if v is not None}, synchronous=args.sync_swaps, profile=args.profile,
+        topk=args.topk, seed=args.seed,
         track_importance=getattr(args, "track_importance", None),
         io_bandwidth=args.io_bandwidth, evict=not args.no_evict, threads=args.threads,
         progress=not args.quiet and sys.stderr.isatty())

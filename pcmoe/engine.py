@@ -530,9 +530,15 @@ def load(checkpoint_dir: str | os.PathLike, budget=None, policy: str = "committe
     opts = LoadOptions(**options)
     try:
         plan_data = None
+        explicit = set(options)
         if plan is not None:
             plan_data = read_plan(plan)
-            _apply_plan_options(opts, plan_data.get("options") or {}, explicit=set(options))
+            plan_options = plan_data.get("options") or {}
+            _apply_plan_options(opts, plan_options, explicit=explicit)
+            explicit |= set(plan_options) if isinstance(plan_options, dict) else set()
+        model_options = read_model_options(checkpoint_dir)
+        if model_options:
+            _apply_plan_options(opts, model_options, explicit=explicit, source=MODEL_OPTIONS_FILE)
         return _load(Path(checkpoint_dir), budget, policy, plan_data, opts)
     except (CheckpointError, BudgetError) as e:
         raise PcmoeError(str(e)) from None
@@ -541,13 +547,34 @@ def load(checkpoint_dir: str | os.PathLike, budget=None, policy: str = "committe
         raise PcmoeError(f"cannot read the checkpoint {checkpoint_dir}: {e.strerror or e}{where}") from None
 
 
-def _apply_plan_options(opts: LoadOptions, plan_options, explicit: set[str]) -> None:
+MODEL_OPTIONS_FILE = "pcmoe_options.json"
+
+
+def read_model_options(checkpoint_dir) -> dict:
+    """Committee settings a model's publisher measured best for it, from pcmoe_options.json beside
+    the checkpoint ({"format": "pcmoe-options/1", "options": {...}}): defaults below a plan's
+    options and explicit keyword options. {} when there is no such file."""
+    path = Path(checkpoint_dir) / MODEL_OPTIONS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BudgetError(f"{path} is not valid JSON ({e}); fix or delete it") from None
+    if not isinstance(data, dict) or data.get("format") != "pcmoe-options/1" \
+            or not isinstance(data.get("options"), dict):
+        raise BudgetError(f"{path} is not a pcmoe options file (expected {{\"format\": \"pcmoe-options/1\", "
+                          f"\"options\": {{...}}}}); fix or delete it")
+    return data["options"]
+
+
+def _apply_plan_options(opts: LoadOptions, plan_options, explicit: set[str], source: str = "plan") -> None:
     if not isinstance(plan_options, dict):
-        raise BudgetError("the plan's \"options\" must be a JSON object")
+        raise BudgetError(f"the {source}'s \"options\" must be a JSON object")
     known = set(LoadOptions.__dataclass_fields__) - {"progress", "threads", "cache_dir"}
     bad = sorted(set(plan_options) - known)
     if bad:
-        raise BudgetError(f"unknown plan option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+        raise BudgetError(f"unknown {source} option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
     for key, value in plan_options.items():
         if key not in explicit:
             setattr(opts, key, value)

@@ -98,8 +98,14 @@ def write_card(out: Path, info: dict, epochs: int) -> None:
     else:
         run = ("The training log of this checkpoint was lost with the machine it ran on (a session restart), so "
                "its wall time and accuracy curve are not reported; every metric below was measured on the "
-               f"shipped files themselves at commit {commit} on a {info['cpu']}.")
+               f"shipped files themselves at commit {commit} on an {info['cpu']}.")
     shares = info["expert_share"]
+    options = ""
+    if (out / "pcmoe_options.json").exists():  # committee knobs this model ships with
+        shipped = json.loads((out / "pcmoe_options.json").read_text())
+        knobs = ", ".join(f"`{k}={v}`" for k, v in shipped["options"].items())
+        options = (f"Committee settings shipped in `pcmoe_options.json` (applied by `pcmoe.load` unless options "
+                   f"are given): {knobs}. {shipped.get('why', '')}\n\n")
     share_rows = "\n".join(f"| {layer} | {min(s):.3f} | {max(s):.3f} |" for layer, s in enumerate(shares))
     card = f"""# pcmoe-vit
 
@@ -152,7 +158,7 @@ The frame stream (`pcmoe eval --model models/pcmoe-vit`, `pcmoe.models.vit_moe.f
 is built from the test images: runs of 20-120 frames of one class, each frame a random image of
 that class shifted by up to 2 pixels with Gaussian noise (σ 0.05), one frame per forward.
 
-Load balance on the test set (share of each layer's top-{cfg.num_experts_per_tok} choices per expert; uniform = {1 / cfg.num_experts:.3f}):
+{options}Load balance on the test set (share of each layer's top-{cfg.num_experts_per_tok} choices per expert; uniform = {1 / cfg.num_experts:.3f}):
 
 | MoE layer | smallest expert share | largest expert share |
 |---|---|---|

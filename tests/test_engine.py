@@ -314,3 +314,26 @@ def test_lean_decoder_can_be_turned_off(tiny_checkpoint):
     folder, _ = tiny_checkpoint("qwen3_moe")
     with pcmoe.load(folder, policy="full", fast=False, progress=False) as engine:
         assert engine.fast is None and "cache" in engine.new_state()
+
+
+def test_model_options_file_sets_defaults_below_plan_and_keywords(tiny_checkpoint, tmp_path):
+    import json
+
+    from pcmoe.budget import write_plan
+
+    folder, _ = tiny_checkpoint("qwen3_moe")
+    (folder / "pcmoe_options.json").write_text(json.dumps(
+        {"format": "pcmoe-options/1", "options": {"update_every": 3, "ema_decay": 0.7}}))
+    with pcmoe.load(folder, budget="50%experts", progress=False) as engine:
+        assert engine.options.update_every == 3 and engine.options.ema_decay == 0.7
+    with pcmoe.load(folder, budget="50%experts", update_every=5, progress=False) as engine:
+        assert engine.options.update_every == 5 and engine.options.ema_decay == 0.7
+    write_plan(tmp_path / "plan.json", "qwen3_moe", [8, 8], [4, 4], options={"update_every": 4})
+    with pcmoe.load(folder, plan=tmp_path / "plan.json", progress=False) as engine:
+        assert engine.options.update_every == 4 and engine.options.ema_decay == 0.7
+    (folder / "pcmoe_options.json").write_text('{"options": 1}')
+    with pytest.raises(PcmoeError, match="pcmoe options file"):
+        pcmoe.load(folder, budget="50%experts", progress=False)
+    (folder / "pcmoe_options.json").write_text(json.dumps({"format": "pcmoe-options/1", "options": {"nope": 1}}))
+    with pytest.raises(PcmoeError, match="unknown pcmoe_options.json option"):
+        pcmoe.load(folder, budget="50%experts", progress=False)

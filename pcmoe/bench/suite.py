@@ -210,7 +210,7 @@ def plan_runs(args, prompts, sizes: dict, vision_sizes: dict | None = None) -> l
     if vision_sizes and "vision" not in skip:
         vbase = {"kind": "pcmoe", "model": str(args.vision), "model_fp": vision_sizes.get("fingerprint"),
                  "vision": True, "frames": args.frames, "threads": args.threads, "section": "vision",
-                 "options": {"update_unit": "inputs", "update_every": 4}}
+                 "options": {}}  # the model's pcmoe_options.json sets its committee knobs
         runs.append(dict(vbase, label="vision full", curve="vision full", policy="full", calibration=True,
                          weight_bytes=vision_sizes["full"], mem_pct=100.0))
         vgrid = QUICK_VISION if args.quick else {p: grid.get("committee", FULL_BUDGETS) for p in VISION_POLICIES}
