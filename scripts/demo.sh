@@ -13,4 +13,5 @@ from pathlib import Path; from pcmoe.testing import make_checkpoint, make_tokeni
 p = Path('$model'); t = make_tokenizer(p); make_checkpoint('qwen3_moe', p, vocab_size=len(t))" >/dev/null
 fi
 exec .venv/bin/pcmoe generate --model "$model" --budget 50%experts --policy committee \
-  --prompt "${1:-The module provides functions for}" --max-tokens "${2:-80}"
+  --prompt "${1:-The module provides functions for}" --max-tokens "${2:-80}" \
+  --temperature 0.8 --top-p 0.95 --seed-sample 0   # greedy decoding loops on a model this small
