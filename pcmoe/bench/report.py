@@ -434,7 +434,7 @@ def plots(out: Path, results: list[dict]) -> list[tuple[str, str]]:
             ("decode_tokens_per_s", "decode tokens/s (higher is better)", "memory_vs_speed.png", "memory vs speed")):
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         for name, rows in sorted(groups.items()):
-            pts = sorted((memory_x(r), r[metric], r) for r in rows if r.get(metric))
+            pts = sorted(((memory_x(r), r[metric], r) for r in rows if r.get(metric)), key=lambda p: p[:2])
             if not pts:
                 continue
             xs, ys = [p[0] / 1e6 for p in pts], [p[1] for p in pts]
