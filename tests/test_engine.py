@@ -321,7 +321,11 @@ def test_model_options_file_sets_defaults_below_plan_and_keywords(tiny_checkpoin
 
     from pcmoe.budget import write_plan
 
-    folder, _ = tiny_checkpoint("qwen3_moe")
+    import shutil
+
+    shared, _ = tiny_checkpoint("qwen3_moe")
+    folder = tmp_path / "model"  # a copy: the fixture's checkpoint is shared with other tests
+    shutil.copytree(shared, folder)
     (folder / "pcmoe_options.json").write_text(json.dumps(
         {"format": "pcmoe-options/1", "options": {"update_every": 3, "ema_decay": 0.7}}))
     with pcmoe.load(folder, budget="50%experts", progress=False) as engine:

@@ -433,12 +433,15 @@ def plots(out: Path, results: list[dict]) -> list[tuple[str, str]]:
             ("ppl", "held-out perplexity (lower is better)", "memory_vs_quality.png", "memory vs quality"),
             ("decode_tokens_per_s", "decode tokens/s (higher is better)", "memory_vs_speed.png", "memory vs speed")):
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        for name, rows in sorted(groups.items()):
+        palette = plt.get_cmap("tab20").colors  # more series than the default cycle's 10 colours
+        markers = "os^Dv<>pPX*h"
+        for i, (name, rows) in enumerate(sorted(groups.items())):
             pts = sorted(((memory_x(r), r[metric], r) for r in rows if r.get(metric)), key=lambda p: p[:2])
             if not pts:
                 continue
             xs, ys = [p[0] / 1e6 for p in pts], [p[1] for p in pts]
-            ax.plot(xs, ys, marker="o", linestyle="-" if len(pts) > 1 else "none", label=name)
+            ax.plot(xs, ys, marker=markers[i % len(markers)], color=palette[(2 * i) % 20 + (2 * i) // 20 % 2],
+                    linestyle="-" if len(pts) > 1 else "none", label=name)
             if name == "llama.cpp resident":
                 for x, y, p in zip(xs, ys, pts):
                     ax.annotate(p[2].get("outtype", ""), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
