@@ -318,10 +318,9 @@ def test_lean_decoder_can_be_turned_off(tiny_checkpoint):
 
 def test_model_options_file_sets_defaults_below_plan_and_keywords(tiny_checkpoint, tmp_path):
     import json
+    import shutil
 
     from pcmoe.budget import write_plan
-
-    import shutil
 
     shared, _ = tiny_checkpoint("qwen3_moe")
     folder = tmp_path / "model"  # a copy: the fixture's checkpoint is shared with other tests
