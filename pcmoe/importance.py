@@ -22,16 +22,16 @@ class ImportanceTracker:
 
     def __init__(self, expert_norms: torch.Tensor, mode: str = "window", ema_decay: float = 0.5,
                  prior: torch.Tensor | None = None):
-        """prior [N]: expected shares of importance (e.g. from a routing profile). In "ema" mode the
-        first window then updates a score of prior x that window's total instead of zeros, so the
-        first decisions are not those of one short, noisy window."""
+        """prior [N]: expected shares of importance (e.g. from a routing profile). In "ema" mode a
+        window closed while the score is still all zeros (nothing decided yet, nothing restored)
+        updates prior x that window's total instead, so the first decisions are not those of one
+        short, noisy window."""
         if mode not in ("window", "ema"):
             raise ValueError(f"importance mode must be 'window' or 'ema', not {mode!r}")
         self.expert_norms = expert_norms.double()               # [N]
         self.mode = mode
         self.ema_decay = ema_decay
         self.prior = None if prior is None else (prior.double() / prior.double().sum().clamp(min=1e-30))
-        self._windows_closed = 0
         self._window = torch.zeros_like(self.expert_norms)      # [N] sum of ||x||*|G| since the update
         self.score = torch.zeros_like(self.expert_norms)        # [N] what the last update decided on
         self.total = torch.zeros_like(self.expert_norms)        # [N] importance since load (profiles)
@@ -87,10 +87,9 @@ class ImportanceTracker:
         if self.mode == "window":
             self.score = window
         else:
-            if self._windows_closed == 0 and self.prior is not None:
+            if self.prior is not None and not self.score.any():  # a restored score (load_state) wins
                 self.score = self.prior * window.sum()
             self.score = self.ema_decay * self.score + (1 - self.ema_decay) * window
-        self._windows_closed += 1
         self.window = torch.zeros_like(self.expert_norms)
         return self.score
 

@@ -52,6 +52,17 @@ def test_importance_ema():
     assert t.close_window().tolist() == pytest.approx([0.25, 1.0])
 
 
+def test_ema_prior_seeds_the_first_decision_but_not_a_restored_score():
+    t = ImportanceTracker(torch.ones(2), mode="ema", ema_decay=0.5, prior=torch.tensor([1.0, 3.0]))
+    t.accumulate(torch.tensor([1.0]), torch.tensor([[0]]), torch.tensor([[2.0]]))   # window [2, 0]
+    # score 0 -> prior shares [0.25, 0.75] x window total 2, then the EMA step
+    assert t.close_window().tolist() == pytest.approx([0.5 * 0.5 + 0.5 * 2.0, 0.5 * 1.5])
+    restored = ImportanceTracker(torch.ones(2), mode="ema", ema_decay=0.5, prior=torch.tensor([1.0, 3.0]))
+    restored.score = torch.tensor([4.0, 0.0], dtype=torch.float64)    # as Engine.load_state sets it
+    restored.accumulate(torch.tensor([1.0]), torch.tensor([[0]]), torch.tensor([[2.0]]))
+    assert restored.close_window().tolist() == pytest.approx([0.5 * 4.0 + 0.5 * 2.0, 0.0])
+
+
 def test_plan_swaps_best_first_with_hysteresis():
     score = torch.tensor([5.0, 0.0, 4.0, 1.0, 3.0])
     assert plan_swaps(score, members=[1, 3], size=2) == [(0, 1), (2, 3)]
