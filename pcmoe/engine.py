@@ -45,7 +45,7 @@ from pcmoe.checkpoint import Checkpoint, CheckpointError, read_config_dict
 from pcmoe.committee import LayerCommittee
 from pcmoe.importance import ImportanceTracker, top_experts
 from pcmoe.models import FAMILIES
-from pcmoe.moe import CommitteeMoE, SlotExperts, slot_nbytes
+from pcmoe.moe import CommitteeMoE, SlotExperts, expert_buffer, slot_nbytes
 from pcmoe.options import POLICIES, STRATEGIES, LoadOptions, PcmoeError
 from pcmoe.policies import (
     ALL_RESIDENT_POLICIES,
@@ -844,7 +844,7 @@ def _load_checkpoint(folder, ckpt, config, family, budget_spec, policy, plan, op
     staging_bytes = slot_nbytes(family.kernel(), dtype, None)           # one expert as read from disk
     # A load issued at one step boundary is switched at the next, so a step's allowance bounds what
     # is in flight: that many buffers.
-    n_buffers = max(1, max(bytes_per_step, max(expert_bytes)) // max(expert_bytes)) \
+    n_buffers = max(bytes_per_step, max(expert_bytes)) // max(expert_bytes) \
         if policy in DYNAMIC_POLICIES and spare == 0 else 0
     buffer_bytes = n_buffers * staging_bytes
     budget = parse_budget(budget_spec, sizes)
@@ -933,9 +933,7 @@ def _load_checkpoint(folder, ckpt, config, family, budget_spec, policy, plan, op
     if policy in DYNAMIC_POLICIES and any(n < N for n in committee_sizes):
         staging = None
         if n_buffers:
-            shapes = family.kernel().tensors
-            buffers = [{name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
-                       for _ in range(n_buffers)]
+            buffers = [expert_buffer(family.kernel(), dtype) for _ in range(n_buffers)]
             staging = (lambda layer, expert, b: store.load(layer, expert, buffers[b]),
                        lambda layer, b, slot: blocks[layer].experts.write(slot, buffers[b]), n_buffers)
         scheduler = SwapScheduler(

@@ -98,6 +98,11 @@ class MlpKernel:
         return _grouped(h.contiguous(), bank["wo"].transpose(1, 2), offs)
 
 
+def expert_buffer(kernel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Room for one expert's weights as stored on disk (full precision): name -> empty tensor."""
+    return {name: torch.empty(shape, dtype=dtype) for name, shape in kernel.tensors.items()}
+
+
 def bank_tensors(kernel, dtype: torch.dtype, quant: str | None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The tensors of one slot: name -> (shape, dtype)."""
     if quant is None:
@@ -151,8 +156,7 @@ class SlotExperts(nn.Module):
         if self.quant is None:
             return self.slot(s)
         if not hasattr(self._staging, "buffers"):
-            shapes = self.kernel.tensors.items()
-            self._staging.buffers = {n: torch.empty(shape, dtype=self.dtype) for n, shape in shapes}
+            self._staging.buffers = expert_buffer(self.kernel, self.dtype)
         return self._staging.buffers
 
     def write(self, s: int, weights: dict[str, torch.Tensor]) -> None:
