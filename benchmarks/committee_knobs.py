@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import pcmoe  # noqa: E402
-from pcmoe.budget import atomic_write_text  # noqa: E402
 from pcmoe.engine import inspect  # noqa: E402
 from pcmoe.evaluate import perplexity, read_documents  # noqa: E402
+from pcmoe.system import atomic_write_text  # noqa: E402
 
 # name -> (policy, load options); the first committee row is the default configuration. Options
 # are changes from the defaults (EMA 0.95, F = 16 tokens, margin 0.1, staged swaps with no spare

@@ -32,8 +32,9 @@ sys.path.insert(0, str(REPO))
 
 from pcmoe.bench.cgroup import available, run_limited  # noqa: E402
 from pcmoe.bench.common import git_commit  # noqa: E402
-from pcmoe.budget import atomic_write_text, format_bytes  # noqa: E402
+from pcmoe.budget import format_bytes  # noqa: E402
 from pcmoe.checkpoint import Checkpoint  # noqa: E402
+from pcmoe.system import atomic_write_text  # noqa: E402
 
 DEFAULT_MODEL = REPO / "data/bench/qwen3-moe-400m"
 SHIPPED_LM = REPO / "models/pcmoe-lm"

@@ -28,9 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-from pcmoe.budget import atomic_write_text
-from pcmoe.cli import _add_load_options, _load_engine
+from pcmoe.args import add_load_options, engine_from_args
 from pcmoe.evaluate import perplexity, read_documents
+from pcmoe.system import atomic_write_text
 
 DEFAULT_DATA = [f"data/corpus/val_{d}.txt" for d in ("pydoc", "linuxdoc", "stdlib")]
 
@@ -62,7 +62,7 @@ def run(args, condition: str, stream: list[tuple[str, str]]) -> dict:
     """Score the interleaved stream on a fresh engine; condition: shared | per-user | reference."""
     if condition == "reference":
         args = argparse.Namespace(**{**vars(args), "policy": "full", "budget": None})
-    engine = _load_engine(args)
+    engine = engine_from_args(args)
     states: dict[str, dict] = {}
     per_user: dict[str, dict] = {}
     t0 = time.perf_counter()
@@ -140,7 +140,7 @@ def _commit() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_load_options(ap)
+    add_load_options(ap)
     ap.set_defaults(budget="50%experts")
     ap.add_argument("--data", nargs="+", help="one file per user (or one file split into --users blocks); default: "
                     "the val corpora under data/corpus if present, else <model>/eval/heldout.txt split")

@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
-import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from pcmoe.system import atomic_write_text
 
 PLAN_FORMAT = "pcmoe-plan/1"
 
@@ -172,50 +172,3 @@ def write_plan(path: str | os.PathLike, model_type: str, num_experts: list[int],
             "committee_sizes": committee_sizes, "options": options or {}}
     data.update(extra or {})
     atomic_write_text(Path(path), json.dumps(data, indent=1))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old or the new content, never a part, even after a
-    crash: a unique temporary file beside it, flushed to disk, then renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far. VmHWM belongs to this process image: unlike
-    getrusage's ru_maxrss it does not carry over, through fork and exec, the parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

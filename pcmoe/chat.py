@@ -126,7 +126,7 @@ class ChatError(Exception):
 
 
 def run_chat(backend, system: str | None = None, stdin=None, out=None) -> int:
-    from pcmoe.cli import print_stats
+    from pcmoe.args import print_stats
 
     stdin, out = stdin or sys.stdin, out or sys.stdout
     interactive = stdin.isatty()
@@ -208,9 +208,9 @@ def cmd_chat(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     else:
-        from pcmoe.cli import _load_engine
+        from pcmoe.args import engine_from_args
 
-        backend = LocalChat(_load_engine(args), args)
+        backend = LocalChat(engine_from_args(args), args)
     try:
         return run_chat(backend, system=args.system)
     finally:

@@ -14,7 +14,6 @@ are read into their slots expert by expert.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -30,14 +29,11 @@ from torch import nn
 from pcmoe.budget import (
     BudgetError,
     ModelBytes,
-    atomic_write_text,
     check_plan,
     format_bytes,
     minimum_budget,
     parse_budget,
-    peak_rss_bytes,
     read_plan,
-    rss_bytes,
     slots_for,
     uniform_sizes,
 )
@@ -56,6 +52,7 @@ from pcmoe.policies import (
 )
 from pcmoe.scheduler import SwapScheduler
 from pcmoe.store import STORAGE_PROFILES, ExpertStore
+from pcmoe.system import atomic_write_text, peak_rss_bytes, rss_bytes
 
 PROFILE_FORMAT = "pcmoe-profile/1"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -148,24 +145,6 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
         parent._parameters[name] = nn.Parameter(value, requires_grad=False)
     else:
         parent._buffers[name] = value
-
-
-def _fingerprint(ckpt: Checkpoint) -> str:
-    """Identifies the checkpoint's contents cheaply: every tensor's name, dtype, shape and place,
-    and 4 kB samples at 33 evenly spread offsets of each file (re-saved weights of the same shapes
-    change the samples). Not mtimes: a fresh clone must still match the norms shipped beside it."""
-    h = hashlib.sha1()
-    for name in sorted(ckpt.tensors):
-        t = ckpt.tensors[name]
-        h.update(f"{name}:{t.file.name}:{t.dtype}:{t.shape}:{t.offset}:{t.nbytes};".encode())
-    for path in sorted({t.file for t in ckpt.tensors.values()}):
-        size = path.stat().st_size
-        h.update(f"{path.name}:{size}".encode())
-        with open(path, "rb") as f:
-            for i in range(33):
-                f.seek(max(0, min(size - 4096, size * i // 32)))
-                h.update(f.read(4096))
-    return h.hexdigest()[:16]
 
 
 def _progress(iterable, desc: str, enabled: bool, total: int | None = None, unit: str = "expert"):
@@ -654,7 +633,7 @@ def _io_bandwidth(value) -> float | None:
 def _expert_norms(ckpt: Checkpoint, store: ExpertStore, num_experts: list[int],
                   opts: LoadOptions) -> list[torch.Tensor]:
     """||E_i|| per layer, streamed from disk once and cached by checkpoint fingerprint."""
-    key = _fingerprint(ckpt)
+    key = ckpt.fingerprint()
     shipped = ckpt.folder / "pcmoe_expert_norms.json"
     cache_root = Path(opts.cache_dir or os.environ.get("PCMOE_CACHE") or Path.home() / ".cache" / "pcmoe")
     cached = cache_root / key / "expert_norms.json"

@@ -70,9 +70,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pcmoe.budget import atomic_write_text, rss_bytes
 from pcmoe.chat import chat_prompt, turn_end_ids
 from pcmoe.options import PcmoeError
+from pcmoe.system import atomic_write_text, rss_bytes
 
 log = logging.getLogger("pcmoe.server")
 
@@ -1110,7 +1110,7 @@ def default_state_dir(model: str | os.PathLike) -> Path:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from pcmoe.cli import _load_engine
+    from pcmoe.args import engine_from_args
 
     for ok, message in ((0 <= args.port < 65536, "--port must be in 0..65535"),
                         (args.queue_size >= 0, "--queue-size must be >= 0"),
@@ -1124,7 +1124,7 @@ def cmd_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
-    engine = _load_engine(args)
+    engine = engine_from_args(args)
     try:
         name = args.model_name or Path(args.model).resolve().name
         state_dir = None if args.no_user_state else (args.state_dir or default_state_dir(args.model))

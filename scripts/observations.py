@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 import pcmoe
-from pcmoe.budget import PLAN_FORMAT, atomic_write_text
+from pcmoe.budget import PLAN_FORMAT
+from pcmoe.system import atomic_write_text
 
 # ------------------------------------------------------------------------------------------------
 # 1. Temporal locality

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from pcmoe.budget import atomic_write_text
+from pcmoe.system import atomic_write_text
 from pcmoe.training.vision import VisionTrainConfig, export, measure, train
 
 

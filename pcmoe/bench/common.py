@@ -16,7 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
-from pcmoe.budget import atomic_write_bytes, atomic_write_text
+from pcmoe.system import atomic_write_bytes, atomic_write_text
 
 BUSY_CPU_SHARE = 0.10  # runs where other processes used more of the machine than this are flagged
 # The checkpoint's torch dtype -> the GGUF type of the same precision, and bytes per weight.

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from pcmoe.bench import common
-from pcmoe.budget import atomic_write_text
+from pcmoe.system import atomic_write_text
 
 logger = logging.getLogger("pcmoe.bench.llamacpp")
 
@@ -361,7 +361,7 @@ def log_softmax_nll(logits, targets) -> float:
 
 
 def _peak_rss() -> int:
-    from pcmoe.budget import peak_rss_bytes
+    from pcmoe.system import peak_rss_bytes
 
     return peak_rss_bytes()
 

@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from pcmoe.bench.common import BUSY_CPU_SHARE, GGUF_TYPE, missing, savefig
-from pcmoe.budget import atomic_write_bytes, atomic_write_text, format_bytes
+from pcmoe.budget import format_bytes
+from pcmoe.system import atomic_write_bytes, atomic_write_text
 
 READING_BEGIN = "<!-- reading: hand-written; kept when this file is regenerated -->"
 READING_END = "<!-- /reading -->"

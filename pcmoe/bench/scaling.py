@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 
 from pcmoe.bench import common, suite
-from pcmoe.budget import atomic_write_text, format_bytes
+from pcmoe.budget import format_bytes
+from pcmoe.system import atomic_write_text
 
 SHAPES = {  # "mid": the 1-3 GB models of the study; "tiny": a smoke test in seconds
     "mid": dict(hidden_size=1024, num_hidden_layers=8, num_experts_per_tok=4, moe_intermediate_size=768,

@@ -68,7 +68,7 @@ def run_pcmoe(spec):
     import torch
 
     import pcmoe
-    from pcmoe.budget import peak_rss_bytes
+    from pcmoe.system import peak_rss_bytes
 
     if spec.get("evict", True):
         from pcmoe.checkpoint import Checkpoint
@@ -187,8 +187,8 @@ def run_transformers(spec, offload: bool):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-    from pcmoe.budget import peak_rss_bytes
     from pcmoe.checkpoint import Checkpoint
+    from pcmoe.system import peak_rss_bytes
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

@@ -369,10 +369,9 @@ def write_profile(work: Path, out_dir: Path, docs_per_domain: int = 40, max_toke
 def write_expert_norms(out_dir: Path) -> None:
     """Ship ||E_i|| beside the checkpoint so a first load does not stream every expert."""
     import pcmoe
-    from pcmoe.engine import _fingerprint
 
     with pcmoe.load(out_dir, policy="full", progress=False) as engine:
-        data = {"fingerprint": _fingerprint(engine.checkpoint), "norms": [n.tolist() for n in engine.expert_norms]}
+        data = {"fingerprint": engine.checkpoint.fingerprint(), "norms": [n.tolist() for n in engine.expert_norms]}
     (out_dir / "pcmoe_expert_norms.json").write_text(json.dumps(data))
 
 

@@ -1,0 +1,98 @@
+"""Command-line options shared by every front end (CLI, chat, server, benchmarks), and the
+statistics table they print. Torch-free at import: `pcmoe --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pcmoe.budget import format_bytes
+
+DEFAULT_MODEL = "models/pcmoe-lm"
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint folder (default: {DEFAULT_MODEL})")
+
+
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    from pcmoe.options import POLICIES, STRATEGIES
+
+    add_model(p)
+    g = p.add_argument_group("memory and policy")
+    g.add_argument("--budget", help="weight memory: bytes with a unit (2GB, 800MiB), a share of the model "
+                                    "(50%%) or of its experts (50%%experts); default: everything resident")
+    g.add_argument("--policy", default="committee", choices=POLICIES, help="serving policy (default: committee)")
+    g.add_argument("--plan", help="plan JSON with per-layer committee sizes (instead of a uniform split)")
+    g.add_argument("--dtype", default="auto", help="weights dtype: auto (as stored), float32, bfloat16")
+    g = p.add_argument_group("committee")
+    g.add_argument("--strategy", default="exchange", choices=STRATEGIES,
+                   help="a token whose expert is absent: exchange to a member, skip it, or hybrid")
+    g.add_argument("--gate-weights", default="renorm", choices=("renorm", "original"),
+                   help="exchange weights: renormalised over members (A) or the full-softmax ones (B)")
+    g.add_argument("--tau", type=float, default=0.05, help="hybrid: skip substitutes whose gate is below tau")
+    # Committee knobs default to None: LoadOptions' defaults, or the model's pcmoe_options.json, apply.
+    g.add_argument("--update-every", type=int, help="committee update period F (default 16, or the model's "
+                                                    "pcmoe_options.json)")
+    g.add_argument("--update-unit", choices=("tokens", "inputs"), help="unit of F (default tokens)")
+    g.add_argument("--swap-bytes", type=int, help="swap I/O allowance per forward step in bytes (default 2 experts)")
+    g.add_argument("--importance", choices=("window", "ema"),
+                   help="importance aggregation: sum over the update window, or an EMA of windows (default)")
+    g.add_argument("--ema-decay", type=float, help="EMA importance: weight of the past (default 0.95)")
+    g.add_argument("--margin", type=float, help="hysteresis margin for swaps (default 0.1)")
+    g.add_argument("--spare-slots", type=int,
+                   help="extra slots per layer that swaps load into (default 0: swap in place, one more member)")
+    g.add_argument("--sync-swaps", action="store_true", help="load swaps inline (same outputs, for testing)")
+    g.add_argument("--profile", help="routing profile JSON (from `pcmoe profile`): warm start / static-frequency "
+                                     "(default: profile.json beside the model if any; 'none' for no profile)")
+    g.add_argument("--topk", type=int, help="topk-reduce: experts kept per token")
+    g.add_argument("--seed", type=int, default=0, help="random-keep seed")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--io-bandwidth", help="emulate storage: MB/s, or emmc (300), ufs (2000), nvme (3000)")
+    g.add_argument("--no-evict", action="store_true", help="leave read ranges in the page cache")
+    g.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def engine_from_args(args):
+    """pcmoe.load() with the options add_load_options() defined."""
+    import pcmoe
+
+    knobs = {"update_every": args.update_every, "update_unit": args.update_unit, "importance": args.importance,
+             "ema_decay": args.ema_decay, "margin": args.margin, "spare_slots": args.spare_slots}
+    return pcmoe.load(
+        args.model, budget=args.budget, policy=args.policy, plan=args.plan, dtype=args.dtype,
+        strategy=args.strategy, renorm=args.gate_weights == "renorm", tau=args.tau, bytes_per_step=args.swap_bytes,
+        **{k: v for k, v in knobs.items() if v is not None}, synchronous=args.sync_swaps, profile=args.profile,
+        topk=args.topk, seed=args.seed,
+        track_importance=getattr(args, "track_importance", None),
+        io_bandwidth=args.io_bandwidth, evict=not args.no_evict, threads=args.threads,
+        progress=not args.quiet and sys.stderr.isatty())
+
+
+def print_stats(stats: dict, out=None) -> None:
+    out = out or sys.stdout
+    rows = [
+        ("policy", stats["policy"]),
+        ("budget", format_bytes(stats["budget_bytes"])),
+        ("resident weights", f"{format_bytes(stats['resident_bytes'])} "
+                             f"(experts {format_bytes(stats['resident_expert_bytes'])}, "
+                             f"full model {format_bytes(stats['full_model_bytes'])})"),
+        ("committee sizes", " ".join(map(str, stats["committee_sizes"]))),
+        ("hit rate", f"{stats['hit_rate']:.3f} ({stats['hits']}/{stats['choices']})"),
+        ("router mass outside", f"{stats['router_mass_outside']:.3f}"),
+        ("exchanged / skipped", f"{stats['exchanged']} / {stats['skipped']}"),
+        ("swaps (failed)", f"{stats['swaps']} ({stats['swap_failures']}) in {stats['updates']} updates"),
+        ("bytes read", f"{format_bytes(stats['bytes_read'])} in {stats['reads']} reads, {stats['read_s']:.3f} s"),
+        ("stall", f"{stats['stall_s']:.3f} s"),
+        ("peak RSS", format_bytes(stats["peak_rss_bytes"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}", file=out)
+    print(f"  {'layer':<6}{'size':>5}{'hits':>8}{'misses':>8}{'outside':>9}{'swaps':>7}", file=out)
+    for layer in stats["per_layer"]:
+        print(f"  {layer['layer']:<6}{layer['committee_size']:>5}{layer['hits']:>8}{layer['misses']:>8}"
+              f"{layer['router_mass_outside']:>9.3f}{layer['swaps']:>7}", file=out)
+
+
