@@ -1,4 +1,5 @@
-"""What load() accepts, and the names of policies and strategies (torch-free, for fast CLIs)."""
+"""What load() accepts, the names of policies and strategies, and the sampling and text rules that
+the CLI and the server share (torch-free, for fast CLIs)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,69 @@ class LoadOptions:
     evict: bool = True             # drop read ranges from the page cache
     cache_dir: str | None = None   # where expert norms are cached
     progress: bool = True
+
+
+# -- sampling and text rules shared by the CLI and the server ------------------------------------
+
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+_NOT_GIVEN = object()
+
+
+class OptionError(PcmoeError):
+    """A value outside what pcmoe accepts. `param` is its API name (top_p); `message(name)` says the
+    same with another name for it (the CLI's --top-p, the server's 'top_p')."""
+
+    def __init__(self, param: str, rule: str, got=_NOT_GIVEN):
+        self.param, self.rule, self.got = param, rule, got
+        super().__init__(self.message(param))
+
+    def message(self, name: str) -> str:
+        return f"{name} {self.rule}" + ("" if self.got is _NOT_GIVEN else f" (got {self.got!r})")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_sampling(temperature=None, top_p=None, max_tokens=None, seed=None, stop=None) -> None:
+    """Raise OptionError for the first sampling value outside the rules; None means not given.
+    The one definition of what `pcmoe generate`, `pcmoe chat` and the server accept."""
+    if max_tokens is not None and not (_is_int(max_tokens) and max_tokens >= 1):
+        raise OptionError("max_tokens", "must be an integer of at least 1", max_tokens)
+    # `not (a <= x <= b)` also refuses NaN
+    if temperature is not None and not (_is_number(temperature) and 0 <= temperature <= 2):
+        raise OptionError("temperature", "must be a number from 0 (greedy) to 2", temperature)
+    if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
+        raise OptionError("top_p", "must be a number above 0 and at most 1", top_p)
+    if seed is not None and not (_is_int(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise OptionError("seed", "must be an integer from -2**63 to 2**64-1", seed)
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+            raise OptionError("stop", f"must be a string or a list of at most {MAX_STOP_STRINGS} strings")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise OptionError("stop", f"takes at most {MAX_STOP_STRINGS} strings", len(stops))
+        for s in stops:
+            check_text(s, "stop")
+
+
+def check_text(value: str, param: str, from_bytes: bool = False) -> None:
+    """Raise OptionError if `value` is not Unicode text a tokenizer can take: a lone UTF-16 surrogate
+    (JSON can carry one as "\\ud800"), or, `from_bytes`, a byte that is not UTF-8 (Python decodes
+    command-line bytes it cannot read to U+DC80..U+DCFF)."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(value[e.start])
+        if from_bytes and 0xDC80 <= code <= 0xDCFF:
+            raise OptionError(param, f"is not UTF-8 text: byte 0x{code - 0xDC00:02X} at character {e.start} "
+                                     "(use a UTF-8 terminal or locale, or recode the text)") from None
+        raise OptionError(param, f"is not valid Unicode: a lone UTF-16 surrogate (U+{code:04X}) at character "
+                                 f"{e.start}") from None
