@@ -1,33 +1,19 @@
-"""Memory budgets, per-layer committee sizes, and the plan file format.
+"""Memory budgets: bytes, committee sizes, slots and staging buffers.
 
 A budget counts weight bytes held in RAM: the non-expert weights (always resident) plus every
-expert slot (committee members and the spare slots that swaps load into). The Python/torch runtime,
-activations and the KV cache come on top; `pcmoe eval` reports them as the measured overhead.
+expert slot (committee members and any spare slots swaps load into) plus the shared staging
+buffers of staged swaps. The Python/torch runtime, activations and the KV cache come on top;
+`pcmoe eval` reports them as the measured overhead. This module owns all of that arithmetic:
+the loader, `pcmoe info` and the bench's skip rule all ask `size_committees` / `minimum_budget`.
 
 Budget strings:  "1.5GB", "800MiB", "123456" (bytes);  "50%" = half of the full model's weight
 bytes;  "50%experts" = the non-expert weights plus half of the expert weights.
-
-Plan file (JSON, written by the planner, read by load/serve):
-  {
-    "format": "pcmoe-plan/1",
-    "model_type": "qwen3_moe",
-    "num_experts": [16, 16, ...],          # per MoE layer, to check the plan matches the model
-    "committee_sizes": [8, 10, ...],       # resident members per MoE layer (spare slots excluded)
-    "options": {"update_every": 32, ...}   # optional load() options (strategy, update_unit, ...)
-  }
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
-
-from pcmoe.system import atomic_write_text
-
-PLAN_FORMAT = "pcmoe-plan/1"
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -91,9 +77,58 @@ def format_bytes(n: float | int | None) -> str:
     return f"{int(n)} B"
 
 
-def minimum_budget(sizes: ModelBytes, spare_slots: int) -> int:
-    """Non-expert weights + one member (+ spare slots) per MoE layer."""
-    return sizes.slots_bytes([min(1 + spare_slots, n) for n in sizes.num_experts])
+def swap_buffer_count(bytes_per_step: int, expert_bytes: list[int]) -> int:
+    """Staging buffers of staged swaps: a load issued at one step boundary is switched in at the
+    next, so a step's I/O allowance bounds how many are in flight at once."""
+    largest = max(expert_bytes)
+    return max(bytes_per_step, largest) // largest
+
+
+def minimum_budget(sizes: ModelBytes, spare_slots: int = 0, buffer_bytes: int = 0) -> int:
+    """Non-expert weights + one member (+ spare slots) per MoE layer (+ staging buffers)."""
+    return sizes.slots_bytes([min(1 + spare_slots, n) for n in sizes.num_experts]) + buffer_bytes
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """What a load keeps resident: committee sizes and slots per MoE layer, staging buffers."""
+
+    committee_sizes: list[int]   # members per MoE layer (counts)
+    slots: list[int]             # expert slots per MoE layer (members + spare slots)
+    swap_buffers: int            # shared staging buffers (staged swaps), each `buffer_bytes // swap_buffers`
+    buffer_bytes: int
+    weight_bytes: int            # everything above plus the non-expert weights
+    budget: int                  # the budget given, or weight_bytes when none was
+
+
+def size_committees(sizes: ModelBytes, budget: int | None, *, policy: str, swapped: bool, all_resident: bool,
+                    spare_slots: int = 0, bytes_per_step: int | None = None, staging_bytes: int = 0,
+                    plan_sizes: list[int] | None = None) -> Sizing:
+    """Committee sizes, slots and staging buffers for a load, checked against the budget.
+
+    swapped: the committee changes by swaps (needs spare slots, or staging buffers of
+    `staging_bytes` each when spare_slots is 0); all_resident: the policy keeps every expert."""
+    spare = spare_slots if swapped else 0
+    bytes_per_step = bytes_per_step or 2 * max(sizes.expert)
+    buffers = swap_buffer_count(bytes_per_step, sizes.expert) if swapped and spare == 0 else 0
+    buffer_bytes = buffers * staging_bytes
+    if all_resident or (plan_sizes is None and (budget is None or sizes.full <= budget)):
+        committee = list(sizes.num_experts)
+    elif plan_sizes is not None:
+        committee = list(plan_sizes)
+    else:
+        committee = uniform_sizes(budget - buffer_bytes, sizes, spare, policy, reserved=buffer_bytes)
+    slots = slots_for(committee, sizes, spare)
+    if all(n >= N for n, N in zip(committee, sizes.num_experts)):
+        buffers = buffer_bytes = 0  # nothing will ever be swapped
+    need = sizes.slots_bytes(slots) + buffer_bytes
+    if budget is not None and need > budget:
+        if all_resident:
+            raise BudgetError(f"policy {policy} keeps every expert resident ({format_bytes(need)}) but the budget "
+                              f"is {format_bytes(budget)}; raise the budget or use committee/on-demand")
+        raise BudgetError(f"the plan needs {format_bytes(need)} of weights but the budget is {format_bytes(budget)} "
+                          f"(minimum {format_bytes(minimum_budget(sizes, spare, buffer_bytes))})")
+    return Sizing(committee, slots, buffers, buffer_bytes, need, budget if budget is not None else need)
 
 
 def uniform_sizes(budget: int, sizes: ModelBytes, spare_slots: int, policy: str, reserved: int = 0) -> list[int]:
@@ -102,9 +137,6 @@ def uniform_sizes(budget: int, sizes: ModelBytes, spare_slots: int, policy: str,
 
     Each layer gets the same share of its experts; leftover bytes give one more member to layers
     in order. A layer that keeps all its experts needs no spare slot."""
-    def slots(n_per_layer):
-        return [n if n >= N else n + spare_slots for n, N in zip(n_per_layer, sizes.num_experts)]
-
     L = len(sizes.num_experts)
     need_min = minimum_budget(sizes, spare_slots)
     if budget < need_min:
@@ -117,7 +149,7 @@ def uniform_sizes(budget: int, sizes: ModelBytes, spare_slots: int, policy: str,
     best = [1] * L
     for n in range(1, max(sizes.num_experts) + 1):
         cand = [min(n, N) for N in sizes.num_experts]
-        if sizes.slots_bytes(slots(cand)) > budget:
+        if sizes.slots_bytes(slots_for(cand, sizes, spare_slots)) > budget:
             break
         best = cand
     for layer in range(L):  # spend what is left, one expert per layer, in order
@@ -125,50 +157,11 @@ def uniform_sizes(budget: int, sizes: ModelBytes, spare_slots: int, policy: str,
             continue
         cand = list(best)
         cand[layer] += 1
-        if sizes.slots_bytes(slots(cand)) <= budget:
+        if sizes.slots_bytes(slots_for(cand, sizes, spare_slots)) <= budget:
             best = cand
     return best
 
 
 def slots_for(committee_sizes: list[int], sizes: ModelBytes, spare_slots: int) -> list[int]:
+    """A layer that keeps all its experts needs no spare slot."""
     return [n if n >= N else n + spare_slots for n, N in zip(committee_sizes, sizes.num_experts)]
-
-
-# -- plan files -----------------------------------------------------------------------------
-
-
-def read_plan(plan: str | os.PathLike | dict) -> dict:
-    if isinstance(plan, dict):
-        data = plan
-    else:
-        path = Path(plan)
-        if not path.exists():
-            raise BudgetError(f"plan file {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except ValueError as e:
-            raise BudgetError(f"plan file {path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or not isinstance(data.get("committee_sizes"),
-                                                                                         list):
-        raise BudgetError(f"not a pcmoe plan (expected \"format\": \"{PLAN_FORMAT}\" and a committee_sizes list)")
-    return data
-
-
-def check_plan(data: dict, model_type: str, num_experts: list[int]) -> list[int]:
-    sizes = data["committee_sizes"]
-    if data.get("model_type") not in (None, model_type):
-        raise BudgetError(f"the plan is for a {data['model_type']} model, not {model_type}")
-    if len(sizes) != len(num_experts):
-        raise BudgetError(f"the plan has {len(sizes)} committee sizes but the model has {len(num_experts)} MoE layers")
-    for layer, (n, N) in enumerate(zip(sizes, num_experts)):
-        if not isinstance(n, int) or not 1 <= n <= N:
-            raise BudgetError(f"plan committee size {n!r} for MoE layer {layer} must be an integer in 1..{N}")
-    return list(sizes)
-
-
-def write_plan(path: str | os.PathLike, model_type: str, num_experts: list[int], committee_sizes: list[int],
-               options: dict | None = None, extra: dict | None = None) -> None:
-    data = {"format": PLAN_FORMAT, "model_type": model_type, "num_experts": num_experts,
-            "committee_sizes": committee_sizes, "options": options or {}}
-    data.update(extra or {})
-    atomic_write_text(Path(path), json.dumps(data, indent=1))

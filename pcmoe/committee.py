@@ -76,7 +76,7 @@ class LayerCommittee:
     def release(self, slot: int) -> None:
         self.reserved.discard(slot)
 
-    def replace(self, outgoing: int, incoming: int) -> int:
+    def replace(self, incoming: int, outgoing: int) -> int:
         """Between two forwards: `incoming` takes over the slot of member `outgoing`, whose weights
         the caller has just overwritten with the incoming expert's. Returns the slot."""
         slot = self.evict(outgoing)

@@ -14,13 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SUPPORTED = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
-
 
 def supports(model) -> bool:
+    """Whether a model of a `lean_decoder` family has nothing the lean path leaves out."""
     cfg = model.config
-    if cfg.model_type not in SUPPORTED:
-        return False
     types = getattr(cfg, "layer_types", None) or ["full_attention"]
     if any(t != "full_attention" for t in types):
         return False  # sliding-window layers: keep the transformers path
@@ -61,9 +58,6 @@ class KVCache:
                 new[:, :, :self.length] = old[:, :, :self.length]
                 buffers[i] = new
 
-    def get_seq_length(self) -> int:
-        return self.length
-
 
 def _fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
     """One [Hq*D + 2*Hkv*D, H] projection instead of three (one call per layer instead of three).
@@ -86,7 +80,10 @@ def _fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
 
 
 class FastDecoder:
-    def __init__(self, model):
+    """The registry says which families it runs (Family.lean_decoder) and how they normalise
+    queries and keys (Family.qk_norm)."""
+
+    def __init__(self, model, family):
         cfg = model.config
         self.model = model
         self.config = cfg
@@ -97,7 +94,8 @@ class FastDecoder:
         self.lm_head = model.lm_head
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.q_heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.per_head_norm = cfg.model_type == "qwen3_moe"   # OLMoE normalises the whole projection
+        self.per_head_norm = family.qk_norm == "per_head"      # Qwen3; OLMoE normalises the whole projection
+        self.projection_norm = family.qk_norm == "projection"
         self.clip = getattr(cfg, "clip_qkv", None)
         self.layers = list(base.layers)
         self.qkv = [_fuse_qkv(layer.self_attn) for layer in self.layers]
@@ -123,7 +121,7 @@ class FastDecoder:
             h = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
             weight, bias, split = self.qkv[i]
             q, k, v = F.linear(h, weight, bias).split(split, dim=-1)        # [1, n, Hq*D], [1, n, Hkv*D] x2
-            if not self.per_head_norm and hasattr(attn, "q_norm"):         # OLMoE
+            if self.projection_norm:                                        # OLMoE
                 q = _rms(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
                 k = _rms(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
             if self.clip is not None:

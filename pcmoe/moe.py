@@ -178,30 +178,43 @@ class SlotExperts(nn.Module):
             else:
                 slot[name].copy_(w)
 
-    def forward_one(self, x: torch.Tensor, slots: list[int], weights: list[float]) -> torch.Tensor:
-        """One token: x [1, H], its k slots (-1 = none) and weights as Python numbers -> [1, H]."""
-        out = None
-        for s, w in zip(slots, weights):
+    # Outputs are combined over a token's k choices in choice order, whatever the slots: the same
+    # experts give the same bits whichever slots hold them (on-demand == full at every dtype).
+
+    def outputs_one(self, x: torch.Tensor, slots: list[int], into: list | None = None) -> list:
+        """One token: each choice's expert output [1, H] (None where the slot is -1 and `into`
+        has nothing yet). `into` keeps outputs computed in an earlier round."""
+        ys = list(into) if into is not None else [None] * len(slots)
+        for j, s in enumerate(slots):
             if s >= 0:
-                y = self.kernel(x, self._slots[s])
+                ys[j] = self.kernel(x, self._slots[s])
+        return ys
+
+    @staticmethod
+    def combine_one(x: torch.Tensor, ys: list, weights: list[float]) -> torch.Tensor:
+        out = None
+        for y, w in zip(ys, weights):
+            if y is not None:
                 out = y.mul_(w) if out is None else out.add_(y, alpha=w)
         return torch.zeros_like(x) if out is None else out
 
-    def forward(self, x: torch.Tensor, slot_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H], slot_idx [T, k] (-1 = no expert), weights [T, k] -> [T, H]."""
-        if x.shape[0] == 1:  # decode: a handful of experts, no gather/scatter
-            return self.forward_one(x, slot_idx[0].tolist(), weights[0].tolist())
-        out = torch.zeros_like(x)
+    def forward_one(self, x: torch.Tensor, slots: list[int], weights: list[float]) -> torch.Tensor:
+        """One token: x [1, H], its k slots (-1 = none) and weights as Python numbers -> [1, H]."""
+        return self.combine_one(x, self.outputs_one(x, slots), weights)
+
+    def outputs(self, x: torch.Tensor, slot_idx: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Each (token, choice)'s expert output: x [T, H], slot_idx [T, k] (-1 = none) -> [T, k, H]
+        (zeros where -1, or what `into` held there from an earlier round)."""
+        T, k = slot_idx.shape
+        out = into if into is not None else x.new_zeros((T, k, x.shape[-1]))
         # Sort the (token, choice) pairs by slot once; each slot's rows are then contiguous.
-        k = slot_idx.shape[1]
         flat = slot_idx.reshape(-1)                                 # [T*k]
         pairs = (flat >= 0).nonzero().squeeze(1)                    # [P]
         if pairs.numel() == 0:
             return out
         slots, order = torch.sort(flat[pairs], stable=True)         # [P]
         pairs = pairs[order]
-        tokens = pairs // k                                         # [P]
-        xs = x[tokens]                                              # [P, H]
+        xs = x[pairs // k]                                          # [P, H]
         counts = torch.bincount(slots, minlength=self.num_slots)    # [S]
         if self.use_grouped:
             ys = self.kernel.grouped(xs, self.bank, torch.cumsum(counts, 0).to(torch.int32), slots)
@@ -212,8 +225,23 @@ class SlotExperts(nn.Module):
                 if c:
                     ys[start:start + c] = self.kernel(xs[start:start + c], self.slot(s))
                     start += c
-        out.index_add_(0, tokens, ys * weights.reshape(-1)[pairs, None].to(x.dtype))
+        out.view(T * k, -1).index_copy_(0, pairs, ys)
         return out
+
+    @staticmethod
+    def combine(ys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """ys [T, k, H], weights [T, k] -> [T, H], summed in choice order."""
+        w = weights.to(ys.dtype)
+        out = ys[:, 0] * w[:, :1]
+        for j in range(1, ys.shape[1]):
+            out += ys[:, j] * w[:, j:j + 1]
+        return out
+
+    def forward(self, x: torch.Tensor, slot_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], slot_idx [T, k] (-1 = no expert), weights [T, k] -> [T, H]."""
+        if x.shape[0] == 1:  # decode: a handful of experts, no gather/scatter
+            return self.forward_one(x, slot_idx[0].tolist(), weights[0].tolist())
+        return self.combine(self.outputs(x, slot_idx), weights)
 
 
 class CommitteeMoE(nn.Module):
@@ -221,23 +249,28 @@ class CommitteeMoE(nn.Module):
 
     Keeps the original block's router and shared-expert submodules under their own names (so the
     checkpoint's non-expert keys still load), swaps the fused experts for a SlotExperts bank, and
-    routes through a controller (the serving policy: committee, on-demand, ...)."""
+    routes through a controller (the serving policy: committee, on-demand, ...). `bound` holds the
+    family's router logits, shared experts and output packing, bound to this block at load;
+    `on_enter(layer, tokens)` is called first in every forward (the runtime's step boundary)."""
 
-    def __init__(self, original: nn.Module, family, experts: SlotExperts, layer: int, name: str):
+    def __init__(self, original: nn.Module, experts: SlotExperts, layer: int, name: str):
         super().__init__()
         for child_name, child in original.named_children():
             if child_name != "experts":
                 self.add_module(child_name, child)
         self.experts = experts
-        self.family = family
         self.layer = layer          # index among the model's MoE blocks
         self.block_name = name      # module path in the model
-        self.controller = None      # set by the engine
+        self.bound = None           # set by the loader (models.BoundBlock)
+        self.controller = None      # set by the loader
+        self.on_enter = None        # set by the runtime
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         shape = hidden_states.shape                                 # [B, S, H]
         x = hidden_states.reshape(-1, shape[-1])                    # [T, H]
-        logits = self.family.router_logits(self, x)                 # [T, N]
-        y = self.controller.forward(self, x, logits, tuple(shape[:-1]))  # [T, H]
-        y = self.family.add_shared(self, x, y)
-        return self.family.pack_output(y.reshape(shape))
+        if self.on_enter is not None:
+            self.on_enter(self.layer, x.shape[0])
+        logits = self.bound.logits(x)                               # [T, N]
+        y = self.controller.forward(x, logits, self.experts, tuple(shape[:-1]))  # [T, H]
+        y = self.bound.shared(x, y)
+        return self.bound.pack(y.reshape(shape))

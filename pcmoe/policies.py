@@ -21,143 +21,214 @@ import torch
 
 from pcmoe.committee import LayerCommittee
 from pcmoe.importance import ImportanceTracker
-from pcmoe.routing import GatingStats, Route, gate, gate_one, route_stats, softmax_topk_one
+from pcmoe.routing import GatingStats, Route, gate, gate_one, route_stats
 
-DYNAMIC_POLICIES = ("committee",)       # need spare slots and a scheduler
-STATIC_KEEP_POLICIES = ("random-keep", "magnitude-keep", "static-frequency")
+DYNAMIC_POLICIES = ("committee",)       # refreshed by swaps: a scheduler (and staging buffers or spare slots)
 ALL_RESIDENT_POLICIES = ("full", "topk-reduce")
 
 
 class LayerController:
-    """Shared state of one layer; subclasses implement `forward`."""
+    """Shared state of one layer; subclasses implement `forward`. A controller gets the layer's
+    bound routing rule (models.BoundRouter) at construction; forward(x, logits, experts, batch)
+    returns the layer's expert output [T, H] computed by the slot bank `experts`."""
 
-    def __init__(self, committee: LayerCommittee, tracker: ImportanceTracker, renorm: bool = True,
-                 track: bool = True):
+    def __init__(self, committee: LayerCommittee, tracker: ImportanceTracker, router, track: bool = True):
         self.committee = committee
         self.tracker = tracker
-        self.renorm = renorm
+        self.router = router
         self.track = track      # accumulate importance (dynamic committees, profiles, user state)
         self.stats = GatingStats()
         self.stall_s = 0.0
-
-    def _select(self, block, batch_shape, k=None):
-        return lambda logits, mask: block.family.select(block, logits, mask, self.renorm, batch_shape, k)
 
     def _track(self, x: torch.Tensor, full: Route) -> None:
         if self.track:
             self.tracker.accumulate(x.float().norm(dim=-1), full.idx, full.weights)
 
-    def forward(self, block, x, logits, batch_shape) -> torch.Tensor:
+    def _track_one(self, x: torch.Tensor, idx: list[int], weights: list[float]) -> None:
+        if self.track:
+            self.tracker.accumulate_one(float(torch.linalg.vector_norm(x, dtype=torch.float32)), idx, weights)
+
+    def forward(self, x, logits, experts, batch) -> torch.Tensor:
         raise NotImplementedError
 
 
 class MaskedGatingController(LayerController):
     """full, committee and the fixed-subset policies: route only to members (masked gating)."""
 
-    def __init__(self, committee, tracker, renorm=True, strategy="exchange", tau=0.0, track=True):
-        super().__init__(committee, tracker, renorm, track)
+    def __init__(self, committee, tracker, router, strategy="exchange", tau=0.0, track=True):
+        super().__init__(committee, tracker, router, track)
         self.strategy, self.tau = strategy, tau
 
-    def forward(self, block, x, logits, batch_shape):
-        if x.shape[0] == 1 and block.family.host_routing:
-            return self._forward_one(block, x, logits)
-        select = self._select(block, batch_shape)
+    def forward(self, x, logits, experts, batch):
+        if x.shape[0] == 1 and self.router.route_one is not None:
+            return self._forward_one(x, logits, experts)
+        route = lambda lg, mask: self.router.route(lg, mask, batch)  # noqa: E731
         if self.committee.complete:  # nothing to mask: the model's own routing, no counting ops
-            exe = full = select(logits, None)
+            exe = full = route(logits, None)
             pairs = full.idx.numel()
             stats = GatingStats(choices=pairs, hits=pairs, mass_total=float(full.weights.sum()))
         else:
-            exe, full, stats = gate(select, logits, self.committee.mask, self.strategy, self.tau)
+            exe, full, stats = gate(route, logits, self.committee.mask, self.strategy, self.tau)
         self.stats.add(stats)
         self._track(x, full)
-        return block.experts(x, self.committee.slots_of(exe.idx), exe.weights)
+        return experts(x, self.committee.slots_of(exe.idx), exe.weights)
 
-
-    def _forward_one(self, block, x, logits):
+    def _forward_one(self, x, logits, experts):
         """One token, routed in Python numbers (routing.gate_one): the same decisions and weights as
         the tensor path, without a dozen tensor ops per layer."""
-        family, committee = block.family, self.committee
+        committee = self.committee
         values = logits[0].tolist()
         if committee.complete:
-            idx, weights, _ = softmax_topk_one(values, family.top_k, family.renormalises)
+            idx, weights, _ = self.router.route_one(values, None)
             f_idx, f_w = idx, weights
             stats = GatingStats(choices=sum(e >= 0 for e in idx), mass_total=sum(weights))
             stats.hits = stats.choices
         else:
             member = [s >= 0 for s in committee.slot_list]
-            idx, weights, f_idx, f_w, stats = gate_one(values, family.top_k, family.renormalises, member,
-                                                       self.renorm, self.strategy, self.tau)
+            idx, weights, f_idx, f_w, stats = gate_one(values, self.router.route_one, member, self.strategy,
+                                                       self.tau)
         self.stats.add(stats)
-        if self.track:
-            self.tracker.accumulate_one(float(torch.linalg.vector_norm(x, dtype=torch.float32)), f_idx, f_w)
+        self._track_one(x, f_idx, f_w)
         slot_of = committee.slot_list
-        return block.experts.forward_one(x, [slot_of[e] if e >= 0 else -1 for e in idx], weights)
+        return experts.forward_one(x, [slot_of[e] if e >= 0 else -1 for e in idx], weights)
 
 
 class TopkReduceController(LayerController):
-    """Every token keeps its top-k' experts, weighted by the model's own rule over those k'."""
+    """Every token keeps its top-k' experts, weighted by the model's own rule over those k'
+    (`reduced`: the same family rule bound with k')."""
 
-    def __init__(self, committee, tracker, k: int, track=False):
-        super().__init__(committee, tracker, track=track)
-        self.k = k
+    def __init__(self, committee, tracker, router, reduced, track=False):
+        super().__init__(committee, tracker, router, track)
+        self.reduced = reduced
 
-    def forward(self, block, x, logits, batch_shape):
-        full = self._select(block, batch_shape)(logits, None)
+    def forward(self, x, logits, experts, batch):
+        full = self.router.route(logits, None, batch)
         self._track(x, full)
-        kept = self._select(block, batch_shape, self.k)(logits, None)
+        kept = self.reduced.route(logits, None, batch)
         stats, _ = route_stats(full, None)
         stats.skipped = stats.choices - int((kept.idx >= 0).sum())
         self.stats.add(stats)
-        return block.experts(x, self.committee.slots_of(kept.idx), kept.weights)
+        return experts(x, self.committee.slots_of(kept.idx), kept.weights)
 
 
 class OnDemandController(LayerController):
-    """Exact: the model's own routing; a miss evicts the least recently used expert of the layer
-    and loads the needed one from disk before it runs (time counted as stall)."""
+    """Exact: the model's own routing; missing experts are loaded from disk before they run, into
+    free slots or those of the least recently used experts this step does not need (the wait is
+    counted as stall). The outputs are combined exactly as the all-resident path combines them,
+    so on-demand gives full's bits at every dtype; a step needing more experts than the layer has
+    slots runs in rounds."""
 
-    def __init__(self, committee, tracker, load, layer: int, track=False):
-        super().__init__(committee, tracker, track=track)
+    def __init__(self, committee, tracker, router, load, layer: int, track=False):
+        super().__init__(committee, tracker, router, track)
         self.load = load     # load(layer, expert, slot) -> bool
         self.layer = layer
         self.lru: OrderedDict[int, None] = OrderedDict((e, None) for e in committee.members())
         self.failed = 0
 
-    def forward(self, block, x, logits, batch_shape):
-        full = self._select(block, batch_shape)(logits, None)
-        self._track(x, full)
-        stats, miss = route_stats(full, self.committee.mask)
-        self.stats.add(stats)
-        resident = (full.idx >= 0) & ~miss
-        slots = self.committee.slots_of(full.idx)                 # -1 for misses: computed below
-        y = block.experts(x, slots, full.weights)
-        for e in torch.unique(full.idx[resident]).tolist():
-            self.lru.move_to_end(e)
-        for e in torch.unique(full.idx[miss]).tolist():
-            free = self.committee.free_slots()
-            victim = None
-            if free:
-                slot = free[0]
+    def forward(self, x, logits, experts, batch):
+        if x.shape[0] == 1:  # one token: Python lists, routed and combined as full's decode does
+            if self.router.route_one is not None:
+                idx, weights, _ = self.router.route_one(logits[0].tolist(), None)
+                self._track_one(x, idx, weights)
             else:
-                victim, _ = self.lru.popitem(last=False)          # its tokens were computed above
-                slot = self.committee.evict(victim)
-            t0 = time.perf_counter()
-            ok = self._load(e, slot)
-            if not ok and victim is not None and self._load(victim, slot):
-                self.committee.install(victim, slot)              # the failed read overwrote it: restore
-                self.lru[victim] = None
-                self.lru.move_to_end(victim, last=False)
-            self.stall_s += time.perf_counter() - t0
-            if not ok:  # serving goes on without this expert's contribution
-                self.failed += 1
-                self.stats.skipped += int((full.idx == e).sum())
-                continue
-            self.committee.install(e, slot)
-            self.lru[e] = None
-            y = y + block.experts(x, torch.where(full.idx == e, slot, -1), full.weights)
-        return y
+                full = self.router.route(logits, None, batch)
+                self._track(x, full)
+                idx, weights = full.idx[0].tolist(), full.weights[0].tolist()
+            needed = [e for e in idx if e >= 0]
+        else:
+            full = self.router.route(logits, None, batch)
+            self._track(x, full)
+            idx, weights = full.idx, full.weights
+            needed = torch.unique(full.idx[full.idx >= 0]).tolist()
+        self.stats.add(self._count(idx, weights, set(needed)))
+        ys, computed, lost = None, set(), set()
+        while True:
+            pending = [e for e in dict.fromkeys(needed) if e not in computed and e not in lost]
+            slot_of = self.committee.slot_list
+            resident = [e for e in pending if slot_of[e] >= 0]
+            for e in pending:
+                if slot_of[e] >= 0:
+                    continue
+                room = self._make_room(set(resident))
+                if room is None:
+                    break  # every slot holds an expert this round computes: the rest next round
+                if self._fetch(e, *room):
+                    resident.append(e)
+                else:
+                    lost.add(e)
+            if not resident:
+                break
+            for e in resident:
+                self.lru[e] = None
+                self.lru.move_to_end(e)
+            ys = self._outputs(x, idx, set(resident), experts, ys)
+            computed.update(resident)
+        if lost:
+            self.stats.skipped += sum(1 for e in _flat(idx) if e in lost)
+        if isinstance(idx, list):
+            keep = [w if e in computed else 0.0 for e, w in zip(idx, weights)]
+            return experts.combine_one(x, ys if ys is not None else [None] * len(idx), keep)
+        kept = weights.masked_fill(~_isin(idx, computed), 0.0)
+        return experts.combine(ys if ys is not None else experts.outputs(x, torch.full_like(idx, -1)), kept)
+
+    def _outputs(self, x, idx, ready: set[int], experts, into):
+        """Expert outputs of the choices whose expert is in `ready` (all resident now)."""
+        slot_of = self.committee.slot_list
+        if isinstance(idx, list):
+            return experts.outputs_one(x, [slot_of[e] if e in ready else -1 for e in idx], into)
+        slots = self.committee.slots_of(idx).masked_fill(~_isin(idx, ready), -1)
+        return experts.outputs(x, slots, into)
+
+    def _make_room(self, protected: set[int]) -> tuple[int, int | None] | None:
+        """(slot, evicted expert or None): a free slot, or the slot of the least recently used
+        expert outside `protected` (experts this step still needs); None when every slot holds
+        such an expert (the rest waits for the next round)."""
+        free = self.committee.free_slots()
+        if free:
+            return free[0], None
+        for victim in self.lru:
+            if victim not in protected:
+                del self.lru[victim]
+                return self.committee.evict(victim), victim
+        return None
+
+    def _fetch(self, expert: int, slot: int, victim: int | None) -> bool:
+        t0 = time.perf_counter()
+        ok = self._load(expert, slot)
+        if not ok and victim is not None and self._load(victim, slot):
+            self.committee.install(victim, slot)              # the failed read overwrote it: restore
+            self.lru[victim] = None
+            self.lru.move_to_end(victim, last=False)
+        self.stall_s += time.perf_counter() - t0
+        if not ok:  # serving goes on without this expert's contribution
+            self.failed += 1
+            return False
+        self.committee.install(expert, slot)
+        return True
+
+    def _count(self, idx, weights, needed: set[int]) -> GatingStats:
+        member = self.committee.mask
+        if isinstance(idx, list):
+            miss = [e >= 0 and not bool(member[e]) for e in idx]
+            stats = GatingStats(choices=sum(e >= 0 for e in idx), mass_total=sum(weights),
+                                mass_outside=sum(w for w, m in zip(weights, miss) if m))
+            stats.hits = stats.choices - sum(miss)
+            return stats
+        return route_stats(Route(idx, weights, None), member)[0]
 
     def _load(self, expert: int, slot: int) -> bool:
         try:
             return bool(self.load(self.layer, expert, slot))
         except Exception:  # the store retried I/O errors; anything else is a failed load too
             return False
+
+
+def _flat(idx) -> list[int]:
+    return idx if isinstance(idx, list) else idx.reshape(-1).tolist()
+
+
+def _isin(idx: torch.Tensor, experts: set[int]) -> torch.Tensor:
+    """[T, k] bool: idx[t, j] is one of `experts`."""
+    if not experts:
+        return torch.zeros_like(idx, dtype=torch.bool)
+    return torch.isin(idx, torch.tensor(sorted(experts), dtype=idx.dtype))

@@ -182,7 +182,7 @@ def route_stats(full: Route, mask: torch.Tensor | None) -> tuple[GatingStats, to
 def gate(select, logits: torch.Tensor, mask: torch.Tensor, strategy: str, tau: float = 0.0):
     """Route tokens under a committee.
 
-    select(logits, mask) -> Route is the family's rule (with renorm and shapes bound).
+    select(logits, mask) -> Route is the family's bound rule (BoundRouter.route, batch shape bound).
     Returns (executed route, unmasked route, GatingStats)."""
     full = select(logits, None)
     stats, miss = route_stats(full, mask)
@@ -218,7 +218,7 @@ def gate(select, logits: torch.Tensor, mask: torch.Tensor, strategy: str, tau: f
 # ----------------------------------------------------------------------------------------------
 # One token in Python numbers: batch-1 decoding routes a handful of experts, where a dozen tensor
 # ops per layer cost more than the arithmetic. Same rules as softmax_topk + gate above (tested
-# against them); used by the softmax-top-k families only.
+# against them); used by the families whose BoundRouter has a route_one.
 
 
 def _softmax(values: list[float]) -> list[float]:
@@ -249,10 +249,11 @@ def softmax_topk_one(logits: list[float], k: int, norm_topk: bool, member: list[
     return idx, top, probs_full
 
 
-def gate_one(logits: list[float], k: int, norm_topk: bool, member: list[bool], renorm: bool, strategy: str,
+def gate_one(logits: list[float], route_one, member: list[bool], strategy: str,
              tau: float = 0.0) -> tuple[list[int], list[float], list[int], list[float], GatingStats]:
-    """gate() for one token: (executed idx, weights, unmasked idx, weights, stats)."""
-    f_idx, f_w, probs = softmax_topk_one(logits, k, norm_topk)
+    """gate() for one token: (executed idx, weights, unmasked idx, weights, stats).
+    route_one(values, member) -> (idx, weights, probs) is the family's rule for one token."""
+    f_idx, f_w, probs = route_one(logits, None)
     miss = [e >= 0 and not member[e] for e in f_idx]
     stats = GatingStats(choices=sum(e >= 0 for e in f_idx), mass_total=sum(f_w),
                         mass_outside=sum(w for w, m in zip(f_w, miss) if m))
@@ -266,7 +267,7 @@ def gate_one(logits: list[float], k: int, norm_topk: bool, member: list[bool], r
         return *skip_route, f_idx, f_w, stats
     if strategy not in ("exchange", "hybrid"):
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    e_idx, e_w, _ = softmax_topk_one(logits, k, norm_topk, member, renorm)
+    e_idx, e_w, _ = route_one(logits, member)
     if n_miss == 0:
         return e_idx, e_w, f_idx, f_w, stats
     chosen = set(f_idx)

@@ -205,7 +205,7 @@ class SwapScheduler:
                     t0 = time.perf_counter()
                     slot = int(committee.expert_to_slot[job.outgoing])
                     self.commit(job.layer, job.buffer, slot)   # the outgoing member's weights are overwritten
-                    committee.replace(job.outgoing, job.incoming)
+                    committee.replace(job.incoming, job.outgoing)
                     self.stats.copy_s += time.perf_counter() - t0
                     self.stats.swaps += 1
                     self.stats.per_layer_swaps[job.layer] += 1

@@ -110,3 +110,29 @@ class ExpertStore:
                 part = flat[start:start + chunk_elements].float()
                 total += float(torch.dot(part, part).double())
         return total ** 0.5
+
+
+class ExpertIO:
+    """Moves experts from the store into the layers' slot banks: straight into an empty slot, or
+    into one of the shared staging buffers of staged swaps and, at the switch, from the buffer
+    into the outgoing member's slot. The scheduler and the on-demand policy see only these three
+    calls; the banks never see the store."""
+
+    def __init__(self, store: ExpertStore, banks: list, buffers: list[dict[str, torch.Tensor]]):
+        self.store = store
+        self.banks = banks          # per MoE layer, a moe.SlotExperts
+        self.buffers = buffers      # staging buffers: name -> tensor, an expert as stored on disk
+
+    def load_slot(self, layer: int, expert: int, slot: int) -> bool:
+        bank = self.banks[layer]
+        staged = bank.staging(slot)  # the slot itself, or a full-precision buffer a quantised bank fills from
+        ok = self.store.load(layer, expert, staged)
+        if ok:
+            bank.commit(slot, staged)
+        return ok
+
+    def load_buffer(self, layer: int, expert: int, buffer: int) -> bool:
+        return self.store.load(layer, expert, self.buffers[buffer])
+
+    def commit_buffer(self, layer: int, buffer: int, slot: int) -> None:
+        self.banks[layer].write(slot, self.buffers[buffer])

@@ -1,6 +1,6 @@
-"""Tiny random checkpoints of every supported family, for tests and for synthetic benchmarks.
+"""Tiny random checkpoints of every registered family, for tests and for synthetic benchmarks.
 
-`make_checkpoint("qwen3_moe", path)` builds the transformers model from a small config with seeded
+`make_checkpoint("qwen3_moe", path)` builds the model from the family's tiny config with seeded
 random weights and writes it with `save_pretrained`, i.e. in the on-disk layout a real Hugging Face
 checkpoint of that family has.
 """
@@ -11,58 +11,26 @@ from pathlib import Path
 
 import torch
 
-# Shapes are small but keep every structural feature: several MoE layers, top-k > 1 (Switch: 1),
-# shared experts, dense first layers (DeepSeek), router bias (gpt-oss), GQA.
-_COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-               max_position_embeddings=256, tie_word_embeddings=False)
+from pcmoe.models import REGISTRY
+from pcmoe.models.vit_moe import VitMoeFamily
 
-TINY_CONFIGS: dict[str, dict] = {
-    "mixtral": dict(_COMMON, model_type="mixtral", num_hidden_layers=2, intermediate_size=32,
-                    num_local_experts=8, num_experts_per_tok=2),
-    "qwen2_moe": dict(_COMMON, model_type="qwen2_moe", num_hidden_layers=2, intermediate_size=64,
-                      moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
-                      num_experts_per_tok=2, norm_topk_prob=False),
-    "qwen3_moe": dict(_COMMON, model_type="qwen3_moe", num_hidden_layers=2, intermediate_size=64,
-                      moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
-                      head_dim=16),
-    "olmoe": dict(_COMMON, model_type="olmoe", num_hidden_layers=2, intermediate_size=32, num_experts=8,
-                  num_experts_per_tok=2, num_key_value_heads=4, norm_topk_prob=False),
-    "deepseek_v3": dict(_COMMON, model_type="deepseek_v3", num_hidden_layers=3, intermediate_size=64,
-                        moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
-                        topk_group=1, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
-                        q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-                        routed_scaling_factor=2.5, norm_topk_prob=True),
-    "phimoe": dict(_COMMON, model_type="phimoe", num_hidden_layers=2, intermediate_size=32,
-                   num_local_experts=8, num_experts_per_tok=2),
-    "gpt_oss": dict(_COMMON, model_type="gpt_oss", num_hidden_layers=2, intermediate_size=32,
-                    num_local_experts=8, num_experts_per_tok=2, head_dim=16, sliding_window=16,
-                    layer_types=["sliding_attention", "full_attention"]),
-    "switch_transformers": dict(model_type="switch_transformers", vocab_size=128, d_model=64, d_kv=16,
-                                d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4, num_experts=8,
-                                encoder_sparse_step=1, decoder_sparse_step=2, expert_capacity=64,
-                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
-}
-
-FAMILIES = tuple(TINY_CONFIGS)
+# The tiny configs live in the registry (Family.tiny_config): one per registered family.
+FAMILIES = tuple(mt for mt, cls in REGISTRY.items() if cls is not VitMoeFamily)   # the transformers families
+ALL_FAMILIES = tuple(REGISTRY)
 
 
 def tiny_config(family: str, **overrides):
-    from transformers import AutoConfig
-
-    kwargs = dict(TINY_CONFIGS[family])
-    kwargs.update(overrides)
-    model_type = kwargs.pop("model_type")
-    return AutoConfig.for_model(model_type, **kwargs)
+    cls = REGISTRY[family]
+    if cls.tiny_config is None:
+        raise ValueError(f"registered family {family} has no tiny_config")
+    return cls.make_config(**{**cls.tiny_config, **overrides})
 
 
 def build_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A transformers model of the config with seeded random weights (router weights made larger
-    than the default init so that routing is not near-uniform)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
+    """A model of the config with seeded random weights (router weights made larger than the
+    default init so that routing is not near-uniform)."""
     torch.manual_seed(seed)
-    auto = AutoModelForSeq2SeqLM if config.model_type == "switch_transformers" else AutoModelForCausalLM
-    model = auto.from_config(config, dtype=dtype)
+    model = REGISTRY[config.model_type](config).build(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("gate.weight", "router.weight", "router.classifier.weight")):
@@ -76,7 +44,12 @@ def build_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):
 def make_checkpoint(family: str, path: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     """Write a tiny random checkpoint of `family` to `path`; returns the in-memory model."""
     model = build_model(tiny_config(family, **overrides), seed=seed, dtype=dtype)
-    model.save_pretrained(path)
+    if REGISTRY[family] is VitMoeFamily:
+        from pcmoe.models.vit_moe import save_pretrained
+
+        save_pretrained(model, path)
+    else:
+        model.save_pretrained(path)
     return model
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import pcmoe
-from pcmoe.budget import PLAN_FORMAT
+from pcmoe.formats import PLAN_FORMAT
 from pcmoe.system import atomic_write_text
 
 # ------------------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def write_card(out: Path, info: dict) -> None:
     import pcmoe
 
     with pcmoe.load(out, policy="full", progress=False) as engine:
-        sizes, cfg = engine.sizes, engine.config
+        sizes, cfg = engine.model_bytes, engine.config
     m = info["manifest"]["domains"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     c = info["config"]

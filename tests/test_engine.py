@@ -37,7 +37,7 @@ def test_all_experts_resident_reproduces_transformers(tiny_checkpoint, family):
 def test_on_demand_is_exact_at_a_small_budget(tiny_checkpoint, family):
     folder, reference = tiny_checkpoint(family)
     with pcmoe.load(folder, budget="30%experts", policy="on-demand", progress=False) as engine:
-        assert max(engine.slots) < engine.sizes.num_experts[0]
+        assert max(engine.slots) < engine.model_bytes.num_experts[0]
         diff = (logits_of(engine.model, family) - logits_of(reference, family)).abs().max().item()
         stats = engine.stats()
     assert diff <= 1e-5, f"{family}: max abs diff {diff}"
@@ -149,7 +149,7 @@ def test_resident_bytes_never_exceed_budget(tiny_checkpoint, budget, policy):
 
 
 def test_plan_file_sets_per_layer_sizes(tiny_checkpoint, tmp_path):
-    from pcmoe.budget import write_plan
+    from pcmoe.formats import write_plan
 
     folder, _ = tiny_checkpoint("qwen3_moe")
     write_plan(tmp_path / "plan.json", "qwen3_moe", [8, 8], [3, 6], options={"update_every": 4})
@@ -247,7 +247,7 @@ def test_dense_and_unsupported_checkpoints(tmp_path):
     with pytest.raises(PcmoeError, match="dense model"):
         pcmoe.load(tmp_path / "dense")
     os.makedirs(tmp_path / "other")
-    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "granitemoe", "num_local_experts": 4}))
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "jamba", "num_experts": 4}))
     (tmp_path / "other" / "model.safetensors").write_bytes(b"")
     with pytest.raises(PcmoeError, match="does not support"):
         pcmoe.load(tmp_path / "other")
@@ -270,10 +270,10 @@ def test_truncated_and_missing_files(tiny_checkpoint, tmp_path):
 
 
 def test_stop_strings_are_never_streamed_in_part(tiny_lm):
-    from pcmoe.engine import _stop_prefix_overlap
+    from pcmoe.generation import StopStrings
 
-    assert _stop_prefix_overlap("hello wor", ["world"]) == 3
-    assert _stop_prefix_overlap("hello", ["xyz"]) == 0
+    assert StopStrings(["world"])._prefix_overlap("hello wor") == 3
+    assert StopStrings(["xyz"])._prefix_overlap("hello") == 0
     with pcmoe.load(tiny_lm, policy="full", progress=False) as engine:
         steps = list(engine.generate("hello", max_new_tokens=12, stop_on_eos=False))
         text = "".join(s.text for s in steps)
@@ -320,7 +320,7 @@ def test_model_options_file_sets_defaults_below_plan_and_keywords(tiny_checkpoin
     import json
     import shutil
 
-    from pcmoe.budget import write_plan
+    from pcmoe.formats import write_plan
 
     shared, _ = tiny_checkpoint("qwen3_moe")
     folder = tmp_path / "model"  # a copy: the fixture's checkpoint is shared with other tests

@@ -125,7 +125,7 @@ def test_sparsemixer_masked_and_single_member():
 @pytest.mark.parametrize("N, k, members", [(8, 2, 3), (16, 2, 8), (16, 4, 2), (6, 1, 3), (8, 2, 8)])
 def test_single_token_routing_equals_the_tensor_path(norm, renorm, strategy, tau, N, k, members):
     """routing.gate_one (Python numbers, batch-1 decode) against gate + softmax_topk (tensors)."""
-    from pcmoe.routing import gate_one
+    from pcmoe.routing import gate_one, softmax_topk_one
 
     gen = torch.Generator().manual_seed(N * 100 + k * 10 + members)
     for trial in range(20):
@@ -133,7 +133,8 @@ def test_single_token_routing_equals_the_tensor_path(norm, renorm, strategy, tau
         mask = torch.zeros(N, dtype=torch.bool)
         mask[torch.randperm(N, generator=gen)[:members]] = True
         exe, full, st = gate(lambda lg, m: softmax_topk(lg, k, norm, m, renorm), logits, mask, strategy, tau)
-        e_idx, e_w, f_idx, f_w, st1 = gate_one(logits[0].tolist(), k, norm, mask.tolist(), renorm, strategy, tau)
+        e_idx, e_w, f_idx, f_w, st1 = gate_one(logits[0].tolist(), lambda v, m: softmax_topk_one(v, k, norm, m, renorm), mask.tolist(),
+                                              strategy, tau)
         assert e_idx == exe.idx[0].tolist() and f_idx == full.idx[0].tolist(), trial
         assert e_w == pytest.approx(exe.weights[0].tolist(), abs=1e-6)
         assert f_w == pytest.approx(full.weights[0].tolist(), abs=1e-6)

@@ -9,7 +9,7 @@ import torch
 
 import pcmoe
 from pcmoe import PcmoeError
-from pcmoe.budget import write_plan
+from pcmoe.formats import write_plan
 from pcmoe.testing import build_model, tiny_config
 
 IDS = torch.tensor([[5, 17, 3, 99, 42, 8, 61, 23, 77, 12, 31, 90]])
@@ -102,7 +102,7 @@ def test_inspect_reads_no_weights(tiny_checkpoint, monkeypatch):
 
     folder, _ = tiny_checkpoint("qwen3_moe")
     with pcmoe.load(folder, policy="full", progress=False) as engine:
-        full = engine.sizes
+        full = engine.model_bytes
 
     def no_reads(*args, **kwargs):
         raise AssertionError("inspect must not read weights")

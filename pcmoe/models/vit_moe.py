@@ -195,9 +195,25 @@ class VitMoeForImageClassification(nn.Module):
 
 
 class VitMoeFamily(Family):
+    """The registry entry: Qwen3-style softmax top-k routing over per-expert GLU experts; the model
+    and its config are pcmoe's own, not transformers'."""
+
     model_types = (MODEL_TYPE,)
     block_classes = ("VitMoeSparseBlock",)
     router_attr = "gate"
+    tiny_config = dict(model_type=MODEL_TYPE, hidden_size=32, num_layers=2, num_heads=2, num_experts=8,
+                       num_experts_per_tok=2, moe_intermediate_size=16, stem_channels=8)
+
+    @classmethod
+    def load_config(cls, folder, config_dict: dict):
+        return VitMoeConfig.from_dict(config_dict)
+
+    @classmethod
+    def make_config(cls, **kwargs):
+        return VitMoeConfig.from_dict(kwargs)
+
+    def build(self, dtype: torch.dtype):
+        return VitMoeForImageClassification(self.config).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,19 +279,49 @@ def from_pretrained(folder: str | os.PathLike, dtype: torch.dtype | None = None)
 
 
 def load_fashion_mnist(split: str = "test", folder: str | os.PathLike | None = None):
-    """(images [M, 28, 28] uint8, labels [M] int64) of the "train" or "test" (t10k) split."""
+    """(images [M, 28, 28] uint8, labels [M] int64) of the "train" or "test" (t10k) split; a
+    one-line PcmoeError for a folder that does not hold them readable."""
+    from pcmoe.options import PcmoeError
+
     root = Path(folder) if folder else FASHION_MNIST
     stem = "train" if split == "train" else "t10k"
     paths = [root / f"{stem}-images-idx3-ubyte.gz", root / f"{stem}-labels-idx1-ubyte.gz"]
+    where = (f"pass the folder that holds Fashion-MNIST's {paths[0].name} and {paths[1].name}, or install the "
+             "Debian package dataset-fashion-mnist")
+    if root.exists() and not root.is_dir():
+        raise PcmoeError(f"{root} is a file; {where}")
+    if not root.is_dir():
+        raise PcmoeError(f"{root} does not exist; {where}")
     for p in paths:
-        if not p.exists():
-            raise FileNotFoundError(f"{p} is missing; install the Debian package dataset-fashion-mnist or pass "
-                                    "the folder that holds the IDX .gz files")
-    with gzip.open(paths[0]) as f:
-        images = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(paths[1]) as f:
-        labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8).astype(np.int64)
+        if not p.is_file():
+            raise PcmoeError(f"{root} has no {p.name}; {where}")
+    images = _read_idx(paths[0], 0x0803, (28, 28))
+    labels = _read_idx(paths[1], 0x0801, ()).astype(np.int64)
+    if len(images) != len(labels) or not len(images):
+        raise PcmoeError(f"{root}: {len(images)} images but {len(labels)} labels; re-download the files")
+    if labels.max() >= len(CLASSES):
+        raise PcmoeError(f"{paths[1]}: label {labels.max()} is not a Fashion-MNIST class (0..{len(CLASSES) - 1})")
     return images, labels
+
+
+def _read_idx(path: Path, magic: int, item_shape: tuple[int, ...]) -> np.ndarray:
+    """One gzipped IDX file of unsigned bytes (big-endian header: magic, count, then dimensions)."""
+    import zlib
+
+    from pcmoe.options import PcmoeError
+
+    try:
+        with gzip.open(path) as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated, unreadable
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise PcmoeError(f"cannot read {path}: {reason}") from None
+    header = 4 * (2 + len(item_shape))
+    head = [int(v) for v in np.frombuffer(data[:header], dtype=">u4")] if len(data) >= header else [0, 0]
+    item = int(np.prod(item_shape, dtype=np.int64))
+    if head[0] != magic or tuple(head[2:]) != item_shape or len(data) != header + head[1] * item:
+        raise PcmoeError(f"{path} is not a Fashion-MNIST IDX file (wrong header or length); re-download it")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(-1, *item_shape)
 
 
 def shift_images(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
@@ -313,8 +359,13 @@ def frame_stream(images: np.ndarray, labels: np.ndarray, frames: int, seed: int 
 @torch.inference_mode()
 def evaluate_stream(engine, data=None, frames: int = 2000, seed: int = 0, progress: bool = True) -> dict:
     """Accuracy over a Fashion-MNIST test frame stream, one frame per forward (batch 1); each frame
-    is one input for the committee scheduler."""
-    images, labels = load_fashion_mnist("test", data)
+    is one input for the committee scheduler. `data`: the IDX folder (None: the installed copy), or
+    the (images, labels) load_fashion_mnist returned."""
+    from pcmoe.options import PcmoeError
+
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+        raise PcmoeError(f"frames must be at least 1 (got {frames!r})")
+    images, labels = data if isinstance(data, tuple) else load_fashion_mnist("test", data)
     stream = frame_stream(images, labels, frames, seed)
     if progress:
         from tqdm import tqdm

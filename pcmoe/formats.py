@@ -1,0 +1,119 @@
+"""The small JSON files pcmoe reads and writes beside a checkpoint or on request.
+
+  plan            {"format": "pcmoe-plan/1", "model_type", "num_experts": [N per MoE layer],
+                   "committee_sizes": [members per MoE layer], "options": {load() options}}
+  model options   pcmoe_options.json beside a checkpoint: {"format": "pcmoe-options/1", "options": {...}},
+                  committee knobs the model's publisher measured best (below plan and explicit options)
+  routing profile profile.json (from `pcmoe profile`): {"format": "pcmoe-profile/1", "model_type",
+                  "num_experts", "importance": [[per expert] per layer], "counts": [[...]]}
+
+Torch-free; every problem is one FormatError line naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pcmoe.system import atomic_write_text
+
+PLAN_FORMAT = "pcmoe-plan/1"
+PROFILE_FORMAT = "pcmoe-profile/1"
+MODEL_OPTIONS_FILE = "pcmoe_options.json"
+
+
+class FormatError(ValueError):
+    """A plan, options or profile file that cannot be used; the message says why and what to do."""
+
+
+# -- plans ---------------------------------------------------------------------------------------
+
+
+def read_plan(plan: str | os.PathLike | dict) -> dict:
+    if isinstance(plan, dict):
+        data = plan
+    else:
+        path = Path(plan)
+        if not path.exists():
+            raise FormatError(f"plan file {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as e:
+            raise FormatError(f"plan file {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or not isinstance(data.get("committee_sizes"),
+                                                                                         list):
+        raise FormatError(f"not a pcmoe plan (expected \"format\": \"{PLAN_FORMAT}\" and a committee_sizes list)")
+    return data
+
+
+def check_plan(data: dict, model_type: str, num_experts: list[int]) -> list[int]:
+    sizes = data["committee_sizes"]
+    if data.get("model_type") not in (None, model_type):
+        raise FormatError(f"the plan is for a {data['model_type']} model, not {model_type}")
+    if len(sizes) != len(num_experts):
+        raise FormatError(f"the plan has {len(sizes)} committee sizes but the model has {len(num_experts)} MoE layers")
+    for layer, (n, N) in enumerate(zip(sizes, num_experts)):
+        if not isinstance(n, int) or not 1 <= n <= N:
+            raise FormatError(f"plan committee size {n!r} for MoE layer {layer} must be an integer in 1..{N}")
+    return list(sizes)
+
+
+def write_plan(path: str | os.PathLike, model_type: str, num_experts: list[int], committee_sizes: list[int],
+               options: dict | None = None, extra: dict | None = None) -> None:
+    data = {"format": PLAN_FORMAT, "model_type": model_type, "num_experts": num_experts,
+            "committee_sizes": committee_sizes, "options": options or {}}
+    data.update(extra or {})
+    atomic_write_text(Path(path), json.dumps(data, indent=1))
+
+
+# -- model options -------------------------------------------------------------------------------
+
+
+def read_model_options(checkpoint_dir) -> dict:
+    """Committee settings a model's publisher measured best for it, from pcmoe_options.json beside
+    the checkpoint ({"format": "pcmoe-options/1", "options": {...}}): defaults below a plan's
+    options and explicit keyword options. {} when there is no such file."""
+    path = Path(checkpoint_dir) / MODEL_OPTIONS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path} is not valid JSON ({e}); fix or delete it") from None
+    if not isinstance(data, dict) or data.get("format") != "pcmoe-options/1" \
+            or not isinstance(data.get("options"), dict):
+        raise FormatError(f"{path} is not a pcmoe options file (expected {{\"format\": \"pcmoe-options/1\", "
+                          f"\"options\": {{...}}}}); fix or delete it")
+    return data["options"]
+
+
+# -- routing profiles ----------------------------------------------------------------------------
+
+
+def profile_path(folder: Path, given: str | None, policy: str) -> str | None:
+    """The routing profile to use: the given file, else the profile.json shipped beside the
+    checkpoint (a warm start for the committee, the subset of static-frequency), else none."""
+    if given is not None and str(given).lower() in ("", "none"):
+        given = None
+    elif given is None and (folder / "profile.json").exists() and policy in ("committee", "on-demand",
+                                                                             "static-frequency"):
+        given = str(folder / "profile.json")
+    if policy == "static-frequency" and given is None:
+        raise FormatError("static-frequency needs a routing profile: pass profile=FILE (make one with "
+                         "`pcmoe profile --model DIR --data FILE.txt`) or put profile.json beside the checkpoint")
+    return given
+
+
+def read_profile(path, model_type: str, num_experts: list[int]) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(f"profile {p} does not exist; make one with `pcmoe profile`")
+    try:
+        data = json.loads(p.read_text())
+    except ValueError as e:
+        raise FormatError(f"profile {p} is not valid JSON ({e})") from None
+    if data.get("format") != PROFILE_FORMAT or data.get("num_experts") != num_experts:
+        raise FormatError(f"profile {p} does not match this model (expected format {PROFILE_FORMAT} "
+                         f"and experts per layer {num_experts})")
+    return data

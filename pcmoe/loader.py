@@ -1,0 +1,476 @@
+"""Load a MoE checkpoint under a memory budget: options -> layout -> sizing -> build -> Engine.
+
+    engine = pcmoe.load("models/pcmoe-lm", budget="50%experts", policy="committee")
+    for step in engine.generate("def fibonacci(", max_new_tokens=32):
+        print(step.text, end="")
+    print(engine.stats())
+
+Loading never materialises a non-resident expert: the model is built with its parameters on the
+meta device, non-expert tensors are read from the safetensors files, each MoE block is replaced
+by a CommitteeMoE with a slot bank sized by pcmoe.budget, and the initial members are read into
+their slots expert by expert. `inspect` stops after the layout: headers and a meta skeleton only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pcmoe.budget import (
+    BudgetError,
+    ModelBytes,
+    Sizing,
+    minimum_budget,
+    parse_budget,
+    size_committees,
+    swap_buffer_count,
+)
+from pcmoe.checkpoint import Checkpoint, CheckpointError, read_config_dict
+from pcmoe.committee import LayerCommittee
+from pcmoe.formats import FormatError, check_plan, profile_path, read_model_options, read_plan, read_profile
+from pcmoe.importance import ImportanceTracker, top_experts
+from pcmoe.models import load_family
+from pcmoe.moe import CommitteeMoE, SlotExperts, expert_buffer, slot_nbytes
+from pcmoe.options import POLICIES, STRATEGIES, LoadOptions, PcmoeError
+from pcmoe.policies import (
+    ALL_RESIDENT_POLICIES,
+    DYNAMIC_POLICIES,
+    MaskedGatingController,
+    OnDemandController,
+    TopkReduceController,
+)
+from pcmoe.runtime import Engine, Layer
+from pcmoe.scheduler import SwapScheduler
+from pcmoe.store import STORAGE_PROFILES, ExpertIO, ExpertStore
+from pcmoe.system import atomic_write_text
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def load(checkpoint_dir: str | os.PathLike, budget=None, policy: str = "committee", plan=None,
+         **options) -> Engine:
+    """Load a checkpoint folder under a memory budget; see LoadOptions for the options. A plan's
+    "options" are defaults that explicit keyword options override; the model folder's
+    pcmoe_options.json comes below both."""
+    try:
+        opts, plan_data = resolve_options(checkpoint_dir, plan, options)
+        return _load(Path(checkpoint_dir), budget, policy, plan_data, opts)
+    except (CheckpointError, BudgetError, FormatError) as e:
+        raise PcmoeError(str(e)) from None
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise PcmoeError(f"cannot read the checkpoint {checkpoint_dir}: {e.strerror or e}{where}") from None
+
+
+def inspect(checkpoint_dir: str | os.PathLike, dtype: str = "auto", quantize: str | None = None) -> dict:
+    """What a checkpoint holds and the smallest budgets it can be served in, from the safetensors
+    headers and a meta-device skeleton only: no weight is read. "minimum_budget" is what a default
+    committee load needs (staged swaps: one member per layer plus the shared staging buffers)."""
+    folder = Path(checkpoint_dir)
+    opts = LoadOptions(dtype=dtype, quantize=quantize)
+    try:
+        config_dict = read_config_dict(folder)
+        family = load_family(folder, config_dict)
+        _validate("full", opts, family)
+        with contextlib.closing(Checkpoint(folder, config_dict)) as ckpt:
+            lay = _layout(folder, ckpt, family, opts)
+    except (CheckpointError, BudgetError, FormatError) as e:
+        raise PcmoeError(str(e)) from None
+    sizes = lay.sizes
+    staging = slot_nbytes(family.kernel(), lay.dtype, None)
+    buffers = swap_buffer_count(opts.bytes_per_step or 2 * max(sizes.expert), sizes.expert)
+    return {
+        "model": str(folder), "model_type": family.config.model_type, "moe_layers": len(lay.block_names),
+        "experts_per_layer": sizes.num_experts[0], "experts_per_token": family.top_k,
+        "dtype": str(lay.dtype).replace("torch.", ""), "quantize": quantize,
+        "nonexpert_bytes": sizes.nonexpert, "expert_bytes": sizes.expert[0],
+        "all_expert_bytes": sizes.all_experts, "full_model_bytes": sizes.full,
+        "minimum_budget": minimum_budget(sizes, 0, buffers * staging),
+        "swap_buffers": buffers, "swap_buffer_bytes": buffers * staging,
+        "minimum_budget_committee": minimum_budget(sizes, 1),   # with a spare slot per layer instead
+        "minimum_budget_static": minimum_budget(sizes, 0),      # fixed subsets: no swaps, no buffers
+        "tokenizer": (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists(),
+    }
+
+
+# -- options -------------------------------------------------------------------------------------
+
+
+def resolve_options(checkpoint_dir, plan, options: dict) -> tuple[LoadOptions, dict | None]:
+    """LoadOptions from keyword options, a plan's options and the model's pcmoe_options.json, in
+    that order of precedence; and the plan's contents."""
+    unknown = set(options) - set(LoadOptions.__dataclass_fields__)
+    if unknown:
+        raise PcmoeError(f"unknown load option(s): {', '.join(sorted(unknown))}")
+    opts = LoadOptions(**options)
+    explicit = set(options)
+    plan_data = None
+    if plan is not None:
+        plan_data = read_plan(plan)
+        plan_options = plan_data.get("options") or {}
+        _apply_options(opts, plan_options, explicit=explicit)
+        explicit |= set(plan_options) if isinstance(plan_options, dict) else set()
+    model_options = read_model_options(checkpoint_dir)
+    if model_options:
+        _apply_options(opts, model_options, explicit=explicit, source="pcmoe_options.json")
+    return opts, plan_data
+
+
+def _apply_options(opts: LoadOptions, plan_options, explicit: set[str], source: str = "plan") -> None:
+    if not isinstance(plan_options, dict):
+        raise FormatError(f"the {source}'s \"options\" must be a JSON object")
+    known = set(LoadOptions.__dataclass_fields__) - {"progress", "threads", "cache_dir"}
+    bad = sorted(set(plan_options) - known)
+    if bad:
+        raise FormatError(f"unknown {source} option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    for key, value in plan_options.items():
+        if key not in explicit:
+            setattr(opts, key, value)
+
+
+# Option -> (accepted types, check, what it must be); None is accepted where the default is None.
+_OPTION_RULES = {
+    "update_every": (int, lambda v: v >= 1, "an integer >= 1"),
+    "spare_slots": (int, lambda v: v >= 0, "an integer >= 0"),
+    "bytes_per_step": (int, lambda v: v >= 1, "a positive number of bytes"),
+    "tau": ((int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "margin": ((int, float), lambda v: v >= 0, "a number >= 0"),
+    "ema_decay": ((int, float), lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "seed": (int, lambda v: True, "an integer"),
+    "topk": (int, lambda v: v >= 1, "an integer >= 1"),
+    "threads": (int, lambda v: v >= 1, "an integer >= 1"),
+    "renorm": (bool, lambda v: True, "true or false"),
+    "synchronous": (bool, lambda v: True, "true or false"),
+    "evict": (bool, lambda v: True, "true or false"),
+    "fast": (bool, lambda v: True, "true or false"),
+}
+
+
+def _validate(policy: str, opts: LoadOptions, family) -> None:
+    if policy not in POLICIES:
+        raise PcmoeError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    for name, (types, ok, what) in _OPTION_RULES.items():
+        value = getattr(opts, name)
+        if value is None and LoadOptions.__dataclass_fields__[name].default is None:
+            continue
+        is_bool = isinstance(value, bool)
+        if (is_bool and bool not in (types if isinstance(types, tuple) else (types,))) or \
+                not isinstance(value, types) or not ok(value):
+            raise PcmoeError(f"option {name} must be {what}, not {value!r}")
+    if opts.strategy not in STRATEGIES:
+        raise PcmoeError(f"unknown strategy {opts.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if opts.update_unit not in ("tokens", "inputs"):
+        raise PcmoeError("update_unit must be 'tokens' or 'inputs'")
+    if opts.importance not in ("window", "ema"):
+        raise PcmoeError(f"unknown importance {opts.importance!r}; use window or ema")
+    if opts.quantize not in (None, "int8", "int4"):
+        raise PcmoeError(f"unknown quantize {opts.quantize!r}; use int8 or int4")
+    if opts.quantize and not family.kernel().linear_weights:
+        raise PcmoeError(f"quantised experts are not supported for {family.model_types[0]}")
+    if policy == "topk-reduce":
+        k = family.top_k
+        if opts.topk is None:
+            opts.topk = max(1, k // 2)
+        if not 1 <= opts.topk < k:
+            raise PcmoeError(f"topk-reduce needs 1 <= topk < {k} (the model's experts per token)")
+
+
+def _resolve_dtype(opts: LoadOptions, first_expert_dtype: torch.dtype) -> torch.dtype:
+    if opts.dtype in (None, "auto"):
+        return first_expert_dtype if first_expert_dtype.is_floating_point else torch.float32
+    if isinstance(opts.dtype, torch.dtype):
+        return opts.dtype
+    if opts.dtype not in _DTYPES:
+        raise PcmoeError(f"unknown dtype {opts.dtype!r}; use auto, float32, bfloat16 or float16")
+    return _DTYPES[opts.dtype]
+
+
+def _io_bandwidth(value) -> float | None:
+    if value in (None, "", 0):
+        return None
+    if isinstance(value, str) and value.lower() in STORAGE_PROFILES:
+        return STORAGE_PROFILES[value.lower()]
+    try:
+        mbps = float(value)
+    except ValueError:
+        raise PcmoeError(f"io_bandwidth {value!r} must be MB/s or one of {', '.join(STORAGE_PROFILES)}") from None
+    if mbps <= 0:
+        raise PcmoeError("io_bandwidth must be positive")
+    return mbps
+
+
+
+# -- layout: headers and the meta skeleton ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters are created on the meta device (no memory); buffers stay real, so computed
+    non-persistent buffers such as rotary frequencies keep their values."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=False)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+@dataclass
+class _Layout:
+    """What the headers and the meta skeleton tell before any weight is read."""
+
+    model: nn.Module                 # the model, parameters on meta
+    dtype: torch.dtype
+    block_names: list[str]
+    pieces: list                     # [layer][expert] -> Pieces on disk
+    meta_state: dict                 # non-expert key -> meta tensor
+    nonexpert: dict                  # non-expert key -> TensorInfo on disk
+    missing: set                     # keys not on disk (tied weights)
+    sizes: ModelBytes
+
+
+def _layout(folder: Path, ckpt: Checkpoint, family, opts: LoadOptions) -> _Layout:
+    # The weights' dtype: as stored (the commonest floating dtype on disk) unless asked otherwise.
+    stored = [t.dtype for t in ckpt.tensors.values() if t.dtype.is_floating_point]
+    dtype = _resolve_dtype(opts, max(set(stored), key=stored.count) if stored else torch.float32)
+    with _parameters_on_meta():
+        model = family.build(dtype)  # parameters on meta: no memory
+    block_names = [name for name, m in model.named_modules() if type(m).__name__ in family.block_classes]
+    if not block_names:
+        raise PcmoeError(f"{folder}: no MoE blocks found in the {family.config.model_type} model (all layers dense?)")
+    N = family.num_experts
+    pieces = [[family.expert_pieces(ckpt, name, e) for e in range(N)] for name in block_names]
+    _check_expert_shapes(folder, pieces, family.kernel().tensors)
+
+    # Non-expert tensors: every parameter/persistent buffer outside the expert banks.
+    expert_prefixes = tuple(f"{name}.experts." for name in block_names)
+    meta_state = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(expert_prefixes)}
+    nonexpert: dict[str, object] = {}
+    missing: set[str] = set()
+    for key in meta_state:
+        disk = next((d for d in family.disk_keys(key) if d in ckpt), None)
+        if disk is None:
+            missing.add(key)
+        else:
+            info = ckpt[disk]
+            if math.prod(info.shape) != meta_state[key].numel():
+                raise CheckpointError(f"{folder}: tensor {disk} has shape {list(info.shape)} but the model built from "
+                                      f"config.json expects {list(meta_state[key].shape)}; the config does not "
+                                      "match the weights")
+            nonexpert[key] = info
+    tied_map = model.get_expanded_tied_weights_keys(all_submodels=True) if hasattr(
+        model, "get_expanded_tied_weights_keys") else {}
+    tied = set(tied_map) | set(tied_map.values())
+    untied_missing = sorted(k for k in missing if k not in tied and meta_state[k].device.type == "meta")
+    if untied_missing:
+        raise PcmoeError(f"{folder}: the checkpoint lacks {len(untied_missing)} tensor(s) the model needs, "
+                         f"e.g. {untied_missing[0]}; it does not match its config.json")
+
+    def nbytes_as(info, target):
+        return info.nbytes // info.dtype.itemsize * target.itemsize
+
+    nonexpert_bytes = sum(nbytes_as(info, meta_state[k].dtype) for k, info in nonexpert.items())
+    expert_bytes = [slot_nbytes(family.kernel(), dtype, opts.quantize)] * len(block_names)
+    sizes = ModelBytes(nonexpert_bytes, expert_bytes, [N] * len(block_names))
+    return _Layout(model, dtype, block_names, pieces, meta_state, nonexpert, missing, sizes)
+
+
+def _check_expert_shapes(folder: Path, pieces, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every on-disk expert tensor must fill exactly the part of a slot it is read into."""
+    for layer_pieces in pieces:
+        for expert in layer_pieces:
+            for piece in expert:
+                shape = shapes[piece.dest]
+                rows = shape[0] if piece.rows is None else piece.rows[1] - piece.rows[0]
+                if math.prod(piece.info.shape) != rows * math.prod(shape[1:]):
+                    raise CheckpointError(
+                        f"{folder}: expert tensor {piece.info.name} has shape {list(piece.info.shape)}, which does "
+                        f"not fit the expert shape {list(shape)} that config.json implies; the config does not "
+                        "match the weights")
+
+
+
+# -- build -----------------------------------------------------------------------------------------
+
+
+def _load(folder: Path, budget_spec, policy: str, plan, opts: LoadOptions) -> Engine:
+    t_load = time.perf_counter()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    config_dict = read_config_dict(folder)
+    family = load_family(folder, config_dict)  # an unsupported model is reported before reading files
+    _validate(policy, opts, family)
+    ckpt = Checkpoint(folder, config_dict)
+    try:
+        return _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load)
+    except BaseException:
+        ckpt.close()  # no file descriptors left behind by a failed load
+        raise
+
+
+def _sizing(lay: _Layout, family, budget_spec, policy: str, plan, opts: LoadOptions) -> Sizing:
+    sizes = lay.sizes
+    plan_sizes = check_plan(plan, family.config.model_type, sizes.num_experts) if plan is not None else None
+    return size_committees(sizes, parse_budget(budget_spec, sizes), policy=policy,
+                           swapped=policy in DYNAMIC_POLICIES, all_resident=policy in ALL_RESIDENT_POLICIES,
+                           spare_slots=opts.spare_slots, bytes_per_step=opts.bytes_per_step,
+                           staging_bytes=slot_nbytes(family.kernel(), lay.dtype, None), plan_sizes=plan_sizes)
+
+
+def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Engine:
+    lay = _layout(folder, ckpt, family, opts)
+    model, sizes = lay.model, lay.sizes
+    sizing = _sizing(lay, family, budget_spec, policy, plan, opts)  # before any weight is read
+
+    for key, info in _progress(lay.nonexpert.items(), "non-expert weights", opts.progress, len(lay.nonexpert),
+                               "tensor"):
+        _set_tensor(model, key, ckpt.read(info, lay.meta_state[key].dtype, evict=opts.evict))
+    if lay.missing and hasattr(model, "tie_weights"):
+        model.tie_weights(missing_keys=lay.missing, recompute_mapping=True)
+
+    # Replace MoE blocks by committee blocks with slot banks.
+    blocks = []
+    for layer, name in enumerate(lay.block_names):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        bank = SlotExperts(family.kernel(), sizing.slots[layer], lay.dtype, opts.quantize)
+        block = CommitteeMoE(getattr(parent, attr), bank, layer, name)
+        block.bound = family.bind(block)
+        setattr(parent, attr, block)
+        blocks.append(block)
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise PcmoeError(f"{folder}: tensor {leftover[0]} was not loaded; the checkpoint does not match its config")
+    model.eval()
+
+    store = ExpertStore(ckpt, lay.pieces, io_bandwidth_mbps=_io_bandwidth(opts.io_bandwidth), evict=opts.evict)
+    io = ExpertIO(store, [b.experts for b in blocks],
+                  [expert_buffer(family.kernel(), lay.dtype) for _ in range(sizing.swap_buffers)])
+    norms = _expert_norms(ckpt, store, sizes.num_experts, opts)
+    profile_file = profile_path(folder, opts.profile, policy)
+    profile = read_profile(profile_file, family.config.model_type, sizes.num_experts) if profile_file else None
+
+    layers = []
+    track = opts.track_importance if opts.track_importance is not None else policy in DYNAMIC_POLICIES
+    fill = []
+    for i, block in enumerate(blocks):
+        committee = LayerCommittee(sizes.num_experts[i], sizing.slots[i])
+        members = _initial_members(policy, i, sizing.committee_sizes[i], norms[i], profile, opts)
+        fill += [(i, e, slot) for slot, e in enumerate(members)]
+        prior = torch.tensor(profile["importance"][i], dtype=torch.float64) if profile else None
+        tracker = ImportanceTracker(norms[i], opts.importance, opts.ema_decay, prior)
+        router = family.bind_router(block, opts.renorm)
+        if policy == "on-demand":
+            ctrl = OnDemandController(committee, tracker, router, io.load_slot, i, track)
+        elif policy == "topk-reduce":
+            ctrl = TopkReduceController(committee, tracker, router, family.bind_router(block, opts.renorm, opts.topk),
+                                        track)
+        else:
+            ctrl = MaskedGatingController(committee, tracker, router, opts.strategy, opts.tau, track)
+        block.controller = ctrl
+        layers.append(Layer(block, committee, tracker, ctrl))
+    for i, e, slot in _progress(fill, "loading experts", opts.progress):
+        if not io.load_slot(i, e, slot):
+            raise PcmoeError(f"{folder}: cannot read expert {e} of {lay.block_names[i]} (I/O error after retries)")
+        layers[i].committee.install(e, slot)
+
+    scheduler = None
+    if policy in DYNAMIC_POLICIES and any(n < N for n, N in zip(sizing.committee_sizes, sizes.num_experts)):
+        staging = (io.load_buffer, io.commit_buffer, sizing.swap_buffers) if sizing.swap_buffers else None
+        scheduler = SwapScheduler(
+            [layer.committee for layer in layers], [layer.tracker for layer in layers], sizing.committee_sizes,
+            sizes.expert, io.load_slot, update_every=opts.update_every, unit=opts.update_unit,
+            bytes_per_step=opts.bytes_per_step or 2 * max(sizes.expert), margin=opts.margin,
+            synchronous=opts.synchronous, staging=staging)
+
+    tokenizer = None
+    if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        with contextlib.suppress(Exception):
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    load_info = {"seconds": time.perf_counter() - t_load, "bytes_read": store.stats.bytes_read,
+                 "dtype": str(lay.dtype).replace("torch.", ""), "profile": profile_file,
+                 "swap_buffers": sizing.swap_buffers, "swap_buffer_bytes": sizing.buffer_bytes}
+    fast = None
+    if opts.fast and family.lean_decoder:
+        from pcmoe import fast as fast_path
+
+        fast = fast_path.FastDecoder(model, family) if fast_path.supports(model) else None
+    engine = Engine(model=model, tokenizer=tokenizer, family=family, checkpoint=ckpt, store=store, io=io,
+                    layers=layers, scheduler=scheduler, model_bytes=sizes, sizing=sizing, policy=policy,
+                    options=opts, expert_norms=norms, load_info=load_info, fast=fast)
+    engine.reset_stats()
+    return engine
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    parent_name, _, name = key.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if name in parent._parameters:
+        parent._parameters[name] = nn.Parameter(value, requires_grad=False)
+    else:
+        parent._buffers[name] = value
+
+
+def _progress(iterable, desc: str, enabled: bool, total: int | None = None, unit: str = "expert"):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, unit=unit, dynamic_ncols=True)
+
+
+def _expert_norms(ckpt: Checkpoint, store: ExpertStore, num_experts: list[int],
+                  opts: LoadOptions) -> list[torch.Tensor]:
+    """||E_i|| per layer, streamed from disk once and cached by checkpoint fingerprint."""
+    key = ckpt.fingerprint()
+    shipped = ckpt.folder / "pcmoe_expert_norms.json"
+    cache_root = Path(opts.cache_dir or os.environ.get("PCMOE_CACHE") or Path.home() / ".cache" / "pcmoe")
+    cached = cache_root / key / "expert_norms.json"
+    for path in (shipped, cached):
+        if path.exists():
+            with contextlib.suppress(ValueError, KeyError):
+                data = json.loads(path.read_text())
+                if data["fingerprint"] == key and [len(n) for n in data["norms"]] == num_experts:
+                    return [torch.tensor(n, dtype=torch.float64) for n in data["norms"]]
+    pairs = [(layer, e) for layer, n in enumerate(num_experts) for e in range(n)]
+    values = [store.expert_norm(layer, e) for layer, e in _progress(pairs, "expert norms", opts.progress)]
+    norms, i = [], 0
+    for n in num_experts:
+        norms.append(values[i:i + n])
+        i += n
+    with contextlib.suppress(OSError):
+        atomic_write_text(cached, json.dumps({"fingerprint": key, "norms": norms}))
+    return [torch.tensor(n, dtype=torch.float64) for n in norms]
+
+
+def _initial_members(policy, layer, n, norms, profile, opts) -> list[int]:
+    N = len(norms)
+    if n >= N:
+        return list(range(N))
+    if policy == "random-keep":
+        return sorted(random.Random(opts.seed * 1000 + layer).sample(range(N), n))
+    if policy == "static-frequency":
+        return top_experts(torch.tensor(profile["counts"][layer]), n)
+    if profile is not None and policy in ("committee", "on-demand"):
+        return top_experts(torch.tensor(profile["importance"][layer]), n)
+    return top_experts(norms, n)  # magnitude-keep, and the default warm start
+
+

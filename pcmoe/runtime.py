@@ -1,0 +1,359 @@
+"""The runtime: a loaded model with its committees, served one forward pass at a time.
+
+    engine = pcmoe.load("models/pcmoe-lm", budget="50%experts")   # pcmoe.loader builds it
+    logits, state = engine.prefill(ids)
+    logits = engine.decode_step(state, token)
+    engine.stats()                         # cumulative since load; stats(since=engine.counters())
+
+The step boundary, where swaps are switched in and new loads issued, is entered one way: by the
+MoE blocks themselves. Every CommitteeMoE calls `_enter(layer, tokens)` first; a forward pass visits
+the MoE layers in increasing order, so a layer index that does not increase starts a new pass.
+That holds for the lean decoder, the transformers forward (also when a user calls engine.model
+directly), a seq2seq encoder + decoder pass and the vision model alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from pcmoe.budget import ModelBytes, Sizing
+from pcmoe.formats import PROFILE_FORMAT
+from pcmoe.options import LoadOptions, PcmoeError
+from pcmoe.routing import GatingStats
+from pcmoe.system import peak_rss_bytes, rss_bytes
+
+STATE_FORMAT = "pcmoe-state/1"
+_GATING = ("choices", "hits", "exchanged", "skipped", "mass_total", "mass_outside")
+
+
+@dataclass
+class Layer:
+    """One MoE layer: its block in the model, committee, importance tracker and policy."""
+
+    block: object           # moe.CommitteeMoE
+    committee: object       # committee.LayerCommittee
+    tracker: object         # importance.ImportanceTracker
+    controller: object      # policies.LayerController
+
+
+class Engine:
+    """A loaded model, its committees and policy. `engine.model` is the transformers model (or the
+    pcmoe vision model); `generate` is pcmoe.generation.generate bound to this engine."""
+
+    def __init__(self, *, model, tokenizer, family, checkpoint, store, io, layers: list[Layer], scheduler,
+                 model_bytes: ModelBytes, sizing: Sizing, policy: str, options: LoadOptions, expert_norms,
+                 load_info: dict, fast=None):
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.family = family
+        self.checkpoint = checkpoint
+        self.store = store
+        self.io = io                      # store.ExpertIO: slots and staging buffers
+        self.layers = layers
+        self.scheduler = scheduler
+        self.model_bytes = model_bytes    # bytes of the weights (ModelBytes)
+        self.sizing = sizing              # counts: committee sizes, slots, buffers
+        self.policy = policy
+        self.options = options
+        self.expert_norms = expert_norms
+        self.load_info = load_info
+        self.fast = fast                  # the lean decoder, where the family has one
+        self._new_input = None            # begin_input() / end_input(); None = every pass is an input
+        self._last_layer = float("inf")   # the MoE layer the current pass last entered
+        for layer in layers:
+            layer.block.on_enter = self._enter
+        self._closed = False
+
+    # Per-layer views (tests, benchmarks and front ends read these).
+    @property
+    def blocks(self):
+        return [layer.block for layer in self.layers]
+
+    @property
+    def committees(self):
+        return [layer.committee for layer in self.layers]
+
+    @property
+    def trackers(self):
+        return [layer.tracker for layer in self.layers]
+
+    @property
+    def controllers(self):
+        return [layer.controller for layer in self.layers]
+
+    @property
+    def committee_sizes(self) -> list[int]:
+        return list(self.sizing.committee_sizes)
+
+    @property
+    def slots(self) -> list[int]:
+        return list(self.sizing.slots)
+
+    @property
+    def budget(self) -> int:
+        return self.sizing.budget
+
+    @property
+    def context(self) -> int | None:
+        """The model's context in tokens (None: no limit pcmoe knows of, e.g. seq2seq)."""
+        if self.family.seq2seq:
+            return None
+        return getattr(self.config, "max_position_embeddings", None) or None
+
+    # -- step boundaries -----------------------------------------------------------------------
+
+    def begin_input(self) -> None:
+        """Mark the next forward pass as the first of a new input (request, document, frame); later
+        passes count as its continuation until end_input()."""
+        self._new_input = True
+
+    def end_input(self) -> None:
+        """Back to counting every forward pass as an input of its own."""
+        self._new_input = None
+
+    def _enter(self, layer: int, tokens: int) -> None:
+        """Called by every MoE block before it computes (never during another block)."""
+        if layer <= self._last_layer:  # the first MoE layer of a new forward pass
+            if self._new_input is None:
+                new_input = True
+            else:
+                new_input, self._new_input = self._new_input, False
+            if self.scheduler is not None:
+                self.scheduler.begin_step(tokens, new_input)
+        self._last_layer = layer
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def new_state(self) -> dict:
+        """An empty decoding state (KV cache) for forward()."""
+        if self.fast is not None:
+            return {"fast": self.fast.new_cache()}
+        from transformers import DynamicCache
+
+        return {"cache": DynamicCache(config=self.config)}
+
+    def forward(self, ids: torch.Tensor, state: dict, last_only: bool = False) -> torch.Tensor:
+        """Feed ids [1, n] after what `state` holds; logits [n, V] ([1, V] with last_only). Uses
+        the lean decoder where the family supports it, else the transformers model."""
+        if "fast" in state:
+            return self.fast.forward(ids, state["fast"], last_only)
+        out = self.model(input_ids=ids, cache=state["cache"], use_cache=True, logits_to_keep=1 if last_only else 0)
+        return out.logits[0]
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]):
+        """Next-token logits [V] after the prompt, and the decoding state (KV cache...)."""
+        input_ids = torch.tensor([ids])
+        if self.family.seq2seq:
+            enc = self.model.get_encoder()(input_ids=input_ids)
+            start = torch.tensor([[self.config.decoder_start_token_id]])
+            out = self.model(encoder_outputs=enc, decoder_input_ids=start, use_cache=True)
+            return out.logits[0, -1].float(), {"enc": enc, "cache": out.cache}
+        state = self.new_state()
+        return self.forward(input_ids, state, last_only=True)[-1].float(), state
+
+    @torch.inference_mode()
+    def decode_step(self, state: dict, token: int) -> torch.Tensor:
+        """Feed one token; next-token logits [V]."""
+        ids = torch.tensor([[token]])
+        if self.family.seq2seq:
+            out = self.model(encoder_outputs=state["enc"], decoder_input_ids=ids, cache=state["cache"],
+                             use_cache=True)
+            state["cache"] = out.cache
+            return out.logits[0, -1].float()
+        return self.forward(ids, state)[-1].float()
+
+    # -- text at the edges -------------------------------------------------------------------------
+
+    def generate(self, prompt, max_new_tokens: int = 64, **kwargs):
+        """pcmoe.generation.generate(self, ...): one GenerationStep per token; the last carries the
+        statistics of this request."""
+        from pcmoe.generation import generate
+
+        return generate(self, prompt, max_new_tokens, **kwargs)
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise PcmoeError("this checkpoint has no tokenizer (no tokenizer.json beside it), so it cannot take "
+                             "text; add the tokenizer files to the model folder, or call generate() with token ids")
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def eos_ids(self) -> set[int]:
+        eos = getattr(self.config, "eos_token_id", None)
+        out = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            out.add(self.tokenizer.eos_token_id)
+        return out
+
+    # -- statistics --------------------------------------------------------------------------------
+
+    def reset_stats(self) -> None:
+        from pcmoe.scheduler import SchedulerStats
+
+        for c in self.controllers:
+            c.stats = GatingStats()
+            c.stall_s = 0.0
+        self.store.stats = self.store.new_stats()
+        if self.scheduler is not None:
+            n = len(self.layers)
+            self.scheduler.stats = SchedulerStats(per_layer_swaps=[0] * n, per_layer_stall_s=[0.0] * n)
+
+    def counters(self) -> dict:
+        """The raw counters behind stats(), as a snapshot: stats(since=snapshot) reports what
+        happened after it (one request, one document), exactly for every router."""
+        st = self.store.stats
+        sched = self.scheduler.stats if self.scheduler else None
+        n = len(self.layers)
+        return {
+            "layers": [{**{k: getattr(c.stats, k) for k in _GATING}, "stall_s": c.stall_s} for c in self.controllers],
+            "bytes_read": list(st.per_layer_bytes), "read_s": list(st.per_layer_read_s),
+            "swaps": list(sched.per_layer_swaps) if sched else [0] * n,
+            "swap_stall_s": list(sched.per_layer_stall_s) if sched else [0.0] * n,
+            "total": {"reads": st.reads, "read_errors": st.errors, "bytes_read": st.bytes_read, "read_s": st.read_s,
+                      "swaps": sched.swaps if sched else 0, "swap_failures": sched.swap_failures if sched else 0,
+                      "updates": sched.updates if sched else 0, "swap_copy_s": sched.copy_s if sched else 0.0,
+                      "swap_stall_s": sched.stall_s if sched else 0.0},
+        }
+
+    def stats(self, since: dict | None = None) -> dict:
+        """Hits, misses, router mass outside the committee, exchanged / skipped choices, swaps,
+        bytes read, read and stall time (since load, or since the `counters()` snapshot given),
+        with the resident bytes and peak RSS now; per layer and in total."""
+        now = self.counters()
+        d = _minus(now, since) if since is not None else now
+        sizes, sizing = self.model_bytes, self.sizing
+        layers, tot = [], dict.fromkeys(_GATING, 0)
+        for i, (row, layer) in enumerate(zip(d["layers"], self.layers)):
+            for k in _GATING:
+                tot[k] += row[k]
+            committee = layer.committee
+            layers.append({
+                "layer": i, "block": layer.block.block_name, "experts": committee.num_experts,
+                "committee_size": sizing.committee_sizes[i], "slots": committee.num_slots,
+                "members": sorted(committee.members()), "choices": row["choices"], "hits": row["hits"],
+                "misses": row["choices"] - row["hits"], "exchanged": row["exchanged"], "skipped": row["skipped"],
+                "router_mass_outside": row["mass_outside"] / row["mass_total"] if row["mass_total"] else 0.0,
+                "mass_total": row["mass_total"], "mass_outside": row["mass_outside"],
+                "swaps": d["swaps"][i], "bytes_read": d["bytes_read"][i], "read_s": d["read_s"][i],
+                "stall_s": row["stall_s"] + d["swap_stall_s"][i],
+                "resident_expert_bytes": sizes.expert[i] * sizing.slots[i],
+            })
+        t = d["total"]
+        resident_expert_bytes = sum(b * s for b, s in zip(sizes.expert, sizing.slots)) + sizing.buffer_bytes
+        return {
+            "policy": self.policy,
+            "budget_bytes": sizing.budget,
+            "nonexpert_bytes": sizes.nonexpert,
+            "resident_expert_bytes": resident_expert_bytes,  # the staging buffers of swaps are resident too
+            "resident_bytes": sizes.nonexpert + resident_expert_bytes,
+            "full_model_bytes": sizes.full,
+            "committee_sizes": list(sizing.committee_sizes),
+            "choices": tot["choices"],
+            "hits": tot["hits"],
+            "misses": tot["choices"] - tot["hits"],
+            "hit_rate": tot["hits"] / tot["choices"] if tot["choices"] else 1.0,
+            "router_mass_outside": tot["mass_outside"] / tot["mass_total"] if tot["mass_total"] else 0.0,
+            "mass_total": tot["mass_total"],
+            "mass_outside": tot["mass_outside"],
+            "exchanged": tot["exchanged"],
+            "skipped": tot["skipped"],
+            "swaps": t["swaps"],
+            "swap_failures": t["swap_failures"],
+            "updates": t["updates"],
+            "bytes_read": t["bytes_read"],
+            "reads": t["reads"],
+            "read_s": t["read_s"],
+            "read_errors": t["read_errors"],
+            "stall_s": sum(row["stall_s"] for row in d["layers"]) + t["swap_stall_s"],
+            "swap_buffer_bytes": sizing.buffer_bytes,
+            "swap_copy_s": t["swap_copy_s"],
+            "peak_rss_bytes": peak_rss_bytes(),
+            "rss_bytes": rss_bytes(),
+            "load": self.load_info,
+            "per_layer": layers,
+        }
+
+    def importance_profile(self) -> dict:
+        """Importance and routing counts accumulated since load (unmasked routing)."""
+        return {
+            "format": PROFILE_FORMAT,
+            "model_type": self.config.model_type,
+            "num_experts": [c.num_experts for c in self.committees],
+            "importance": [t.total.add(t.window * t.expert_norms).tolist() for t in self.trackers],
+            "counts": [t.counts.tolist() for t in self.trackers],
+        }
+
+    # -- per-user state ----------------------------------------------------------------------------
+
+    def save_state(self) -> dict:
+        """The committee state a user's requests built up: per-layer importance scores and members.
+        JSON-serialisable; restore it with load_state() (e.g. when that user comes back)."""
+        return {
+            "format": STATE_FORMAT,
+            "num_experts": [c.num_experts for c in self.committees],
+            "score": [t.score.tolist() for t in self.trackers],
+            "window": [t.window.tolist() for t in self.trackers],
+            "members": [sorted(c.members()) for c in self.committees],
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Restore importance saved by save_state(). With the committee policy, swaps towards the
+        saved members are planned at once and run amortised like any update (no stall)."""
+        shape = [c.num_experts for c in self.committees]
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("num_experts") != shape:
+            raise PcmoeError("committee state does not match this model")
+        try:
+            scores = [torch.tensor(v, dtype=torch.float64) for v in state["score"]]
+            windows = [torch.tensor(v, dtype=torch.float64) for v in state["window"]]
+            members = [{int(e) for e in m} for m in state["members"]]
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
+            raise PcmoeError(f"committee state is malformed ({type(e).__name__})") from None
+        for values in (scores, windows, members):
+            if len(values) != len(shape):
+                raise PcmoeError("committee state does not match this model (layer count)")
+        for n, score, window, member in zip(shape, scores, windows, members):
+            if score.shape != (n,) or window.shape != (n,) or not all(0 <= e < n for e in member) \
+                    or not torch.isfinite(score).all() or not torch.isfinite(window).all():
+                raise PcmoeError("committee state does not match this model (expert ids or score lengths)")
+        for t, score, window in zip(self.trackers, scores, windows):
+            t.score, t.window = score, window
+        if self.scheduler is not None:
+            self.scheduler.plan_towards(members)
+
+    # -- lifetime ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.scheduler is not None:
+            self.scheduler.close()
+        for layer in self.layers:
+            layer.block.on_enter = None
+        self.checkpoint.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def _minus(now, before):
+    """now - before, element by element, through dicts and lists of numbers."""
+    if isinstance(now, dict):
+        return {k: _minus(v, before[k]) for k, v in now.items()}
+    if isinstance(now, list):
+        return [_minus(a, b) for a, b in zip(now, before)]
+    return now - before
