@@ -133,8 +133,8 @@ def test_single_token_routing_equals_the_tensor_path(norm, renorm, strategy, tau
         mask = torch.zeros(N, dtype=torch.bool)
         mask[torch.randperm(N, generator=gen)[:members]] = True
         exe, full, st = gate(lambda lg, m: softmax_topk(lg, k, norm, m, renorm), logits, mask, strategy, tau)
-        e_idx, e_w, f_idx, f_w, st1 = gate_one(logits[0].tolist(), lambda v, m: softmax_topk_one(v, k, norm, m, renorm), mask.tolist(),
-                                              strategy, tau)
+        route_one = lambda v, m: softmax_topk_one(v, k, norm, m, renorm)  # noqa: E731
+        e_idx, e_w, f_idx, f_w, st1 = gate_one(logits[0].tolist(), route_one, mask.tolist(), strategy, tau)
         assert e_idx == exe.idx[0].tolist() and f_idx == full.idx[0].tolist(), trial
         assert e_w == pytest.approx(exe.weights[0].tolist(), abs=1e-6)
         assert f_w == pytest.approx(full.weights[0].tolist(), abs=1e-6)
