@@ -4,11 +4,17 @@ statistics table they print. Torch-free at import: `pcmoe --help` stays fast."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
 
-from pcmoe.budget import format_bytes
+from pcmoe.budget import BudgetError, ModelBytes, format_bytes, parse_budget
+from pcmoe.options import PcmoeError
 
 DEFAULT_MODEL = "models/pcmoe-lm"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what load() looks for
+ALL_RESIDENT_POLICIES = ("full", "topk-reduce")                 # as pcmoe.policies (a test keeps them equal)
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
@@ -54,13 +60,85 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def read_model_config(model: str | os.PathLike) -> dict:
+    """config.json of a checkpoint folder, read without torch so that a bad --model fails at once;
+    the messages of pcmoe.checkpoint.read_config_dict, its twin behind load()."""
+    folder = Path(model)
+    if folder.exists() and not folder.is_dir():
+        raise PcmoeError(f"{folder} is a file, not a checkpoint folder; pass the folder that holds config.json "
+                         "and the *.safetensors files")
+    if not folder.is_dir():
+        raise PcmoeError(f"checkpoint folder {folder} does not exist; pass the folder that "
+                         "holds config.json and the *.safetensors files")
+    cfg = folder / "config.json"
+    if not cfg.exists():
+        raise PcmoeError(f"{folder} has no config.json; is it a Hugging Face checkpoint folder?")
+    try:
+        data = json.loads(cfg.read_text())
+    except ValueError as e:
+        raise PcmoeError(f"{cfg} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise PcmoeError(f"cannot read {cfg}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise PcmoeError(f"{cfg} does not hold a JSON object")
+    return data
+
+
+def has_tokenizer(model: str | os.PathLike) -> bool:
+    return any((Path(model) / name).exists() for name in TOKENIZER_FILES)
+
+
+def check_input_file(path: str | os.PathLike, what: str, hint: str = "") -> None:
+    """A file the command will read: it exists, is a file and can be read (one-line errors)."""
+    p = Path(path)
+    if p.is_dir():
+        raise PcmoeError(f"{what} {p} is a directory; pass a file{hint}")
+    if not p.exists():
+        raise PcmoeError(f"{what} {p} does not exist{hint}")
+    if not os.access(p, os.R_OK):
+        raise PcmoeError(f"cannot read {what} {p} (permission denied)")
+
+
+def check_load_args(args) -> dict:
+    """Check before torch is imported what add_load_options() read: the model folder, the budget's
+    syntax, the plan and profile files, and that --plan is not ignored. Returns config.json."""
+    config = read_model_config(args.model)
+    if args.budget is not None:
+        try:  # the syntax only: shares of the model are resolved at load
+            parse_budget(args.budget, ModelBytes(1, [1], [1]))
+        except BudgetError as e:
+            raise PcmoeError(str(e)) from None
+    if args.plan is not None:
+        check_input_file(args.plan, "plan file")
+        if args.policy in ALL_RESIDENT_POLICIES:
+            raise PcmoeError(f"--plan gives per-layer committee sizes, but policy {args.policy} keeps every expert "
+                             "resident and would ignore it; drop --plan or choose another policy")
+    if args.profile is not None and args.profile.lower() != "none":
+        check_input_file(args.profile, "profile", "; make one with `pcmoe profile`")
+    return config
+
+
+def warn_if_budget_above_model(engine, budget, out=None) -> bool:
+    """A budget larger than the whole model is legal but likely a mistake (200% for 20%): say so."""
+    if budget is None:
+        return False
+    stats = engine.stats()
+    if stats["budget_bytes"] <= stats["full_model_bytes"]:
+        return False
+    print(f"warning: the budget {format_bytes(stats['budget_bytes'])} is more than the whole model "
+          f"({format_bytes(stats['full_model_bytes'])}): every expert stays resident", file=out or sys.stderr)
+    return True
+
+
 def engine_from_args(args):
-    """pcmoe.load() with the options add_load_options() defined."""
+    """pcmoe.load() with the options add_load_options() defined, checked first (torch-free)."""
     import pcmoe
+
+    check_load_args(args)
 
     knobs = {"update_every": args.update_every, "update_unit": args.update_unit, "importance": args.importance,
              "ema_decay": args.ema_decay, "margin": args.margin, "spare_slots": args.spare_slots}
-    return pcmoe.load(
+    engine = pcmoe.load(
         args.model, budget=args.budget, policy=args.policy, plan=args.plan, dtype=args.dtype,
         strategy=args.strategy, renorm=args.gate_weights == "renorm", tau=args.tau, bytes_per_step=args.swap_bytes,
         **{k: v for k, v in knobs.items() if v is not None}, synchronous=args.sync_swaps, profile=args.profile,
@@ -68,6 +146,8 @@ def engine_from_args(args):
         track_importance=getattr(args, "track_importance", None),
         io_bandwidth=args.io_bandwidth, evict=not args.no_evict, threads=args.threads,
         progress=not args.quiet and sys.stderr.isatty())
+    warn_if_budget_above_model(engine, args.budget)
+    return engine
 
 
 def print_stats(stats: dict, out=None) -> None:
