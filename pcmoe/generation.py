@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pcmoe.options import PcmoeError
+from pcmoe.options import PcmoeError, check_sampling
 
 # Special tokens that close a turn in common chat formats (ChatML, Llama 3, Phi, Gemma).
 _TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
@@ -162,8 +162,7 @@ def generate(engine, prompt: str | list[int], max_new_tokens: int = 64, temperat
     """Yield one GenerationStep per generated token; the last one carries the request's statistics.
     Finish reasons: "eos", "stop" (a stop string or stop token id), "length"."""
     ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise PcmoeError(f"max_new_tokens must be an integer >= 1, not {max_new_tokens!r}")
+    check_sampling(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)  # the CLI's and server's rules
     if not ids:
         raise ContextError("the prompt is empty", "prompt")
     context = engine.context

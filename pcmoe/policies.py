@@ -46,7 +46,8 @@ class LayerController:
 
     def _track_one(self, x: torch.Tensor, idx: list[int], weights: list[float]) -> None:
         if self.track:
-            self.tracker.accumulate_one(float(torch.linalg.vector_norm(x, dtype=torch.float32)), idx, weights)
+            acc = None if x.dtype == torch.float64 else torch.float32  # at least float32, never narrowing
+            self.tracker.accumulate_one(float(torch.linalg.vector_norm(x, dtype=acc)), idx, weights)
 
     def forward(self, x, logits, experts, batch) -> torch.Tensor:
         raise NotImplementedError
@@ -122,7 +123,7 @@ class OnDemandController(LayerController):
         super().__init__(committee, tracker, router, track)
         self.load = load     # load(layer, expert, slot) -> bool
         self.layer = layer
-        self.lru: OrderedDict[int, None] = OrderedDict((e, None) for e in committee.members())
+        self.lru: OrderedDict[int, None] = OrderedDict()  # resident experts, least recently used first
         self.failed = 0
 
     def forward(self, x, logits, experts, batch):
@@ -186,9 +187,11 @@ class OnDemandController(LayerController):
         free = self.committee.free_slots()
         if free:
             return free[0], None
-        for victim in self.lru:
+        # members the LRU order has not seen yet (installed before this controller ran) go first
+        unseen = [e for e in self.committee.members() if e not in self.lru]
+        for victim in unseen + list(self.lru):
             if victim not in protected:
-                del self.lru[victim]
+                self.lru.pop(victim, None)
                 return self.committee.evict(victim), victim
         return None
 

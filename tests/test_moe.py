@@ -82,3 +82,44 @@ def test_int4_round_trip_error_is_half_a_step():
     dequant = int4_linear(torch.eye(64), {"w.q": q, "w.s": s}, "w").t()            # [out, in]
     step = (w.view(48, 2, 32).amax(-1) - w.view(48, 2, 32).amin(-1)) / 15           # [out, groups]
     assert ((dequant - w).abs().view(48, 2, 32) <= step[..., None] / 2 + 1e-4).all()
+
+
+class _ScaleKernel:
+    """Expert e multiplies its input by c_e: the layer's output has a closed form."""
+
+    linear_weights = ()
+    tensors = {"c": (1,)}
+
+    def __call__(self, x, w):
+        return x * w["c"]
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_exchange_matches_a_closed_form(tokens):
+    """Members {0, 2} of 4 experts; the router prefers 1 and 3. Exchange gives each token the two
+    members, weighted by the softmax over the members' logits only (option A, renormalised)."""
+    import math
+
+    from pcmoe.committee import LayerCommittee
+    from pcmoe.importance import ImportanceTracker
+    from pcmoe.models import BoundRouter
+    from pcmoe.moe import SlotExperts
+    from pcmoe.policies import MaskedGatingController
+    from pcmoe.routing import softmax_topk, softmax_topk_one
+
+    bank = SlotExperts(_ScaleKernel(), 2, torch.float64)
+    bank.use_grouped = False
+    committee = LayerCommittee(4, 2)
+    for slot, (expert, c) in enumerate([(0, 1.0), (2, 100.0)]):
+        bank.slot(slot)["c"].fill_(c)
+        committee.install(expert, slot)
+    router = BoundRouter(lambda lg, m, batch=None: softmax_topk(lg, 2, True, m, True),
+                         lambda v, m=None: softmax_topk_one(v, 2, True, m, True), 2, True)
+    ctrl = MaskedGatingController(committee, ImportanceTracker(torch.ones(4, dtype=torch.float64)), router)
+    logits = torch.tensor([[1.0, 3.0, 0.5, 2.0]] * tokens, dtype=torch.float64)
+    x = torch.arange(1.0, 1.0 + tokens * 2, dtype=torch.float64).view(tokens, 2)
+    y = ctrl.forward(x, logits, bank, (1, tokens))
+    w0 = math.exp(1.0) / (math.exp(1.0) + math.exp(0.5))
+    expected = x * (w0 * 1.0 + (1 - w0) * 100.0)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)  # routing runs in float32
+    assert ctrl.stats.choices == 2 * tokens and ctrl.stats.hits == 0 and ctrl.stats.exchanged == 2 * tokens
