@@ -133,9 +133,10 @@ def test_quantised_committee_swaps_end_to_end(tiny_checkpoint):
                 raw = {name: torch.empty_like(t) for name, t in bank.staging(slot).items()}
                 assert engine.store.load(layer, expert, raw)
                 for name in bank.kernel.linear_weights:
-                    q, s = torch.empty_like(bank.slot(slot)[name + ".q"]), torch.empty_like(bank.slot(slot)[name + ".s"])
+                    held_q, held_s = bank.slot(slot)[name + ".q"], bank.slot(slot)[name + ".s"]
+                    q, s = torch.empty_like(held_q), torch.empty_like(held_s)
                     quantize_into(raw[name], q, s, "int8")
-                    assert torch.equal(q, bank.slot(slot)[name + ".q"]) and torch.equal(s, bank.slot(slot)[name + ".s"])
+                    assert torch.equal(q, held_q) and torch.equal(s, held_s)
 
 
 def test_context_arithmetic():
