@@ -23,17 +23,16 @@ import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pcmoe.bench.cgroup import available, run_limited  # noqa: E402
-from pcmoe.bench.common import git_commit  # noqa: E402
+from pcmoe.bench.cgroup import available  # noqa: E402
+from pcmoe.bench.common import git_commit, machine, weight_files  # noqa: E402
+from pcmoe.bench.runner import run_worker  # noqa: E402
 from pcmoe.budget import format_bytes  # noqa: E402
-from pcmoe.checkpoint import Checkpoint  # noqa: E402
 from pcmoe.system import atomic_write_text  # noqa: E402
 
 DEFAULT_MODEL = REPO / "data/bench/qwen3-moe-400m"
@@ -70,23 +69,13 @@ def eval_cmd(args, policy: str, budget: str | None) -> list[str]:
 
 
 def run(args, policy, budget, limit):
-    Checkpoint(args.model).evict_page_cache()  # cold start: weights come from the disk
-    result = {"policy": policy, "budget": budget, "limit_bytes": limit}
-    try:
-        r = run_limited(eval_cmd(args, policy, budget), limit, timeout=args.timeout, cwd=str(REPO))
-    except subprocess.TimeoutExpired:  # a run_limited that does not report timeouts itself
-        return dict(result, returncode=None, timed_out=True, stderr_tail=f"timed out after {args.timeout} s")
-    timed_out = getattr(r, "timed_out", False)
-    result.update({"returncode": None if timed_out else r.returncode, "timed_out": timed_out,
-                   "oom_killed": r.oom_killed, "cgroup_max_usage_bytes": r.max_usage_bytes,
-                   "cgroup_failcnt": r.failcnt, "wall_s": r.seconds})
-    if r.returncode == 0 and not timed_out:
-        try:
-            result.update(json.loads(r.stdout.strip().splitlines()[-1]))
-        except (ValueError, IndexError):
-            result.update(returncode=1, stderr_tail="no JSON result on stdout")
-    else:
-        result["stderr_tail"] = r.stderr[-2000:]
+    """One `pcmoe eval` in a cgroup of `limit` bytes, the checkpoint evicted first (a cold start:
+    weights come from the disk); a run past --timeout is recorded as timed out (returncode None)."""
+    r = run_worker(eval_cmd(args, policy, budget), limit, use_cgroup=True, threads=args.threads,
+                   timeout=args.timeout, evict=weight_files(args.model), cwd=str(REPO))
+    result = {"policy": policy, "budget": budget, "limit_bytes": limit, "timed_out": False, **r}
+    if r.get("timed_out"):
+        result["returncode"] = None
     return result
 
 
@@ -120,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = run(args, "committee", args.budget, None)
     if calib["returncode"] != 0:
         why = "timed out" if calib.get("timed_out") else "failed"
-        sys.exit(f"error: calibration run {why}:\n{calib.get('stderr_tail')}")
+        sys.exit(f"error: calibration run {why}: {calib.get('error')}")
     overhead = calib["peak_rss_bytes"] - calib["resident_bytes"]
     configs = [("full", None, calib["full_model_bytes"]), ("committee", args.budget, calib["budget_bytes"]),
                ("on-demand", args.budget, calib["budget_bytes"])]
@@ -157,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         / summary["on-demand"]["tokens_per_s"])
     meta = {"command": shlex.join([Path(sys.executable).name, "benchmarks/memory_limit.py", *(argv or sys.argv[1:])]),
             "commit": git_commit(REPO), "machine": platform.machine(),
-            "cpu": _cpu_name(), "threads": args.threads, "model": str(args.model), "budget": args.budget,
+            "cpu": machine()["cpu"], "threads": args.threads, "model": str(args.model), "budget": args.budget,
             "data": str(args.data), "max_tokens": args.max_tokens, "overhead_bytes": overhead}
     report = {"meta": meta, "calibration": calib, "summary": summary, "ratios": ratios, "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -165,13 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(args.out / "memory_limit.md", _markdown(report))
     print(_markdown(report))
     return 0
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def _markdown(report) -> str:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pcmoe.bench import cgroup, common, report, suite
+from pcmoe import protocol
+from pcmoe.bench import cgroup, common, report, runner, suite, summary
 from pcmoe.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +203,7 @@ def _meta():
 
 
 def test_targets_are_computed_with_margins_and_reasons():
-    rows = {t["target"]: t for t in report.targets(_tiny_results(), _meta())}
+    rows = {t["target"]: t for t in summary.targets(_tiny_results(), _meta())}
     t = rows["committee ppl / full ppl"]
     assert t["value"] == pytest.approx(1.03) and t["met"] and t["margin"] == pytest.approx(1 - 1.03 / 1.05)
     assert rows["committee ppl increase / magnitude-keep's"]["value"] == pytest.approx(0.3)
@@ -221,23 +222,23 @@ def test_targets_are_computed_with_margins_and_reasons():
     t = rows["committee decode / accelerate offload decode (same budget and precision)"]
     assert t["value"] == pytest.approx(9.7)
     no_full = [r for r in _tiny_results() if r["label"] != "full"]
-    t = {t["target"]: t for t in report.targets(no_full, _meta())}["committee ppl / full ppl"]
+    t = {t["target"]: t for t in summary.targets(no_full, _meta())}["committee ppl / full ppl"]
     assert t["value"] is None and t["note"] == "no `full` run"
 
 
 def test_quantisation_comparison_and_storage_are_computed():
-    comp = {c["quantised"]: c for c in report.quant_comparison(_tiny_results())}
+    comp = {c["quantised"]: c for c in summary.quant_comparison(_tiny_results())}
     c = comp["full/int4"]
     assert c["committee"] == "committee@30% (=full/int4)" and c["matched"] and c["quality"] == "quantised"
     assert c["speed"] == "quantised" and c["speed_ratio"] == pytest.approx(0.6)
-    verdicts = "\n".join(report.quant_verdicts(list(comp.values())))
+    verdicts = "\n".join(summary.quant_verdicts(list(comp.values())))
     assert "quality: full/int4 better" in verdicts and "wins on quality in 0 and on speed in 0" in verdicts
-    bw = report.read_bandwidth(_tiny_results())
+    bw = summary.read_bandwidth(_tiny_results())
     assert bw["run"] == "on-demand@50%" and bw["mb_per_s"] == pytest.approx(200)
-    effects = {r["run"]: r.get("effect") for r in report.storage_rows(_tiny_results())}
+    effects = {r["run"]: r.get("effect") for r in summary.storage_rows(_tiny_results())}
     assert effects["committee@50%/nvme"].startswith("none expected")  # 3000 MB/s > this disk's 200
     assert effects["committee@50%/emmc"] == "none expected: the profile is faster than this disk"
-    assert report.memory_x(_tiny_results()[10]) == 60_000_000  # mmap: its allowed weights, not the GGUF size
+    assert summary.memory_x(_tiny_results()[10]) == 60_000_000  # mmap: its allowed weights, not the GGUF size
 
 
 def test_benchmarks_md_generator_keeps_the_reading(tmp_path, monkeypatch):
@@ -349,7 +350,7 @@ def test_decode_trials_exclude_the_warmup_and_take_the_median():
         return Logits()
 
     marks = []
-    d = common.decode_trials(prefill, step, [[1, 2], [3]], decode_tokens=4, trials=3, warmup=1,
+    d = protocol.decode_trials(prefill, step, [[1, 2], [3]], decode_tokens=4, trials=3, warmup=1,
                              after_warmup=lambda: marks.append(len(calls)))
     assert marks == [4]  # one warm-up generation: prefill + 3 steps, then the trials
     assert len(calls) == 4 + 3 * 2 * 4 and d["trials"] == 3 and len(d["decode_trials"]) == 3
@@ -371,22 +372,78 @@ def test_missing_extra_message(monkeypatch):
                                                   "pip install 'pcmoe[llamacpp]'")
 
 
-def test_fingerprint_follows_the_files(tmp_path):
-    (tmp_path / "model.safetensors").write_bytes(b"x")
-    a = common.fingerprint(tmp_path)
-    (tmp_path / "model.safetensors").write_bytes(b"xy")
-    assert common.fingerprint(tmp_path) != a
+def test_fingerprint_follows_the_contents(tiny_lm, tmp_path):
+    import os
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_lm, model)
+    a = common.fingerprint(model)
+    assert common.fingerprint(tiny_lm) == a  # a copy (a fresh clone): same contents, same results
+    os.utime(model / "model.safetensors", (1, 1))
+    (model / "pcmoe_expert_norms.json").write_text("{}")  # a cache computed from the weights
+    assert common.fingerprint(model) == a
+    cfg = (model / "config.json").read_text()
+    (model / "config.json").write_text(cfg.replace("{", '{"pcmoe_test": 1, ', 1))
+    assert common.fingerprint(model) != a
+    (model / "config.json").write_text(cfg)
+    data = bytearray((model / "model.safetensors").read_bytes())
+    data[-1] ^= 1  # a weight byte: the engine's content samples see it
+    (model / "model.safetensors").write_bytes(bytes(data))
+    assert common.fingerprint(model) != a and common.weight_files(model) == [model / "model.safetensors"]
 
 
-def test_worker_timeout_is_recorded_not_raised(monkeypatch):
-    monkeypatch.setattr(suite, "_worker_cmd", lambda spec: [sys.executable, "-c", "import time; time.sleep(30)"])
-    spec = {"label": "slow", "section": "lm", "threads": 1, "key": "k"}
+def test_shipped_models_keep_their_norms_fingerprint():
+    """Checkpoint.fingerprint() (which the bench fingerprint builds on) still matches the expert
+    norms shipped beside the LM: loading it finds them instead of streaming every expert."""
+    from pcmoe.checkpoint import Checkpoint
+
+    shipped = ROOT / "models" / "pcmoe-lm"
+    norms = json.loads((shipped / "pcmoe_expert_norms.json").read_text())
+    assert Checkpoint(shipped).fingerprint() == norms["fingerprint"]
+
+
+def test_minimum_budget_is_the_engines(bench_lm, monkeypatch):
+    import pcmoe.engine
+
+    real = pcmoe.engine.inspect
+    monkeypatch.setattr(pcmoe.engine, "inspect", lambda *a, **k: dict(real(*a, **k), minimum_budget=12345))
+    sizes = suite._model_sizes(str(bench_lm), quant=False)
+    assert sizes["min_budget"][True] == 12345  # a default committee load's own minimum
+    no_key = {k: v for k, v in real(str(bench_lm)).items() if k != "minimum_budget"}
+    monkeypatch.setattr(pcmoe.engine, "inspect", lambda *a, **k: no_key)
+    sizes = suite._model_sizes(str(bench_lm), quant=False)
+    assert sizes["min_budget"] == {True: no_key["minimum_budget_committee"], False: no_key["minimum_budget_static"]}
+
+
+def test_worker_timeout_is_recorded_not_raised(monkeypatch, tmp_path):
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    monkeypatch.setattr(runner, "worker_cmd", lambda module, spec: sleeper)
+    spec = {"label": "slow", "section": "lm", "threads": 1, "key": "k", "model": str(tmp_path)}
     rec = suite.run_one(spec, None, False, timeout=1)
     assert rec["timed_out"] and rec["returncode"] == 124 and rec["key"] == "k"
     if not cgroup.available():
         pytest.skip("cgroup v1 memory controller not writable: the cgroup timeout is not checked")
     rec = suite.run_one(spec, 1 << 30, True, timeout=1)
     assert rec["timed_out"] and rec["returncode"] == 124 and rec["oom_killed"] is False
+
+
+def test_runner_evicts_then_parses_the_last_line(tmp_path, monkeypatch):
+    evicted = []
+    monkeypatch.setattr(runner, "evict_file", lambda path: evicted.append(path))
+    code = "import json, os; print('noise'); print(json.dumps({'threads': os.environ['OMP_NUM_THREADS']}))"
+    cmd = [sys.executable, "-c", code]
+    r = runner.run_worker(cmd, threads=3, evict=["a", "b"])
+    assert evicted == ["a", "b"] and r["returncode"] == 0 and r["threads"] == "3" and r["wall_s"] > 0
+    r = runner.run_worker([sys.executable, "-c", "print('no json')"])
+    assert r["returncode"] == 1 and r["error"] == "the worker printed no JSON result"
+    r = runner.run_worker([sys.executable, "-c", "import sys; sys.exit('bad spec')"])
+    assert r["returncode"] == 1 and r["error"] == "bad spec"
+    spec = {"label": "x", "section": "lm", "prompts": [[1]], "key": "k", "skip": "s", "mem_pct": 5}
+    assert runner.spec_key(spec) == runner.spec_key(dict(spec, prompts=[[2]], key="other"))
+    assert runner.spec_key(spec) != runner.spec_key(dict(spec, mem_pct=6))
+    assert runner.skipped(spec, "why") == {"label": "x", "section": "lm", "curve": None, "mem_pct": 5, "key": "k",
+                                           "returncode": None, "skipped": "why"}
 
 
 # -- benchmarks/ scripts -------------------------------------------------------------------------
@@ -411,19 +468,15 @@ def test_memory_limit_records_timeouts_and_finds_its_data(tmp_path, monkeypatch)
     (model / "eval" / "heldout.txt").write_text("y")
     assert ml.default_data(model) == model / "eval" / "heldout.txt"
 
-    monkeypatch.setattr(ml, "Checkpoint", lambda folder: Namespace(evict_page_cache=lambda: None))
     args = Namespace(model=model, data=model / "eval" / "heldout.txt", max_tokens=8, threads=1, timeout=1)
-
-    def raises(*a, **k):
-        raise subprocess.TimeoutExpired("pcmoe eval", 1)
-
-    monkeypatch.setattr(ml, "run_limited", raises)
-    r = ml.run(args, "committee", "50%", None)
-    assert r["timed_out"] and r["returncode"] is None
-    monkeypatch.setattr(ml, "run_limited", lambda *a, **k: cgroup.LimitedRun(124, "", "timed out", 1.0, None, 5, 0,
-                                                                              False, True))
+    monkeypatch.setattr(cgroup, "run_limited", lambda *a, **k: cgroup.LimitedRun(124, "", "timed out", 1.0, None, 5,
+                                                                                  0, False, True))
     r = ml.run(args, "committee", "50%", None)
     assert r["timed_out"] and r["returncode"] is None and r["cgroup_max_usage_bytes"] == 5
+    monkeypatch.setattr(cgroup, "run_limited", lambda *a, **k: cgroup.LimitedRun(0, '{"ppl": 3.5}\n', "", 1.0, 9, 5,
+                                                                                  0, False))
+    r = ml.run(args, "committee", "50%", 9)
+    assert r["returncode"] == 0 and r["ppl"] == 3.5 and r["timed_out"] is False and r["limit_bytes"] == 9
 
 
 def test_scaling_smoke(tmp_path):

@@ -16,7 +16,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from pcmoe.bench import gguf as G
 from pcmoe.bench import llamacpp as L
+from pcmoe.bench import runner
 
 REPO = Path(__file__).resolve().parents[1]
 UNKNOWN = "BPE pre-tokenizer was not recognized - update get_vocab_base_pre()"
@@ -38,7 +40,7 @@ class _FakeTextModel:
 
 
 def test_pre_fallback_only_for_unknown_hash():
-    wrapped = L.with_pre_fallback(_FakeTextModel.get_vocab_base_pre)
+    wrapped = G.with_pre_fallback(_FakeTextModel.get_vocab_base_pre)
     assert wrapped.__wrapped__ is _FakeTextModel.get_vocab_base_pre
     assert wrapped(_FakeTextModel("qwen2"), object()) == "qwen2"  # known hashes are untouched
     assert wrapped(_FakeTextModel(None), object()) == "gpt-2"
@@ -51,9 +53,9 @@ def test_patch_converter_patches_textmodel_once(monkeypatch):
     pkg = SimpleNamespace(base=base)
     monkeypatch.setitem(sys.modules, "conversion", pkg)
     monkeypatch.setitem(sys.modules, "conversion.base", base)
-    L.patch_converter()
+    G.patch_converter()
     patched = base.TextModel.get_vocab_base_pre
-    L.patch_converter()  # idempotent: no wrapper around the wrapper
+    G.patch_converter()  # idempotent: no wrapper around the wrapper
     assert base.TextModel.get_vocab_base_pre is patched
     assert base.TextModel().get_vocab_base_pre(None) == "gpt-2"
 
@@ -62,35 +64,9 @@ def test_pre_tokenizer_kind(tmp_path):
     from pcmoe.testing import make_tokenizer
 
     tok = make_tokenizer(tmp_path)
-    assert L.byte_level_kind(tok) == "gpt2-byte-level"
-    assert L.pre_tokenizer_kind({"type": "ByteLevel", "use_regex": False}) == "ByteLevel"
-    assert L.pre_tokenizer_kind({"type": "Metaspace"}) == "Metaspace"
-
-
-def _reference_windows(streams, eval_tokens, window):
-    """pcmoe.evaluate.perplexity's loop, without the model."""
-    total = min(sum(len(s) - 1 for s in streams), eval_tokens)
-    out, count = [], 0
-    for stream in streams:
-        if count >= total:
-            break
-        for start in range(0, len(stream) - 1, window):
-            piece = stream[start:start + window + 1]
-            n = min(len(piece) - 1, total - count)
-            if n <= 0:
-                break
-            out.append((piece[:n], piece[1:n + 1]))
-            count += n
-    return out
-
-
-@pytest.mark.parametrize("eval_tokens", [1, 7, 10, 31, 1000])
-def test_windows_follow_the_pcmoe_protocol(eval_tokens):
-    streams = [list(range(100, 112)), list(range(200, 203)), list(range(300, 320))]
-    got = list(L.windows(streams, eval_tokens, window=5))
-    assert got == _reference_windows(streams, eval_tokens, 5)
-    assert sum(len(t) for _, t in got) == min(eval_tokens, 11 + 2 + 19)
-    assert all(len(ids) == len(t) <= 5 for ids, t in got)
+    assert G.byte_level_kind(tok) == "gpt2-byte-level"
+    assert G.pre_tokenizer_kind({"type": "ByteLevel", "use_regex": False}) == "ByteLevel"
+    assert G.pre_tokenizer_kind({"type": "Metaspace"}) == "Metaspace"
 
 
 def test_nll_matches_torch():
@@ -119,13 +95,13 @@ def _fake_sdist(path: Path) -> Path:
 
 def test_extract_only_the_converter(tmp_path):
     sdist = _fake_sdist(tmp_path / "llama_cpp_python-9.9.9.tar.gz")
-    root = L.extract_converter(sdist, tmp_path / "src")
+    root = G.extract_converter(sdist, tmp_path / "src")
     got = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     assert got == ["conversion/__init__.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py"]
-    assert L.converter_root(root) == root
+    assert G.converter_root(root) == root
     # find_converter accepts the tarball itself (extracted into the pcmoe cache) ...
-    found = L.find_converter(sdist, fetch=False)
-    assert L.converter_root(found) == found and found.is_relative_to(Path(os.environ["PCMOE_CACHE"]))
+    found = G.find_converter(sdist, fetch=False)
+    assert G.converter_root(found) == found and found.is_relative_to(Path(os.environ["PCMOE_CACHE"]))
 
 
 def test_converter_root_layouts(tmp_path, monkeypatch):
@@ -133,14 +109,14 @@ def test_converter_root_layouts(tmp_path, monkeypatch):
     (tree / "conversion").mkdir(parents=True)
     (tree / "gguf-py").mkdir()
     (tree / "convert_hf_to_gguf.py").write_text("")
-    assert L.converter_root(tree) == tree  # a llama.cpp tree
-    assert L.converter_root(tree.parents[1]) == tree  # an extracted sdist
-    assert L.converter_root(tmp_path / "data") == tree  # a folder holding one
-    assert L.converter_root(tmp_path) is None
+    assert G.converter_root(tree) == tree  # a llama.cpp tree
+    assert G.converter_root(tree.parents[1]) == tree  # an extracted sdist
+    assert G.converter_root(tmp_path / "data") == tree  # a folder holding one
+    assert G.converter_root(tmp_path) is None
     monkeypatch.setenv("PCMOE_LLAMACPP_SRC", str(tmp_path / "data"))
-    assert L.find_converter(None, fetch=False) == tree
+    assert G.find_converter(None, fetch=False) == tree
     with pytest.raises(RuntimeError, match="convert_hf_to_gguf"):
-        L.find_converter(tmp_path, fetch=False)
+        G.find_converter(tmp_path, fetch=False)
 
 
 def test_limits_overhead_and_keys():
@@ -161,22 +137,25 @@ def test_limits_overhead_and_keys():
     assert L._key(a) != L._key(dict(a, eval_tokens=9))
 
 
-def test_cache_follows_the_checkpoint(tmp_path):
+def test_cache_follows_the_checkpoint(tiny_lm, tmp_path):
+    import shutil
+
     model = tmp_path / "m"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    out = L.gguf_path(tmp_path / "g", model, "bf16")
+    shutil.copytree(tiny_lm, model)
+    out = G.gguf_path(tmp_path / "g", model, "bf16")
     assert out.name == "m-bf16.gguf"
-    assert L._sibling(out.with_name("m-q4_K_M.gguf"), "q4_K_M", "f32").name == "m-f32.gguf"
-    assert L._sibling(out.with_name("other.gguf"), "q4_K_M", "bf16").name == "other-bf16.gguf"
+    assert G._sibling(out.with_name("m-q4_K_M.gguf"), "q4_K_M", "f32").name == "m-f32.gguf"
+    assert G._sibling(out.with_name("other.gguf"), "q4_K_M", "bf16").name == "other-bf16.gguf"
     out.parent.mkdir()
     out.write_bytes(b"GGUF")
-    meta = dict(L.fingerprint(model), outtype="bf16")
-    assert not L._cached(out, meta)
-    L._mark(out, meta)
-    assert L._cached(out, meta)
-    (model / "model.safetensors").write_bytes(b"x")
-    assert not L._cached(out, dict(L.fingerprint(model), outtype="bf16"))
+    meta = G.source(model, "bf16")
+    assert not G._cached(out, meta)
+    G._mark(out, meta)
+    assert G._cached(out, meta)
+    data = bytearray((model / "model.safetensors").read_bytes())
+    data[-1] ^= 1  # the weights changed: the cached file is stale
+    (model / "model.safetensors").write_bytes(bytes(data))
+    assert not G._cached(out, G.source(model, "bf16"))
 
 
 def test_run_all_skips_without_llama_cpp(monkeypatch, tmp_path):
@@ -254,7 +233,7 @@ def test_run_all_with_a_stand_in_llama_cpp(tiny_lm, tmp_path, monkeypatch):
         print("cgroup v1 memory controller not writable: the mmap run is skipped")
         assert mmap["returncode"] is None and "cgroup" in mmap["skipped"]
     done = log.done()
-    monkeypatch.setattr(L, "run_spec", lambda *a, **k: pytest.fail("a finished run was measured again"))
+    monkeypatch.setattr(runner, "measure", lambda *a, **k: pytest.fail("a finished run was measured again"))
     again = L.run_all(args, sizes, None, use_cgroup, log, done)
     assert [r["label"] for r in again] == list(recs)
 
@@ -264,8 +243,8 @@ def test_run_all_with_a_stand_in_llama_cpp(tiny_lm, tmp_path, monkeypatch):
 
 def _converter_or_skip() -> Path:
     for src in (os.environ.get("PCMOE_LLAMACPP_SRC"), REPO / "data" / "llamacpp"):
-        if src and L.converter_root(src):
-            return L.converter_root(src)
+        if src and G.converter_root(src):
+            return G.converter_root(src)
     pytest.skip("llama.cpp converter source not found (set PCMOE_LLAMACPP_SRC)")
 
 
@@ -278,7 +257,7 @@ def tiny_gguf(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_llamacpp")
     tok = make_tokenizer(folder)
     make_checkpoint("qwen3_moe", folder, vocab_size=len(tok), dtype=torch.bfloat16)
-    out = L.convert(folder, L.gguf_path(folder / "gguf", folder, "f32"), "f32", src=src)
+    out = G.convert(folder, G.gguf_path(folder / "gguf", folder, "f32"), "f32", src=src)
     return folder, out, tok
 
 
@@ -288,7 +267,7 @@ def test_tiny_f32_gguf_matches_transformers(tiny_gguf):
 
     folder, gguf, tok = tiny_gguf
     assert json.loads(gguf.with_name(gguf.name + ".json").read_text())["source"]["outtype"] == "f32"
-    assert L.convert(folder, gguf, "f32", src="/nonexistent") == gguf  # cached: no converter needed
+    assert G.convert(folder, gguf, "f32", src="/nonexistent") == gguf  # cached: no converter needed
 
     # Tokenisation: llama.cpp (tokenizer.ggml.pre = gpt-2) splits text like the HF tokenizer.
     vocab = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
@@ -340,7 +319,7 @@ def test_tiny_f32_gguf_matches_transformers(tiny_gguf):
 
 def test_tiny_q4_k_m_from_the_cached_f32(tiny_gguf, capsys):
     folder, f32, _ = tiny_gguf
-    q4 = L.convert(folder, L.gguf_path(f32.parent, folder, "q4_K_M"), "q4_K_M", src="/nonexistent")
+    q4 = G.convert(folder, G.gguf_path(f32.parent, folder, "q4_K_M"), "q4_K_M", src="/nonexistent")
     assert q4.stat().st_size < f32.stat().st_size / 3  # quantised from the cached f32: no converter run
     spec = {"gguf": str(q4), "threads": 1, "n_ctx": 64, "n_batch": 16, "eval_tokens": 20,
             "streams": [list(range(1, 30))], "use_mmap": True}
@@ -385,6 +364,6 @@ def test_run_all_records_and_resumes(tiny_gguf, tmp_path, monkeypatch):
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert [x["label"] for x in lines] == [label for label, r in by.items() if not r.get("skipped")]
     done = {x["key"]: x for x in lines if x["returncode"] == 0}
-    monkeypatch.setattr(L, "run_spec", lambda *a, **k: pytest.fail("a finished run was measured again"))
+    monkeypatch.setattr(runner, "measure", lambda *a, **k: pytest.fail("a finished run was measured again"))
     again = L.run_all(args, sizes, None, use_cgroup, log, done)
     assert [r["label"] for r in again] == list(by) and len(log.read_text().splitlines()) == len(lines)

@@ -1,19 +1,17 @@
 """Helpers shared by the bench suite, its workers and the peers (torch-free at import).
 
 - RunLog: runs.jsonl, rewritten atomically on every record (an interrupted sweep resumes from it);
-- fingerprint: what identifies a checkpoint's contents for resuming (file names, sizes, mtimes);
-- decode_trials: warm-up excluded, median tokens/s over several trials;
+- fingerprint: what identifies a checkpoint's contents for resuming (by content, the engine's rule);
 - CpuMeter: the CPU share other processes used while a run was measured (/proc/stat minus ours);
 - savefig: PNGs written atomically; missing(): the one-line message for a missing optional extra.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 from pcmoe.system import atomic_write_bytes, atomic_write_text
@@ -40,14 +38,28 @@ def missing(module: str) -> str | None:
     return f"skipped: {name} is not installed; {hint}{extra}"
 
 
-def fingerprint(model_dir: str | os.PathLike) -> dict:
-    """What a result measured on a checkpoint depends on: its files (names, sizes, mtimes)."""
-    files = {}
-    for f in sorted(Path(model_dir).iterdir()):
-        if f.is_file() and (f.suffix in (".safetensors", ".json", ".bin", ".model") or f.name == "tokenizer.model"):
-            st = f.stat()
-            files[f.name] = [st.st_size, int(st.st_mtime)]
-    return {"files": files}
+SIDE_FILES = (".json", ".model", ".txt")  # config, tokenizer, pcmoe_options.json, profile.json, ...
+DERIVED = ("pcmoe_expert_norms.json",)     # computed from the weights: not an input of its own
+
+
+def weight_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoint's safetensors files (what a cold start must read from the disk)."""
+    return sorted(Path(model_dir).glob("*.safetensors"))
+
+
+def fingerprint(model_dir: str | os.PathLike) -> str:
+    """What a result measured on a checkpoint depends on, by content, never by mtime (a fresh
+    clone resumes from the same results): the weights as the engine identifies them
+    (Checkpoint.fingerprint: every tensor's layout and content samples of each file) and the whole
+    content of each side file (config, tokenizer, pcmoe_options.json, profile.json)."""
+    from pcmoe.checkpoint import Checkpoint
+
+    folder = Path(model_dir)
+    h = hashlib.sha1(Checkpoint(folder).fingerprint().encode())
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.suffix in SIDE_FILES and f.name not in DERIVED:
+            h.update(f"{f.name}:".encode() + hashlib.sha1(f.read_bytes()).digest())
+    return h.hexdigest()[:16]
 
 
 class RunLog:
@@ -78,39 +90,7 @@ class RunLog:
         self.records = []
 
 
-# -- timing --------------------------------------------------------------------------------------
-
-
-def decode_trials(prefill_fn, step_fn, prompts, decode_tokens: int, trials: int = 3, warmup: int = 1,
-                  after_warmup=None) -> dict:
-    """Greedy prefill + decode speed: `warmup` generations (not timed), then `trials` rounds over
-    all prompts; each round's tokens/s is its tokens over its time; the result is the median round.
-    prefill_fn(ids) -> (state, logits); step_fn(state, token) -> logits; logits have .argmax();
-    after_warmup() runs between the warm-up and the trials (e.g. to reset statistics)."""
-    def generate(ids):
-        t0 = time.perf_counter()
-        state, logits = prefill_fn(ids)
-        t1 = time.perf_counter()
-        token = int(logits.argmax())
-        for _ in range(decode_tokens - 1):
-            token = int(step_fn(state, token).argmax())
-        return t1 - t0, time.perf_counter() - t1
-
-    for i in range(warmup):
-        generate(prompts[i % len(prompts)])
-    if after_warmup is not None:
-        after_warmup()
-    prefill, decode = [], []
-    for _ in range(max(1, trials)):
-        pre_s = dec_s = 0.0
-        for ids in prompts:
-            a, b = generate(ids)
-            pre_s, dec_s = pre_s + a, dec_s + b
-        prefill.append(sum(len(p) for p in prompts) / pre_s)
-        decode.append(len(prompts) * (decode_tokens - 1) / dec_s if dec_s > 0 else 0.0)
-    return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
-            "prefill_trials": prefill, "decode_trials": decode, "trials": len(decode), "warmup": warmup,
-            "timed_tokens": len(decode) * len(prompts) * decode_tokens}
+# -- CPU share ----------------------------------------------------------------------------------
 
 
 def _cpu_times() -> tuple[int, int, int] | None:

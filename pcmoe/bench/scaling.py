@@ -25,7 +25,7 @@ import random
 import sys
 from pathlib import Path
 
-from pcmoe.bench import common, suite
+from pcmoe.bench import common, runner
 from pcmoe.budget import format_bytes
 from pcmoe.system import atomic_write_text
 
@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             policy = "committee" if name.startswith("committee") else name
             spec = dict(base, label=label, policy=policy, options=opts,
                         budget=f"{budget}%experts" if budget else None)
-            key = "scaling-" + suite._key(spec)
+            key = runner.spec_key(spec, prefix="scaling-")
             if key in done:
                 results.append(done[key])
                 continue
-            rec = suite.run_one(spec, None, False)
+            rec = runner.measure(spec)
             rec.update(experts=n, key=key)
             log.append(rec)
             results.append(rec)

@@ -24,16 +24,14 @@ stopped; a record is reused only for the same checkpoint files), then summarised
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from pcmoe.bench import common
+from pcmoe import protocol
+from pcmoe.bench import common, runner
+from pcmoe.bench.runner import TIMEOUT_S
 from pcmoe.budget import format_bytes
 
 LM_POLICIES = ("committee", "random-keep", "magnitude-keep", "static-frequency", "on-demand")
@@ -49,7 +47,6 @@ VISION_POLICIES = ("committee", "random-keep", "magnitude-keep", "on-demand")
 QUICK_VISION = {"committee": (50,)}
 ALLOCATOR_SLACK = 64 << 20
 ACCELERATE_ALLOWANCE = 1 << 30  # docs/anchors: accelerate ran inside a cgroup of budget + 1 GiB
-TIMEOUT_S = 7200
 SECTIONS = ("storage", "quant", "peers", "llamacpp", "vision", "topk")
 
 
@@ -226,14 +223,8 @@ def plan_runs(args, prompts, sizes: dict, vision_sizes: dict | None = None) -> l
                     run["skip"] = f"skipped: {format_bytes(nbytes)} is below the minimum budget {format_bytes(need)}"
                 runs.append(run)
     for r in runs:
-        r["key"] = _key(r)
+        r["key"] = runner.spec_key(r)
     return runs
-
-
-def _key(spec: dict) -> str:
-    """Identifies a measurement: its spec (with the checkpoint's fingerprint), not the prompt ids."""
-    keep = {k: v for k, v in spec.items() if k not in ("prompts", "key", "skip")}
-    return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def limit_for(spec: dict, overhead: int | None) -> tuple[int | None, str]:
@@ -252,59 +243,10 @@ def limit_for(spec: dict, overhead: int | None) -> tuple[int | None, str]:
 # -- running -------------------------------------------------------------------------------------
 
 
-def _worker_cmd(spec: dict) -> list[str]:
-    return [sys.executable, "-m", "pcmoe.bench.worker", json.dumps(spec)]
-
-
-def _spec_for_worker(spec: dict) -> dict:
-    return {k: v for k, v in spec.items() if k not in ("key", "skip")}
-
-
 def run_one(spec: dict, limit: int | None, use_cgroup: bool, timeout: float = TIMEOUT_S) -> dict:
-    """Measure one spec in a fresh worker process; the record of the run (never raises on a
-    failed, killed or timed-out worker)."""
-    t0 = time.perf_counter()
-    cmd = _worker_cmd(_spec_for_worker(spec))
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec.get("threads") or 1))
-    extra = {}
-    if use_cgroup:
-        from pcmoe.bench.cgroup import run_limited
-
-        r = run_limited(cmd, limit, env=env, timeout=timeout)
-        rc, stdout, stderr, timed_out = r.returncode, r.stdout, r.stderr, r.timed_out
-        extra = {"cgroup_limit_bytes": limit, "cgroup_max_usage_bytes": r.max_usage_bytes,
-                 "cgroup_failcnt": r.failcnt, "oom_killed": r.oom_killed}
-    else:
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-            rc, stdout, stderr, timed_out = p.returncode, p.stdout, p.stderr, False
-        except subprocess.TimeoutExpired:
-            rc, stdout, stderr, timed_out = 124, "", f"timed out after {timeout:g} s", True
-    result = {"label": spec["label"], "section": spec["section"], "curve": spec.get("curve"), "returncode": rc,
-              "wall_s": time.perf_counter() - t0}
-    for k in ("mem_pct", "weight_bytes", "matched_to", "storage", "key"):
-        if k in spec:
-            result[k] = spec[k]
-    result.update(extra)
-    if timed_out:
-        result["timed_out"] = True
-    if rc == 0:
-        try:
-            result.update(json.loads(stdout.strip().splitlines()[-1]))
-        except (ValueError, IndexError):
-            result.update(returncode=1, error="the worker printed no JSON result")
-    else:
-        result["error"] = (stderr.strip().splitlines() or [f"(no output, exit {rc})"])[-1][:500]
-    return result
-
-
-def skipped(spec: dict, message: str) -> dict:
-    rec = {"label": spec["label"], "section": spec["section"], "curve": spec.get("curve"), "returncode": None,
-           "skipped": message}
-    for k in ("mem_pct", "weight_bytes", "matched_to", "key"):
-        if k in spec:
-            rec[k] = spec[k]
-    return rec
+    """Measure one spec in a fresh worker process (pcmoe.bench.runner); never raises on a failed,
+    killed or timed-out worker."""
+    return runner.measure(spec, limit, use_cgroup, timeout)
 
 
 def _model_sizes(model: str, quant: bool = True) -> dict:
@@ -316,7 +258,8 @@ def _model_sizes(model: str, quant: bool = True) -> dict:
         i = inspect(model, quantize=quantize)
         return {"nonexpert": i["nonexpert_bytes"], "all_experts": i["all_expert_bytes"],
                 "full": i["full_model_bytes"], "dtype": i["dtype"], "tokenizer": i["tokenizer"],
-                "min_budget": {True: i["minimum_budget_committee"], False: i["minimum_budget_static"]}}
+                "min_budget": {True: i.get("minimum_budget", i["minimum_budget_committee"]),
+                               False: i["minimum_budget_static"]}}
 
     sizes = info()
     sizes["quant"], sizes["quant_errors"] = {}, {}
@@ -325,26 +268,8 @@ def _model_sizes(model: str, quant: bool = True) -> dict:
             sizes["quant"][q] = info(q)
         except Exception as e:  # noqa: BLE001 - e.g. int4 needs input sizes divisible by 32
             sizes["quant_errors"][q] = str(e).splitlines()[0][:200]
-    sizes["fingerprint"] = hashlib.sha1(json.dumps(common.fingerprint(model), sort_keys=True).encode()).hexdigest()
+    sizes["fingerprint"] = common.fingerprint(model)
     return sizes
-
-
-def _prompts(model: str, data: str, n: int, length: int = 64) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    from pcmoe.evaluate import read_documents
-
-    tok = AutoTokenizer.from_pretrained(model)
-    docs = read_documents(data)
-    step = max(1, len(docs) // n)
-    prompts = []
-    for doc in docs[::step]:
-        ids = tok(doc, add_special_tokens=False)["input_ids"]
-        if len(ids) >= length:
-            prompts.append(ids[:length])
-        if len(prompts) == n:
-            break
-    return prompts
 
 
 def _log_status(i: int, n: int, rec: dict) -> None:
@@ -385,7 +310,8 @@ def cmd_bench(args) -> int:
     vision_sizes = None
     if args.vision and "vision" not in skip and Path(args.vision, "config.json").exists():
         vision_sizes = _model_sizes(args.vision, quant=False)
-    prompts = _prompts(args.model, args.data, args.prompts)
+    encode, _ = protocol.tokenizer_encoder(args.model)
+    prompts = protocol.prompts(protocol.read_documents(args.data), encode, args.prompts)
     if len(prompts) < args.prompts:
         print(f"only {len(prompts)} documents of {args.data} have 64 tokens: {len(prompts)} prompt(s) per trial",
               file=sys.stderr)
@@ -401,7 +327,7 @@ def cmd_bench(args) -> int:
     results = []
     for i, spec in enumerate(runs):
         if spec.get("skip"):
-            rec = skipped(spec, spec["skip"])
+            rec = runner.skipped(spec, spec["skip"])
         elif spec["key"] in done:
             rec = done[spec["key"]]
         else:

@@ -5,13 +5,13 @@
 spec: {"kind": "pcmoe" | "transformers" | "accelerate", "model": DIR, "budget": ..., "policy": ...,
        "plan": ..., "options": {...load options...}, "data": FILE, "eval_tokens": N,
        "prompts": [[ids...], ...], "decode_tokens": N, "trials": N, "warmup": N, "threads": N,
-       "vision": bool, "frames": N, "evict": bool, "budget_bytes": N (accelerate), "offload_folder": DIR}
+       "vision": bool, "frames": N, "budget_bytes": N (accelerate), "offload_folder": DIR}
 
 LM measurements, in this order: perplexity over a stream of held-out documents (the committee
 warms up and adapts), then decode speed: `warmup` greedy generations that are not timed, then
-`trials` rounds over all prompts, the median round reported (common.decode_trials). The checkpoint
-is evicted from the page cache before loading. Every result carries the CPU share other
-processes used while it was measured (common.CpuMeter).
+`trials` rounds over all prompts, the median round reported: pcmoe.protocol for both. The runner
+that starts this process (pcmoe.bench.runner) evicts the checkpoint from the page cache first.
+Every result carries the CPU share other processes used while it was measured (common.CpuMeter).
 """
 
 from __future__ import annotations
@@ -23,40 +23,27 @@ import sys
 import time
 import warnings
 
-from pcmoe.bench.common import CpuMeter, decode_trials
+from pcmoe import protocol
+from pcmoe.bench.common import CpuMeter
+from pcmoe.bench.runner import emit
+from pcmoe.protocol import decode_trials
 
 
-def _hf_perplexity(model, config, streams, eval_tokens, window=256, chunk=32):
-    """The pcmoe.evaluate protocol for a plain transformers model (same windows and chunks)."""
+def _hf_perplexity(model, config, streams, eval_tokens, window=protocol.WINDOW, chunk=protocol.CHUNK):
+    """The pcmoe.evaluate protocol (pcmoe.protocol) for a plain transformers model."""
     import torch
     from transformers import DynamicCache
 
-    nll, count = 0.0, 0
+    def forward(ids, cache):
+        return model(input_ids=ids, cache=cache, use_cache=True).logits[0]
+
+    window = protocol.fit_window(window, getattr(config, "max_position_embeddings", None))
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for stream in streams:
-            if count >= eval_tokens:
-                break
-            for start in range(0, len(stream) - 1, window):
-                piece = torch.tensor([stream[start:start + window + 1]])
-                n = min(piece.shape[1] - 1, eval_tokens - count)
-                if n <= 0:
-                    break
-                cache = DynamicCache(config=config)
-                for c in range(0, n, chunk):
-                    ids = piece[:, c:min(c + chunk, n)]
-                    logits = model(input_ids=ids, cache=cache, use_cache=True).logits[0].float()
-                    nll += torch.nn.functional.cross_entropy(logits, piece[0, c + 1:c + 1 + ids.shape[1]],
-                                                             reduction="sum").item()
-                count += n
+        nll, count = protocol.stream_nll(forward, lambda: DynamicCache(config=config), streams, window, chunk,
+                                         eval_tokens)
     dt = time.perf_counter() - t0
     return {"ppl": math.exp(nll / count), "tokens": count, "eval_tokens_per_s": count / dt}
-
-
-def _streams(tokenizer, data, eos):
-    from pcmoe.evaluate import read_documents
-
-    return [[eos] + tokenizer(d, add_special_tokens=False)["input_ids"] + [eos] for d in read_documents(data)]
 
 
 def _trials(spec) -> dict:
@@ -70,10 +57,6 @@ def run_pcmoe(spec):
     import pcmoe
     from pcmoe.system import peak_rss_bytes
 
-    if spec.get("evict", True):
-        from pcmoe.checkpoint import Checkpoint
-
-        Checkpoint(spec["model"]).evict_page_cache()
     t0 = time.perf_counter()
     engine = pcmoe.load(spec["model"], budget=spec.get("budget"), policy=spec.get("policy", "committee"),
                         plan=spec.get("plan"), progress=False, threads=spec.get("threads"), **spec.get("options", {}))
@@ -82,11 +65,11 @@ def run_pcmoe(spec):
         if spec.get("vision"):
             out.update(_vision(engine, spec))
             return out
-        from pcmoe.evaluate import perplexity, read_documents
+        from pcmoe.evaluate import perplexity
 
         series = []
         if spec.get("eval_tokens"):
-            docs = read_documents(spec["data"])
+            docs = protocol.read_documents(spec["data"])
             # Committee changes over the stream: stats after each document.
             done = 0
             for i, doc in enumerate(docs):
@@ -187,12 +170,10 @@ def run_transformers(spec, offload: bool):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-    from pcmoe.checkpoint import Checkpoint
     from pcmoe.system import peak_rss_bytes
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    Checkpoint(spec["model"]).evict_page_cache()
     kwargs = {"dtype": "auto"}
     tmp = None
     if offload:
@@ -207,8 +188,10 @@ def run_transformers(spec, offload: bool):
         if offload:
             out["budget_bytes"] = int(spec["budget_bytes"])
         if spec.get("eval_tokens"):
-            out.update(_hf_perplexity(model, model.config, _streams(tok, spec["data"], tok.eos_token_id),
-                                      spec["eval_tokens"]))
+            streams = protocol.token_streams(protocol.read_documents(spec["data"]),
+                                             lambda text: tok(text, add_special_tokens=False)["input_ids"],
+                                             tok.eos_token_id, spec["eval_tokens"])
+            out.update(_hf_perplexity(model, model.config, streams, spec["eval_tokens"]))
 
         def prefill(ids):
             cache = DynamicCache(config=model.config)
@@ -246,9 +229,7 @@ def main() -> int:
     else:
         raise SystemExit(f"unknown kind {kind!r}")
     result.update(cpu.stop())
-    result["spec"] = {k: v for k, v in spec.items() if k != "prompts"}
-    print(json.dumps(result))
-    return 0
+    return emit(result, spec)
 
 
 if __name__ == "__main__":
