@@ -1,6 +1,8 @@
 """Read a Hugging Face checkpoint folder without memory-mapping it.
 
 We parse the safetensors headers ourselves so that every tensor is known by file and byte range.
+Headers are read without torch (torch is imported on the first read), so what a checkpoint holds
+can be told in a fraction of a second (pcmoe.sizes, `pcmoe info`).
 Reads go through `os.preadv` straight into a caller's buffer (a slot of an expert bank, or a fresh
 tensor), and the range is then dropped from the page cache: memory stays what the runtime
 allocated, and every expert load costs a real disk read.
@@ -8,6 +10,7 @@ allocated, and every expert load costs a real disk read.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -16,17 +19,16 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 
 class CheckpointError(Exception):
     """A checkpoint folder that pcmoe cannot use; the message says what is wrong and what to do."""
 
 
+# safetensors dtype -> (torch dtype name, bytes per element, floating point)
 DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "F32": ("float32", 4, True), "F16": ("float16", 2, True), "BF16": ("bfloat16", 2, True),
+    "F64": ("float64", 8, True), "I64": ("int64", 8, False), "I32": ("int32", 4, False),
+    "I16": ("int16", 2, False), "I8": ("int8", 1, False), "U8": ("uint8", 1, False), "BOOL": ("bool", 1, False),
 }
 
 
@@ -34,16 +36,35 @@ DTYPES = {
 class TensorInfo:
     name: str
     file: Path
-    dtype: torch.dtype
+    dtype_code: str  # as in the header: "BF16", "F32", ...
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the data in the file
     nbytes: int
 
+    @property
+    def dtype(self):
+        return _torch_dtype(self.dtype_code)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype_code][1]
+
+    @property
+    def is_floating_point(self) -> bool:
+        return DTYPES[self.dtype_code][2]
+
     def slice0(self, index: int) -> TensorInfo:
         """The contiguous sub-tensor `t[index]` of a tensor stacked along dim 0."""
         per = self.nbytes // self.shape[0]
-        return TensorInfo(f"{self.name}[{index}]", self.file, self.dtype, self.shape[1:],
+        return TensorInfo(f"{self.name}[{index}]", self.file, self.dtype_code, self.shape[1:],
                           self.offset + index * per, per)
+
+
+@functools.cache
+def _torch_dtype(code: str):
+    import torch
+
+    return getattr(torch, DTYPES[code][0])
 
 
 def _read_header(path: Path) -> dict[str, TensorInfo]:
@@ -74,7 +95,7 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(
                 f"{path} is truncated: tensor {name} ends at byte {base + end} but the file has {size} bytes; "
                 "re-download or re-save the checkpoint")
-        out[name] = TensorInfo(name, path, DTYPES[meta["dtype"]], tuple(meta["shape"]), base + start, end - start)
+        out[name] = TensorInfo(name, path, meta["dtype"], tuple(meta["shape"]), base + start, end - start)
     return out
 
 
@@ -156,7 +177,8 @@ class Checkpoint:
         h = hashlib.sha1()
         for name in sorted(self.tensors):
             t = self.tensors[name]
-            h.update(f"{name}:{t.file.name}:{t.dtype}:{t.shape}:{t.offset}:{t.nbytes};".encode())
+            torch_name = f"torch.{DTYPES[t.dtype_code][0]}"  # the value of earlier versions: keep it
+            h.update(f"{name}:{t.file.name}:{torch_name}:{t.shape}:{t.offset}:{t.nbytes};".encode())
         for path in sorted({t.file for t in self.tensors.values()}):
             size = path.stat().st_size
             h.update(f"{path.name}:{size}".encode())
@@ -168,8 +190,10 @@ class Checkpoint:
 
     # -- reads -------------------------------------------------------------------------------
 
-    def read_into(self, info: TensorInfo, dest: torch.Tensor, evict: bool = True) -> None:
+    def read_into(self, info: TensorInfo, dest, evict: bool = True) -> None:
         """Read a tensor's bytes into `dest` (contiguous, same dtype and number of elements)."""
+        import torch
+
         if dest.dtype != info.dtype or not dest.is_contiguous() or dest.numel() * dest.element_size() != info.nbytes:
             raise ValueError(f"read_into: destination does not match {info.name} ({info.dtype}, {info.shape})")
         buf = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
@@ -183,8 +207,10 @@ class Checkpoint:
         if evict and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
 
-    def read(self, info: TensorInfo, dtype: torch.dtype | None = None, evict: bool = True) -> torch.Tensor:
+    def read(self, info: TensorInfo, dtype=None, evict: bool = True):
         """A new tensor holding the data, converted to `dtype` if given."""
+        import torch
+
         out = torch.empty(info.shape, dtype=info.dtype)
         self.read_into(info, out, evict=evict)
         return out if dtype is None or dtype == info.dtype else out.to(dtype)

@@ -159,12 +159,15 @@ def _read_documents(path):
 
 
 def cmd_info(args) -> int:
-    import torch
+    from importlib.metadata import PackageNotFoundError, version
 
-    from pcmoe.engine import inspect
+    from pcmoe.sizes import describe
 
-    info = inspect(args.model)  # headers and a meta skeleton: works for models larger than RAM
-    info["torch"] = torch.__version__
+    info = describe(args.model)  # config.json and the safetensors headers: torch is never imported
+    try:
+        info["torch"] = version("torch")
+    except PackageNotFoundError:
+        info["torch"] = None
     if args.json:
         print(json.dumps(info))
         return 0
