@@ -22,7 +22,7 @@ def add_model(p: argparse.ArgumentParser) -> None:
 
 
 def add_load_options(p: argparse.ArgumentParser) -> None:
-    from pcmoe.options import POLICIES, STRATEGIES
+    from pcmoe.options import POLICIES, STRATEGIES, UPDATE_UNITS
 
     add_model(p)
     g = p.add_argument_group("memory and policy")
@@ -40,7 +40,7 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     # Committee knobs default to None: LoadOptions' defaults, or the model's pcmoe_options.json, apply.
     g.add_argument("--update-every", type=int, help="committee update period F (default 16, or the model's "
                                                     "pcmoe_options.json)")
-    g.add_argument("--update-unit", choices=("tokens", "inputs"), help="unit of F (default tokens)")
+    g.add_argument("--update-unit", choices=UPDATE_UNITS, help="unit of F (default tokens)")
     g.add_argument("--swap-bytes", type=int, help="swap I/O allowance per forward step in bytes (default 2 experts)")
     g.add_argument("--importance", choices=("window", "ema"),
                    help="importance aggregation: sum over the update window, or an EMA of windows (default)")

@@ -40,7 +40,7 @@ from pcmoe.formats import FormatError, check_plan, profile_path, read_model_opti
 from pcmoe.importance import ImportanceTracker, top_experts
 from pcmoe.models import load_family
 from pcmoe.moe import CommitteeMoE, SlotExperts, expert_buffer, slot_nbytes
-from pcmoe.options import POLICIES, STRATEGIES, LoadOptions, PcmoeError
+from pcmoe.options import POLICIES, STRATEGIES, UPDATE_UNITS, LoadOptions, PcmoeError
 from pcmoe.policies import (
     ALL_RESIDENT_POLICIES,
     DYNAMIC_POLICIES,
@@ -169,8 +169,8 @@ def _validate(policy: str, opts: LoadOptions, family) -> None:
             raise PcmoeError(f"option {name} must be {what}, not {value!r}")
     if opts.strategy not in STRATEGIES:
         raise PcmoeError(f"unknown strategy {opts.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if opts.update_unit not in ("tokens", "inputs"):
-        raise PcmoeError("update_unit must be 'tokens' or 'inputs'")
+    if opts.update_unit not in UPDATE_UNITS:
+        raise PcmoeError(f"update_unit must be one of {', '.join(UPDATE_UNITS)}, not {opts.update_unit!r}")
     if opts.importance not in ("window", "ema"):
         raise PcmoeError(f"unknown importance {opts.importance!r}; use window or ema")
     if opts.quantize not in (None, "int8", "int4"):

@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 
 from pcmoe.committee import LayerCommittee
 from pcmoe.importance import ImportanceTracker, plan_swaps
-
-UNITS = ("tokens", "inputs")
+from pcmoe.options import UPDATE_UNITS
 
 
 @dataclass
@@ -78,8 +77,8 @@ class SwapScheduler:
         """load(layer, expert, slot) reads an expert into an empty slot. staging = (load_buffer(layer,
         expert, buffer), commit(layer, buffer, slot), number of buffers) switches swaps through
         staging buffers instead of spare slots (see the module docstring)."""
-        if unit not in UNITS:
-            raise ValueError(f"update unit must be one of {UNITS}, not {unit!r}")
+        if unit not in UPDATE_UNITS:
+            raise ValueError(f"update unit must be one of {UPDATE_UNITS}, not {unit!r}")
         if update_every < 1:
             raise ValueError("update_every must be at least 1")
         if bytes_per_step < 1:

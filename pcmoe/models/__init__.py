@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pcmoe.checkpoint import CheckpointError
 from pcmoe.models.base import BoundBlock, BoundRouter, Family
-from pcmoe.models.families import FAMILIES as _TRANSFORMERS_FAMILIES
+from pcmoe.models.families import TRANSFORMERS_FAMILIES
 from pcmoe.models.vit_moe import VitMoeFamily
 
-REGISTRY: dict[str, type[Family]] = {**_TRANSFORMERS_FAMILIES,
+REGISTRY: dict[str, type[Family]] = {**TRANSFORMERS_FAMILIES,
                                      **{mt: VitMoeFamily for mt in VitMoeFamily.model_types}}
 _MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 

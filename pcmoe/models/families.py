@@ -292,7 +292,7 @@ class GraniteMoe(Family):
         return BoundRouter(route, None, k, True)
 
 
-FAMILIES: dict[str, type[Family]] = {
+TRANSFORMERS_FAMILIES: dict[str, type[Family]] = {
     mt: cls for cls in (Qwen3Moe, Qwen2Moe, Olmoe, Mixtral, Phimoe, DeepseekV3, GptOss, SwitchTransformers, GraniteMoe)
     for mt in cls.model_types
 }
