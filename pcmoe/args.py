@@ -4,7 +4,6 @@ statistics table they print. Torch-free at import: `pcmoe --help` stays fast."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -61,27 +60,19 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
 
 
 def read_model_config(model: str | os.PathLike) -> dict:
-    """config.json of a checkpoint folder, read without torch so that a bad --model fails at once;
-    the messages of pcmoe.checkpoint.read_config_dict, its twin behind load()."""
+    """config.json of a checkpoint folder (torch-free, so that a bad --model fails at once)."""
+    from pcmoe.checkpoint import CheckpointError, read_config_dict
+
     folder = Path(model)
     if folder.exists() and not folder.is_dir():
         raise PcmoeError(f"{folder} is a file, not a checkpoint folder; pass the folder that holds config.json "
                          "and the *.safetensors files")
-    if not folder.is_dir():
-        raise PcmoeError(f"checkpoint folder {folder} does not exist; pass the folder that "
-                         "holds config.json and the *.safetensors files")
-    cfg = folder / "config.json"
-    if not cfg.exists():
-        raise PcmoeError(f"{folder} has no config.json; is it a Hugging Face checkpoint folder?")
     try:
-        data = json.loads(cfg.read_text())
-    except ValueError as e:
-        raise PcmoeError(f"{cfg} is not valid JSON ({e})") from None
+        return read_config_dict(folder)
+    except CheckpointError as e:
+        raise PcmoeError(str(e)) from None
     except OSError as e:
-        raise PcmoeError(f"cannot read {cfg}: {e.strerror or e}") from None
-    if not isinstance(data, dict):
-        raise PcmoeError(f"{cfg} does not hold a JSON object")
-    return data
+        raise PcmoeError(f"cannot read {folder / 'config.json'}: {e.strerror or e}") from None
 
 
 def has_tokenizer(model: str | os.PathLike) -> bool:

@@ -161,9 +161,13 @@ def _read_documents(path):
 def cmd_info(args) -> int:
     from importlib.metadata import PackageNotFoundError, version
 
+    from pcmoe.checkpoint import CheckpointError
     from pcmoe.sizes import describe
 
-    info = describe(args.model)  # config.json and the safetensors headers: torch is never imported
+    try:
+        info = describe(args.model)  # config.json and the safetensors headers: torch is never imported
+    except CheckpointError as e:
+        raise PcmoeError(str(e)) from None
     try:
         info["torch"] = version("torch")
     except PackageNotFoundError:

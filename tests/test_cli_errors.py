@@ -67,9 +67,14 @@ def paths(tmp_path_factory, tiny_lm, tiny_checkpoint):
     plan = root / "plan.json"
     plan.write_text(json.dumps({"format": "pcmoe-plan/1", "committee_sizes": [4, 4]}))
     bare, _ = tiny_checkpoint("qwen3_moe")  # no tokenizer
+    for name, weights in (("config_only", None), ("truncated_lm", b"garbage")):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text((bare / "config.json").read_text())
+        if weights:
+            (root / name / "model.safetensors").write_bytes(weights)
     return {"lm": tiny_lm, "vit": vit, "data": root / "docs.txt", "tmp": root, "empty": root / "empty",
             "fmnist": good, "corrupt": corrupt, "truncated": truncated, "header": header, "plan": plan,
-            "bare": bare}
+            "bare": bare, "config_only": root / "config_only", "truncated_lm": root / "truncated_lm"}
 
 
 GEN = ["generate", "--model", "{lm}", "--prompt", "hi"]
@@ -116,6 +121,8 @@ BAD = [  # argv, what the one line must say
     (["generate", "--model", "{vit}", "--prompt", "hi"], "is an image classifier"),
     # paths and values, before torch
     (["info", "--model", "{data}"], "is a file, not a checkpoint folder"),
+    (["info", "--model", "{config_only}"], "has no *.safetensors files"),
+    (["info", "--model", "{truncated_lm}"], "is truncated"),
     (["generate", "--model", "{empty}", "--prompt", "hi"], "has no config.json"),
     (GEN + ["--profile", "{tmp}/none.json"], "does not exist; make one with `pcmoe profile`"),
     (GEN + ["--plan", "{tmp}/none.json"], "plan file {tmp}/none.json does not exist"),
@@ -286,3 +293,17 @@ def test_non_utf8_bytes_on_the_real_command_line(paths):
                           env={**os.environ, "LC_ALL": "C.UTF-8"})
     err = proc.stderr.decode()
     assert proc.returncode == 2 and len(err.splitlines()) == 1 and "byte 0xE9 at character 3" in err, err
+
+
+# -- the torch-free checks agree with what load() does ------------------------------------------
+
+
+def test_names_agree_with_the_engine(paths):
+    import pcmoe
+    from pcmoe.args import ALL_RESIDENT_POLICIES, has_tokenizer
+    from pcmoe.policies import ALL_RESIDENT_POLICIES as engine_policies
+
+    assert ALL_RESIDENT_POLICIES == engine_policies
+    for model in (paths["lm"], paths["bare"]):
+        with pcmoe.load(model, progress=False) as engine:
+            assert has_tokenizer(model) == (engine.tokenizer is not None)
