@@ -4,9 +4,8 @@
     pcmoe chat --url http://127.0.0.1:8000/v1 [--api-key KEY]
 
 Replies stream as they are generated; the conversation is kept until /reset. Commands: /exit,
-/reset, /stats, /help; Ctrl-D (or Ctrl-C at the prompt) exits.
-
-Also home of the chat prompt formatting the server shares (`chat_prompt`, `turn_end_ids`).
+/reset, /stats, /help; Ctrl-D (or Ctrl-C at the prompt) exits. The chat formatting is
+pcmoe.generation's (`chat_prompt`, `turn_end_ids`), the same the server uses.
 """
 
 from __future__ import annotations
@@ -17,28 +16,7 @@ import os
 import sys
 from collections.abc import Iterator
 
-# Special tokens that close a turn in common chat formats (ChatML, Llama 3, Phi, Gemma).
-_TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
-_FALLBACK_STOP = ["\nuser:", "\nsystem:"]
 _HELP = "commands: /exit, /reset (forget the conversation), /stats (committee statistics), /help"
-
-
-def chat_prompt(tokenizer, messages: list[dict]) -> tuple[str, list[str]]:
-    """The prompt text of a conversation with the assistant's turn opened, and the stop strings its
-    format implies: the tokenizer's chat template, or a plain `role: content` transcript without one."""
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), []
-    lines = [f"{m['role']}: {m['content']}" for m in messages]
-    return "\n".join(lines) + "\nassistant:", list(_FALLBACK_STOP)
-
-
-def turn_end_ids(tokenizer) -> frozenset[int]:
-    """Ids of the special tokens that end an assistant turn. The engine stops on EOS only, and decodes
-    without special tokens, so a stop string cannot catch these."""
-    if tokenizer is None:
-        return frozenset()
-    vocab = tokenizer.get_vocab()
-    return frozenset(vocab[t] for t in _TURN_END_TOKENS if t in vocab)
 
 
 # -- backends ---------------------------------------------------------------------------------
@@ -48,25 +26,25 @@ class LocalChat:
     """Replies from an engine in this process."""
 
     def __init__(self, engine, args):
+        from pcmoe.generation import turn_end_ids
+
         self.engine = engine
         self.args = args
         self.stop_ids = turn_end_ids(engine.tokenizer)
 
     def reply(self, messages: list[dict]) -> Iterator[str]:
+        from pcmoe.generation import ContextError, chat_prompt, fit_max_tokens
+
         prompt, stop = chat_prompt(self.engine.tokenizer, messages)
         ids = self.engine.encode(prompt)
-        limit = getattr(self.engine.config, "max_position_embeddings", None)
-        max_tokens = self.args.max_tokens
-        if limit:  # leave room for the reply; the engine refuses prompts that do not fit
-            max_tokens = min(max_tokens, limit - len(ids))
-        if max_tokens < 1:
-            raise ChatError("the conversation no longer fits in the model's context; /reset to start over")
+        try:  # a long conversation gets a shorter reply, down to none
+            max_tokens = fit_max_tokens(len(ids), self.engine.context, self.args.max_tokens, clamp=True)
+        except ContextError:
+            raise ChatError("the conversation no longer fits in the model's context; /reset to start over") from None
         steps = self.engine.generate(ids, max_new_tokens=max_tokens, temperature=self.args.temperature,
-                                     top_p=self.args.top_p, stop=stop)
+                                     top_p=self.args.top_p, stop=stop, stop_token_ids=self.stop_ids)
         with contextlib.closing(steps):  # also when the reader stops early (Ctrl-C)
             for step in steps:
-                if step.token_id in self.stop_ids:
-                    return
                 yield step.text
 
     def stats(self) -> dict | None:
@@ -86,6 +64,10 @@ class RemoteChat:
         self.client = openai.OpenAI(base_url=args.url, api_key=args.api_key or "none", max_retries=2)
         try:
             self.model = args.model_name or self.client.models.list().data[0].id
+        except openai.AuthenticationError:
+            raise ChatError(f"{args.url} refused the API key (401): "
+                            + ("pass the server's key with --api-key or $PCMOE_API_KEY" if not args.api_key
+                               else "--api-key (or $PCMOE_API_KEY) is not the server's key")) from None
         except openai.OpenAIError as e:
             raise ChatError(f"cannot reach {args.url}: {e}") from None
 
@@ -187,6 +169,8 @@ def run_chat(backend, system: str | None = None, stdin=None, out=None) -> int:
 
 
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("In the chat: /exit (or Ctrl-D) leaves, /reset forgets the conversation, /stats prints the "
+                "committee statistics, /help lists these.")
     g = p.add_argument_group("chat")
     g.add_argument("--url", help="chat with a running server (e.g. http://127.0.0.1:8000/v1) instead of loading "
                                  "--model here")

@@ -6,7 +6,8 @@ import io
 from types import SimpleNamespace
 
 import pcmoe
-from pcmoe.chat import LocalChat, chat_prompt, run_chat, turn_end_ids
+from pcmoe.chat import LocalChat, run_chat
+from pcmoe.generation import chat_prompt, turn_end_ids
 
 
 class Recording(LocalChat):
@@ -51,3 +52,25 @@ def test_chat_command(tiny_lm, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/exit\nnot read\n"))
     assert main(["chat", "--model", str(tiny_lm), "--budget", "60%experts", "--max-tokens", "4", "--quiet"]) == 0
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_conversation_past_the_context_asks_for_reset(tiny_lm):
+    engine = pcmoe.load(tiny_lm, policy="full", progress=False)
+    backend = Recording(engine, SimpleNamespace(max_tokens=6, temperature=0.0, top_p=1.0))
+    out = io.StringIO()
+    long = "hello " * 600  # more tokens than the tiny model's 512
+    assert run_chat(backend, stdin=io.StringIO(f"{long}\nhi\n"), out=out) == 0
+    backend.close()
+    first, rest = out.getvalue().split("\n", 1)
+    assert first == "error: the conversation no longer fits in the model's context; /reset to start over"
+    assert backend.conversations[1] == [{"role": "user", "content": "hi"}]  # the refused turn was dropped
+    assert rest.strip() and "error" not in rest  # and the next one was answered
+
+
+def test_chat_help_lists_the_commands(capsys):
+    from pcmoe.cli import main
+
+    assert main(["chat", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for command in ("/exit", "/reset", "/stats"):
+        assert command in out, command

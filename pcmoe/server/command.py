@@ -1,0 +1,84 @@
+"""`pcmoe serve`: its command-line options and the command. Importing this module needs neither
+FastAPI nor torch (`pcmoe --help` stays fast); the command imports them."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from pcmoe.options import PcmoeError
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g.add_argument("--api-key", default=os.environ.get("PCMOE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $PCMOE_API_KEY, else open); "
+                        "/health and /metrics stay open")
+    g.add_argument("--model-name", help="model id clients send (default: the checkpoint folder's name)")
+    g.add_argument("--queue-size", type=int, default=8,
+                   help="requests that may wait while one computes; more get 429 (default 8)")
+    g.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds per request from arrival: queued -> 503, generating -> stops with "
+                        "finish_reason 'length' (default 300)")
+    g.add_argument("--state-dir", help="folder of per-user committee states (default: "
+                                       "~/.cache/pcmoe/users/<model hash>)")
+    g.add_argument("--no-user-state", action="store_true", help="no per-user committee states")
+    g.add_argument("--max-users", type=int, default=1000,
+                   help="user states kept; beyond it the least recently used is deleted (default 1000)")
+    g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
+    g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def default_state_dir(model: str | os.PathLike) -> Path:
+    root = Path(os.environ.get("PCMOE_CACHE") or Path.home() / ".cache" / "pcmoe")
+    return root / "users" / hashlib.sha1(str(Path(model).resolve()).encode()).hexdigest()[:12]
+
+
+def _check(args) -> None:
+    for ok, message in ((0 <= args.port < 65536, "--port must be in 0..65535"),
+                        (args.queue_size >= 0, "--queue-size must be >= 0"),
+                        (args.request_timeout > 0, "--request-timeout must be positive"),
+                        (args.max_users >= 1, "--max-users must be at least 1"),
+                        (args.api_key is None or args.api_key.strip() != "",
+                         "--api-key (or $PCMOE_API_KEY) is empty: give a key, or unset it to serve without one"),
+                        (args.max_body_bytes >= 1024, "--max-body-bytes must be at least 1024")):
+        if not ok:
+            raise PcmoeError(message)
+
+
+def cmd_serve(args) -> int:
+    _check(args)
+    try:
+        import uvicorn
+
+        from pcmoe.server.api import create_app
+        from pcmoe.server.states import unusable
+    except ImportError as e:
+        raise PcmoeError(f"{e.name} is not installed; pip install 'pcmoe[server]'") from None
+    from pcmoe.args import engine_from_args
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    state_dir = None if args.no_user_state else (args.state_dir or default_state_dir(args.model))
+    if state_dir is not None and (why := unusable(state_dir)):  # before the model loads, in one line
+        print(f"warning: serving without per-user committee states: cannot write to {state_dir} ({why}); "
+              f"give a writable --state-dir, or --no-user-state", file=sys.stderr)
+        state_dir = None
+    engine = engine_from_args(args)
+    try:
+        name = args.model_name or Path(args.model).resolve().name
+        app = create_app(engine, model_name=name, api_key=args.api_key, queue_size=args.queue_size,
+                         request_timeout_s=args.request_timeout, state_dir=state_dir, max_users=args.max_users,
+                         max_body_bytes=args.max_body_bytes)
+        print(f"serving {name} at http://{args.host}:{args.port}/v1"
+              + (f" (user states in {state_dir})" if state_dir else ""), file=sys.stderr)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
+    return 0
