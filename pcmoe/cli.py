@@ -25,6 +25,8 @@ from pcmoe.budget import format_bytes as _fmt_bytes
 from pcmoe.options import OptionError, PcmoeError, check_sampling, check_text
 
 VISION_TYPE = "pcmoe_vit_moe"  # the pcmoe vision MoE's model_type (pcmoe.models.vit_moe.MODEL_TYPE)
+# the files vit_moe.load_fashion_mnist reads for the test split (a test keeps the two in step)
+VISION_TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 MIN_SCORED_TOKENS = 100        # fewer, and a perplexity says little: warn
 
 # -- checks before any heavy import -------------------------------------------------------------
@@ -85,10 +87,14 @@ def check_eval(args) -> None:
     config = check_load_args(args)
     if config.get("model_type") == VISION_TYPE:
         _check_positive(frames=args.frames)
+        where = (f"the vision eval reads the folder that holds Fashion-MNIST's {' and '.join(VISION_TEST_FILES)} "
+                 "(omit --data for the installed copy)")
         if args.data is not None and not os.path.isdir(args.data):
             raise PcmoeError(f"--data {args.data} " + ("is a file" if os.path.exists(args.data) else "does not exist")
-                             + "; the vision eval reads the folder that holds the Fashion-MNIST t10k-*.gz files "
-                               "(omit --data for the installed copy)")
+                             + f"; {where}")
+        for name in VISION_TEST_FILES if args.data is not None else ():
+            if not os.path.isfile(os.path.join(args.data, name)):
+                raise PcmoeError(f"{args.data} has no {name}; {where}")
         return
     if not args.data:
         raise PcmoeError("eval of a language model needs --data FILE.txt (documents separated by a blank line "

@@ -275,6 +275,8 @@ def _probe(argv, env=None):
     ["eval", "--model", "{lm}", "--data", "{tmp}/missing.txt"],
     ["generate", "--model", "{lm}", "--prompt", "x", "--top-p", "0"],
     ["profile", "--model", "{lm}", "--data", "{data}", "--out", "{data}/x.json"],
+    ["eval", "--model", "{vit}", "--data", "{empty}"],
+    ["eval", "--model", "{vit}", "--frames", "0"],
 ])
 def test_help_and_bad_input_answer_before_torch(paths, argv):
     result, err = _probe(_fmt(argv, paths))
@@ -296,6 +298,30 @@ def test_non_utf8_bytes_on_the_real_command_line(paths):
 
 
 # -- the torch-free checks agree with what load() does ------------------------------------------
+
+
+def test_vision_file_check_agrees_with_the_reader(paths, tmp_path):
+    from pcmoe.cli import VISION_TEST_FILES
+    from pcmoe.models.vit_moe import load_fashion_mnist
+    from pcmoe.options import PcmoeError
+
+    for keep in ((), VISION_TEST_FILES[:1], VISION_TEST_FILES[1:], VISION_TEST_FILES):
+        folder = tmp_path / f"keep{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        for name in keep:
+            (folder / name).write_bytes((paths["fmnist"] / name).read_bytes())
+        args = command_parser("eval").parse_args(["--model", str(paths["vit"]), "--data", str(folder)])
+        try:
+            pcmoe.cli.check_eval(args)
+            fast = None
+        except PcmoeError as e:
+            fast = str(e).split(";")[0]
+        try:
+            load_fashion_mnist("test", folder)
+            slow = None
+        except PcmoeError as e:
+            slow = str(e).split(";")[0]
+        assert fast == slow, keep
 
 
 def test_names_agree_with_the_engine(paths):
