@@ -56,3 +56,19 @@ def test_setup_commands_exist():
     for script in re.findall(r"^bash (scripts/\S+\.sh)", README, flags=re.M):
         assert (ROOT / script).is_file(), script
     assert {"scripts/demo.sh", "scripts/test.sh"} <= set(re.findall(r"^bash (scripts/\S+\.sh)", README, flags=re.M))
+
+
+def test_listed_files_exist():
+    block = README[README.index("## Files"):]
+    block = block[block.index("```\n") + 4:]
+    block = block[:block.index("```")]
+    folder = None
+    for line in block.splitlines():
+        if not line.strip() or line.startswith(" " * 6):  # blank, or a description's second line
+            continue
+        name = line.split()[0]
+        if not line.startswith(" "):  # a top-level folder, its files below it
+            folder = name
+            assert (ROOT / name).is_dir(), name
+        else:
+            assert (ROOT / folder / name).exists(), f"{folder}{name}"
