@@ -272,7 +272,8 @@ async def _get(queue: asyncio.Queue, timeout: float):
 def create_app(engine, *, model_name: str, api_key: str | None = None, queue_size: int = 8,
                request_timeout_s: float = 300.0, state_dir: str | os.PathLike | None = None,
                max_users: int = 1000, max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The FastAPI app serving `engine` (which the caller closes). `state_dir` None: no per-user states;
+    """The FastAPI app serving `engine` (which the caller closes). `state_dir` None: no per-user states
+    (one that cannot be created raises OSError; `pcmoe serve` checks it first and serves without);
     `api_key` None: no authentication (an empty key is an error, not a way to say none)."""
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty: pass None to serve without authentication")
