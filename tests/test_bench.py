@@ -66,7 +66,7 @@ def test_quick_plan_end_to_end(bench_lm, bench_vit, tmp_path, monkeypatch):
             "--markdown", str(md)]
     assert main(argv) == 0
 
-    args = build_parser().parse_args(argv)
+    args = build_parser("bench").parse_args(argv)
     args.data = str(bench_lm / "eval" / "heldout.txt")
     sizes = suite._model_sizes(str(bench_lm))
     plan = suite.plan_runs(args, [[1, 2, 3]], sizes, suite._model_sizes(vision, quant=False) if vision else None)
@@ -278,7 +278,7 @@ def _sizes(fp="A"):
 
 
 def _args(*extra):
-    return build_parser().parse_args(["bench", "--data", "d.txt", *extra])
+    return build_parser("bench").parse_args(["bench", "--data", "d.txt", *extra])
 
 
 def test_quick_plan_has_50_and_absolute_quantised_budgets(monkeypatch):
@@ -317,7 +317,7 @@ def test_limits_per_kind():
 
 
 def test_command_line_is_rebuilt_from_the_options():
-    args = build_parser().parse_args(["bench", "--quick", "--model", "m dir", "--trials", "5", "--skip", "vision"])
+    args = build_parser("bench").parse_args(["bench", "--quick", "--model", "m dir", "--trials", "5", "--skip", "vision"])
     assert suite.command_line(args) == "pcmoe bench --model 'm dir' --quick --trials 5 --skip vision"
 
 
