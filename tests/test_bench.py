@@ -317,7 +317,8 @@ def test_limits_per_kind():
 
 
 def test_command_line_is_rebuilt_from_the_options():
-    args = build_parser("bench").parse_args(["bench", "--quick", "--model", "m dir", "--trials", "5", "--skip", "vision"])
+    argv = ["bench", "--quick", "--model", "m dir", "--trials", "5", "--skip", "vision"]
+    args = build_parser("bench").parse_args(argv)
     assert suite.command_line(args) == "pcmoe bench --model 'm dir' --quick --trials 5 --skip vision"
 
 
