@@ -163,13 +163,6 @@ class Checkpoint:
                 os.close(fd)
             self._fds.clear()
 
-    def evict_page_cache(self) -> None:
-        """Drop every file of the checkpoint from the OS page cache (clean pages only)."""
-        if not hasattr(os, "posix_fadvise"):
-            return
-        for path in {t.file for t in self.tensors.values()}:
-            os.posix_fadvise(self.fd(path), 0, 0, os.POSIX_FADV_DONTNEED)
-
     def fingerprint(self) -> str:
         """Identifies the checkpoint's contents cheaply: every tensor's name, dtype, shape and place,
         and 4 kB samples at 33 evenly spread offsets of each file (re-saved weights of the same shapes
