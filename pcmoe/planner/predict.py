@@ -1,0 +1,252 @@
+"""Predicted memory and latency of a configuration, from numbers measured once per (model, device).
+
+The planner must keep a whole process under a memory limit, so the memory prediction follows the
+runtime's own accounting (pcmoe/engine.py, pcmoe/moe.py) rather than "experts × bytes":
+
+    total = non-expert weights(precision)
+          + Σ_l slots_l × bytes of one expert(layer l, precision_l)    slots = n_l (+ spare if n_l < N_l)
+          + n_buffers × one full-precision expert   (shared swap staging; none if every layer is full
+                                                      or spare slots are used instead)
+          + quant_staging × one full-precision expert per quantised layer   (SlotExperts.staging)
+          + runtime_bytes + kv_bytes_per_token × context_tokens              (measured, not modelled)
+
+Latency per decoded token = non-expert time(precision) + Σ_l T_l(n_l, precision_l)
++ update_s[F] × (layers whose committee is not full). T_l is a line in n fitted to a few measured
+points per precision (the paper's T_l(n), non-decreasing: the slope is clamped at 0).
+
+Nothing here measures anything: every number comes from a DeviceProfile, which `pcmoe profile`
+will write as JSON:
+
+  {"format": "pcmoe-device-profile/1",
+   "model_type": "qwen3_moe",                          # optional, checked by the caller
+   "num_experts": [16, 16, ...],                       # N_l per MoE layer
+   "expert_bytes": {"bf16": [b_0, ...], "int8": [...], "int4": [...]},   # bytes of ONE expert, per layer
+   "nonexpert_bytes": {"bf16": 9000000, "int8": 5000000},               # all non-expert weights, bytes
+   "full_precision": "bf16",        # how experts are stored on disk (staging buffers hold this)
+   "n_buffers": 2,                  # shared swap staging buffers (engine: bytes_per_step / expert)
+   "spare_slots": 0,                # extra slots per non-full layer (then no shared buffers)
+   "quant_staging": 1,              # full-precision buffers per quantised layer (one per loading thread)
+   "runtime_bytes": 180000000,      # measured process memory beyond weights and KV: torch, allocator, activations
+   "kv_bytes_per_token": 12288,     # KV cache bytes per token of context
+   "context_tokens": 1024,          # context the plan must hold
+   "latency": {                                         # seconds per decoded token, batch 1
+     "nonexpert_s": {"bf16": 0.0021, "int8": 0.0019},   # all work outside the MoE layers
+     "layer_points": [{"layer": null, "size": 4, "precision": "bf16", "seconds": 0.00031}, ...],
+                                  # one MoE layer's time at that committee size; layer null = every layer
+     "update_s": {"16": 0.00002}},  # amortised committee-update cost per token per non-full layer, by F
+   "quality_samples": [{"config": {<Config JSON, see space.py>}, "loss": 2.79}, ...]}  # see quality.py
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pcmoe.planner.space import Batch, PlanError, SearchSpace
+
+PROFILE_FORMAT = "pcmoe-device-profile/1"
+_SCALARS = ("full_precision", "n_buffers", "spare_slots", "quant_staging", "runtime_bytes", "kv_bytes_per_token",
+            "context_tokens")
+
+
+@dataclass(frozen=True)
+class LatencyPoint:
+    size: int                  # committee size measured
+    precision: str
+    seconds: float             # one MoE layer's decode time per token at that size
+    layer: int | None = None   # None: measured on one layer, valid for all (same shapes)
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    num_experts: tuple[int, ...]
+    expert_bytes: dict[str, tuple[int, ...]]     # precision -> bytes of one expert, per layer
+    nonexpert_bytes: dict[str, int]              # precision -> bytes of all non-expert weights
+    full_precision: str = "bf16"
+    n_buffers: int = 2
+    spare_slots: int = 0
+    quant_staging: int = 0
+    runtime_bytes: int = 0
+    kv_bytes_per_token: int = 0
+    context_tokens: int = 0
+    nonexpert_s: dict[str, float] = field(default_factory=dict)   # precision -> seconds per token
+    layer_points: tuple[LatencyPoint, ...] = ()
+    update_s: dict[int, float] = field(default_factory=dict)      # F -> seconds per token per non-full layer
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DeviceProfile:
+        if not isinstance(data, dict) or data.get("format", PROFILE_FORMAT) != PROFILE_FORMAT:
+            raise PlanError(f"not a pcmoe device profile (expected \"format\": \"{PROFILE_FORMAT}\")")
+        missing = [k for k in ("num_experts", "expert_bytes", "nonexpert_bytes") if k not in data]
+        if missing:
+            raise PlanError(f"the device profile lacks {', '.join(missing)}")
+        lat = data.get("latency") or {}
+        try:
+            points = tuple(LatencyPoint(size=int(p["size"]), precision=str(p["precision"]),
+                                        seconds=float(p["seconds"]), layer=p.get("layer"))
+                           for p in lat.get("layer_points", []))
+            return cls(num_experts=tuple(int(n) for n in data["num_experts"]),
+                       expert_bytes={str(k): tuple(int(b) for b in v) for k, v in data["expert_bytes"].items()},
+                       nonexpert_bytes={str(k): int(v) for k, v in data["nonexpert_bytes"].items()},
+                       **{k: (str if k == "full_precision" else int)(data[k]) for k in _SCALARS if k in data},
+                       nonexpert_s={str(k): float(v) for k, v in lat.get("nonexpert_s", {}).items()},
+                       layer_points=points,
+                       update_s={int(k): float(v) for k, v in lat.get("update_s", {}).items()})
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise PlanError(f"the device profile has a malformed entry ({type(e).__name__}: {e})") from None
+
+    def to_dict(self) -> dict:
+        return {"format": PROFILE_FORMAT, "num_experts": list(self.num_experts),
+                "expert_bytes": {k: list(v) for k, v in self.expert_bytes.items()},
+                "nonexpert_bytes": dict(self.nonexpert_bytes), **{k: getattr(self, k) for k in _SCALARS},
+                "latency": {"nonexpert_s": dict(self.nonexpert_s),
+                            "layer_points": [{"layer": q.layer, "size": q.size, "precision": q.precision,
+                                              "seconds": q.seconds} for q in self.layer_points],
+                            "update_s": {str(k): v for k, v in self.update_s.items()}}}
+
+    @classmethod
+    def from_json(cls, text: str) -> DeviceProfile:
+        try:
+            return cls.from_dict(json.loads(text))
+        except ValueError as e:
+            if isinstance(e, PlanError):
+                raise
+            raise PlanError(f"the device profile is not valid JSON ({e})") from None
+
+    def check(self, space: SearchSpace) -> None:
+        """One-line error when the profile cannot price every configuration of the space."""
+        if tuple(space.num_experts) != tuple(self.num_experts):
+            raise PlanError(f"the profile is for experts per layer {list(self.num_experts)}, the search space has "
+                            f"{list(space.num_experts)}")
+        for p in set(space.precisions) | {self.full_precision}:
+            if len(self.expert_bytes.get(p, ())) != space.layers:
+                raise PlanError(f"the profile needs bytes of one {p} expert for each of the {space.layers} MoE layers")
+        for p in space.nonexpert_precisions or (self.full_precision,):
+            if p not in self.nonexpert_bytes:
+                raise PlanError(f"the profile has no non-expert bytes at precision {p}")
+        for name in _SCALARS[1:]:
+            if getattr(self, name) < 0:
+                raise PlanError(f"profile {name} must be >= 0, got {getattr(self, name)}")
+
+
+def _nonexpert_keys(space: SearchSpace, profile: DeviceProfile) -> tuple[str, ...]:
+    return space.nonexpert_precisions or (profile.full_precision,)
+
+
+class MemoryModel:
+    """Predicted total process bytes. Tables are built once; a population costs a few gathers."""
+
+    def __init__(self, space: SearchSpace, profile: DeviceProfile):
+        profile.check(space)
+        self.space, self.profile = space, profile
+        N = np.array(space.num_experts)                                   # [L]
+        n = np.arange(1, N.max() + 1)                                     # [S] candidate sizes
+        slots = np.where(n[None, :] >= N[:, None], n[None, :], n[None, :] + profile.spare_slots)   # [L, S]
+        full = np.array(profile.expert_bytes[profile.full_precision], dtype=np.float64)            # [L] bytes
+        table = np.empty((space.layers, len(space.precisions), len(n)))  # [L, P, S] bytes of layer l
+        for i, p in enumerate(space.precisions):
+            per_expert = np.array(profile.expert_bytes[p], dtype=np.float64)
+            quant_buf = profile.quant_staging * full if p != profile.full_precision else 0.0
+            table[:, i, :] = slots * per_expert[:, None] + np.broadcast_to(quant_buf, (space.layers,))[:, None]
+        self.layer_bytes = np.where((n[None, :] > N[:, None])[:, None, :], np.inf, table)  # no sizes beyond N_l
+        # Shared swap buffers exist only when some layer swaps and swaps go through them (no spare slots).
+        self.staging_bytes = float(profile.n_buffers * full.max()) if profile.spare_slots == 0 else 0.0
+        self.nonexpert = np.array([profile.nonexpert_bytes[p] for p in _nonexpert_keys(space, profile)], float)
+        self.fixed = float(profile.runtime_bytes + profile.kv_bytes_per_token * profile.context_tokens)
+
+    def __call__(self, batch: Batch) -> np.ndarray:
+        """[P] predicted bytes of the whole process."""
+        layers = np.arange(self.space.layers)
+        weights = self.layer_bytes[layers, batch.prec, batch.sizes - 1].sum(axis=1)           # [P]
+        swapping = (batch.sizes < np.array(self.space.num_experts)).any(axis=1)              # [P]
+        return self.nonexpert[batch.nonexpert] + weights + swapping * self.staging_bytes + self.fixed
+
+    def breakdown(self, batch: Batch, i: int = 0) -> dict[str, int]:
+        one = batch.take([i])
+        layers = np.arange(self.space.layers)
+        swapping = bool((one.sizes < np.array(self.space.num_experts)).any())
+        return {"nonexpert": int(self.nonexpert[one.nonexpert[0]]),
+                "experts": int(self.layer_bytes[layers, one.prec[0], one.sizes[0] - 1].sum()),
+                "staging": int(self.staging_bytes * swapping),
+                "runtime": int(self.profile.runtime_bytes),
+                "kv_cache": int(self.profile.kv_bytes_per_token * self.profile.context_tokens),
+                "total": int(self(one)[0])}
+
+    def least(self) -> tuple[float, Batch]:
+        """The exact minimum over the whole space and one configuration reaching it."""
+        N = np.array(self.space.num_experts)
+        L = self.space.layers
+        layers = np.arange(L)
+        # Case "all full": no staging. Case "some swap": each layer its cheapest (size, precision), + staging.
+        # (If the latter's choice is all full it costs more than the former, so min of the two is exact.)
+        full_p = self.layer_bytes[layers, :, N - 1].argmin(axis=1)                           # [L]
+        full_cost = self.layer_bytes[layers, full_p, N - 1].sum()
+        flat = self.layer_bytes.reshape(L, -1).argmin(axis=1)                                 # [L] over (p, s)
+        any_p, any_s = flat // self.layer_bytes.shape[2], flat % self.layer_bytes.shape[2]
+        any_cost = self.layer_bytes[layers, any_p, any_s].sum() + self.staging_bytes
+        ne = int(self.nonexpert.argmin())
+        if full_cost <= any_cost:
+            best = Batch(N[None, :].copy(), full_p[None, :], np.array([ne]), np.array([0]))
+        else:
+            best = Batch((any_s + 1)[None, :], any_p[None, :], np.array([ne]), np.array([0]))
+        return float(self(best)[0]), best
+
+
+def fit_line(sizes: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
+    """Least-squares t = a + b·n with b >= 0 (more members never make a layer faster)."""
+    if len(np.unique(sizes)) < 2:
+        return float(seconds.mean()), 0.0
+    b, a = np.polyfit(sizes.astype(float), seconds.astype(float), 1)
+    if b < 0:
+        return float(seconds.mean()), 0.0
+    return float(a), float(b)
+
+
+class LatencyModel:
+    """Predicted seconds per decoded token (batch 1)."""
+
+    def __init__(self, space: SearchSpace, profile: DeviceProfile):
+        profile.check(space)
+        self.space = space
+        N = np.array(space.num_experts)
+        n = np.arange(1, N.max() + 1)                                     # [S]
+        table = np.empty((space.layers, len(space.precisions), len(n)))  # [L, P, S] seconds
+        for layer in range(space.layers):
+            for i, p in enumerate(space.precisions):
+                pts = [q for q in profile.layer_points if q.precision == p and q.layer == layer] or \
+                      [q for q in profile.layer_points if q.precision == p and q.layer is None]
+                if not pts:
+                    raise PlanError(f"the profile has no decode-time points for {p} experts (MoE layer {layer})")
+                a, b = fit_line(np.array([q.size for q in pts]), np.array([q.seconds for q in pts]))
+                table[layer, i] = np.maximum(a + b * n, 0.0)
+        self.layer_s = np.where((n[None, :] > N[:, None])[:, None, :], np.inf, table)
+        keys = _nonexpert_keys(space, profile)
+        missing = [p for p in keys if p not in profile.nonexpert_s]
+        if missing:
+            raise PlanError(f"the profile has no non-expert decode time at precision {', '.join(missing)}")
+        self.nonexpert = np.array([profile.nonexpert_s[p] for p in keys])                   # [NE] seconds
+        self.update = np.array([profile.update_s.get(f, 0.0) for f in space.intervals])     # [F] seconds
+
+    def __call__(self, batch: Batch) -> np.ndarray:
+        """[P] predicted seconds per token."""
+        layers = np.arange(self.space.layers)
+        swapping = (batch.sizes < np.array(self.space.num_experts)).sum(axis=1)             # [P] non-full layers
+        return (self.nonexpert[batch.nonexpert] + self.layer_s[layers, batch.prec, batch.sizes - 1].sum(axis=1)
+                + self.update[batch.interval] * swapping)
+
+    def least(self) -> tuple[float, Batch]:
+        """The exact minimum: layers are independent once F is fixed, so try each F."""
+        N = np.array(self.space.num_experts)
+        L, S = self.space.layers, self.layer_s.shape[2]
+        best = None
+        for f, u in enumerate(self.update):
+            cost = self.layer_s + u * (np.arange(1, S + 1)[None, None, :] < N[:, None, None])   # [L, P, S]
+            flat = cost.reshape(L, -1).argmin(axis=1)
+            cand = Batch((flat % S + 1)[None, :], (flat // S)[None, :],
+                         np.array([int(self.nonexpert.argmin())]), np.array([f]))
+            value = float(self(cand)[0])
+            if best is None or value < best[0]:
+                best = (value, cand)
+        return best
