@@ -56,6 +56,9 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--io-bandwidth", help="emulate storage: MB/s, or emmc (300), ufs (2000), nvme (3000)")
     g.add_argument("--no-evict", action="store_true", help="leave read ranges in the page cache")
     g.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    g.add_argument("--kernel", choices=("auto", "native", "eager"), default="auto",
+                   help="batch-1 decode kernels: native (pcmoe's AVX-512 kernels, built by scripts/setup.sh), "
+                        "eager (torch ops), auto = native where built and applicable (default)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -135,7 +138,7 @@ def engine_from_args(args):
         **{k: v for k, v in knobs.items() if v is not None}, synchronous=args.sync_swaps, profile=args.profile,
         topk=args.topk, seed=args.seed,
         track_importance=getattr(args, "track_importance", None),
-        io_bandwidth=args.io_bandwidth, evict=not args.no_evict, threads=args.threads,
+        io_bandwidth=args.io_bandwidth, evict=not args.no_evict, threads=args.threads, kernel=args.kernel,
         progress=not args.quiet and sys.stderr.isatty())
     warn_if_budget_above_model(engine, args.budget)
     return engine

@@ -83,8 +83,9 @@ class FastDecoder:
     """The registry says which families it runs (Family.lean_decoder) and how they normalise
     queries and keys (Family.qk_norm)."""
 
-    def __init__(self, model, family):
+    def __init__(self, model, family, native=None):
         cfg = model.config
+        self.native = native        # pcmoe.native kernels for one-token steps (bf16), or None
         self.model = model
         self.config = cfg
         base = model.model
@@ -106,6 +107,8 @@ class FastDecoder:
 
     def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """ids [1, n] -> logits [n, V] (or [1, V] with last_only), appending to the cache."""
+        if self.native is not None and ids.shape[1] == 1:
+            return self._forward_one_native(ids, cache)
         n, p = ids.shape[1], cache.length
         cache.reserve(p + n)
         x = self.embed(ids)                                                   # [1, n, H]
@@ -146,3 +149,41 @@ class FastDecoder:
             x = x[:, -1:]
         x = _rms(x, self.final_norm.weight, self.final_norm.variance_epsilon)
         return self.lm_head(x)[0]                                             # [n, V]
+
+    def _forward_one_native(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step with the native kernels (norms, projections, attention); the same
+        modules' weights and the same CommitteeMoE blocks. Logits [1, V] in float32."""
+        from pcmoe.native import ops
+
+        k, p = self.native, cache.length
+        cache.reserve(p + 1)
+        x = self.embed(ids)                                                   # [1, 1, H]
+        cos, sin = self.rotary(x, torch.tensor([[p]]))                        # [1, 1, D]
+        half = sin.shape[-1] // 2
+        cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
+        D, Hq, Hkv = self.head_dim, self.q_heads, self.kv_heads
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            norm = layer.input_layernorm
+            h = ops.rmsnorm(k, x, norm.weight, norm.variance_epsilon)
+            weight, bias, split = self.qkv[i]
+            q, kk, v = ops.linear(k, h, weight, bias).split(split, dim=-1)   # [1, 1, Hq*D], [1, 1, Hkv*D] x2
+            if self.projection_norm:                                          # OLMoE
+                q = ops.rmsnorm(k, q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
+                kk = ops.rmsnorm(k, kk, attn.k_norm.weight, attn.k_norm.variance_epsilon)
+            if self.clip is not None:
+                q, kk, v = (t.clamp(-self.clip, self.clip) for t in (q, kk, v))
+            if self.per_head_norm:                                            # Qwen3: RMSNorm per head
+                q = ops.rmsnorm(k, q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
+                kk = ops.rmsnorm(k, kk, attn.k_norm.weight, attn.k_norm.variance_epsilon)
+            qk = _rotate(torch.cat((q, kk), dim=-1).view(1, Hq + Hkv, 1, D), cos, sin)   # [1, Hq+Hkv, 1, D]
+            keys, values = cache.k[i], cache.v[i]                             # [1, Hkv, capacity, D]
+            keys.narrow(2, p, 1).copy_(qk.narrow(1, Hq, Hkv))
+            values.narrow(2, p, 1).copy_(v.view(1, Hkv, 1, D))
+            a = ops.attention(k, qk[0, :Hq, 0], keys, values, p + 1, attn.scaling)        # [Hq, D]
+            x = x + ops.linear(k, a.view(1, 1, Hq * D), attn.o_proj.weight, attn.o_proj.bias)
+            norm = layer.post_attention_layernorm
+            x = x + layer.mlp(ops.rmsnorm(k, x, norm.weight, norm.variance_epsilon))
+        cache.length = p + 1
+        x = ops.rmsnorm(k, x, self.final_norm.weight, self.final_norm.variance_epsilon)
+        return ops.linear(k, x, self.lm_head.weight, None, torch.float32)[0]  # [1, V]

@@ -171,6 +171,8 @@ def _validate(policy: str, opts: LoadOptions, family) -> None:
         raise PcmoeError(f"unknown strategy {opts.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if opts.update_unit not in UPDATE_UNITS:
         raise PcmoeError(f"update_unit must be one of {', '.join(UPDATE_UNITS)}, not {opts.update_unit!r}")
+    if opts.kernel not in ("auto", "eager", "native"):
+        raise PcmoeError(f"unknown kernel {opts.kernel!r}; use auto, native or eager")
     if opts.importance not in ("window", "ema"):
         raise PcmoeError(f"unknown importance {opts.importance!r}; use window or ema")
     if opts.quantize not in (None, "int8", "int4"):
@@ -358,6 +360,14 @@ def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Eng
     if leftover:
         raise PcmoeError(f"{folder}: tensor {leftover[0]} was not loaded; the checkpoint does not match its config")
     model.eval()
+    native, kernel_path = _native_kernels(opts, family, lay.dtype, [b.experts for b in blocks])
+    if native is not None:
+        from functools import partial
+
+        from pcmoe.native import ops
+
+        for block in blocks:
+            block.bound = family.bind(block, partial(ops.linear, native))
 
     store = ExpertStore(ckpt, lay.pieces, io_bandwidth_mbps=_io_bandwidth(opts.io_bandwidth), evict=opts.evict)
     io = ExpertIO(store, [b.experts for b in blocks],
@@ -407,17 +417,45 @@ def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Eng
             tokenizer = AutoTokenizer.from_pretrained(folder)
     load_info = {"seconds": time.perf_counter() - t_load, "bytes_read": store.stats.bytes_read,
                  "dtype": str(lay.dtype).replace("torch.", ""), "profile": profile_file,
-                 "swap_buffers": sizing.swap_buffers, "swap_buffer_bytes": sizing.buffer_bytes}
+                 "swap_buffers": sizing.swap_buffers, "swap_buffer_bytes": sizing.buffer_bytes,
+                 "kernel": kernel_path}
     fast = None
     if opts.fast and family.lean_decoder:
         from pcmoe import fast as fast_path
 
-        fast = fast_path.FastDecoder(model, family) if fast_path.supports(model) else None
+        fast = fast_path.FastDecoder(model, family, native) if fast_path.supports(model) else None
     engine = Engine(model=model, tokenizer=tokenizer, family=family, checkpoint=ckpt, store=store, io=io,
                     layers=layers, scheduler=scheduler, model_bytes=sizes, sizing=sizing, policy=policy,
                     options=opts, expert_norms=norms, load_info=load_info, fast=fast)
     engine.reset_stats()
     return engine
+
+
+def _native_kernels(opts: LoadOptions, family, dtype: torch.dtype, banks) -> tuple[object | None, str]:
+    """The native kernels for this load and the path taken ("native", or "eager: why"). The banks
+    they apply to (bf16 GLU experts with SiLU) are given them; the rest stays eager."""
+    if opts.kernel == "eager":
+        return None, "eager: asked for"
+    from pcmoe import native
+
+    kernels = native.kernels()
+    reason = native.why() if kernels is None else None
+    if kernels is not None and dtype != torch.bfloat16:
+        reason = f"the native kernels are for bfloat16 weights, these are {str(dtype).replace('torch.', '')}"
+    if kernels is not None and not family.lean_decoder:
+        reason = f"{family.model_types[0]} runs the transformers forward (no lean decoder)"
+    if reason is not None:
+        if opts.kernel == "native":
+            raise PcmoeError(f"--kernel native: {reason}; use --kernel eager or auto")
+        if kernels is None:  # not built / unsupported CPU: say so once per load, in one line
+            import warnings
+
+            warnings.warn(f"pcmoe: {reason}; using the eager path", stacklevel=3)
+        return None, f"eager: {reason}"
+    for bank in banks:
+        if bank.native_ok():
+            bank.native = kernels
+    return kernels, "native"
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:

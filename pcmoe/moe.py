@@ -140,7 +140,18 @@ class SlotExperts(nn.Module):
         self.bank = {name: torch.zeros((num_slots, *shape), dtype=dt)
                      for name, (shape, dt) in bank_tensors(kernel, dtype, quant).items()}
         self._staging = threading.local()
+        self.native = None          # pcmoe.native kernels for one-token outputs (set by the loader)
+        self._ys = None             # [k, H] float32 outputs of the native path
         self._slots = [{name: t[s] for name, t in self.bank.items()} for s in range(num_slots)]  # fixed views
+
+    def native_ok(self) -> bool:
+        """Whether pcmoe.native computes this bank's experts: SiLU GLU experts in bfloat16, int4
+        with outputs in whole blocks of 64 rows (torch's packing)."""
+        k = self.kernel
+        silu = k.act is F.silu or type(getattr(k, "act", None)).__name__ in ("SiLUActivation", "SiLU")
+        if not isinstance(k, GluKernel) or self.dtype != torch.bfloat16 or not silu:
+            return False
+        return self.quant != "int4" or all(shape[0] % 64 == 0 for shape in k.tensors.values())
 
     @property
     def slot_nbytes(self) -> int:
@@ -183,15 +194,36 @@ class SlotExperts(nn.Module):
 
     def outputs_one(self, x: torch.Tensor, slots: list[int], into: list | None = None) -> list:
         """One token: each choice's expert output [1, H] (None where the slot is -1 and `into`
-        has nothing yet). `into` keeps outputs computed in an earlier round."""
+        has nothing yet). `into` keeps outputs computed in an earlier round. The native path
+        writes float32 rows of one buffer that combine_one() sums."""
         ys = list(into) if into is not None else [None] * len(slots)
+        if self.native is not None:
+            return self._native_outputs_one(x, slots, ys)
         for j, s in enumerate(slots):
             if s >= 0:
                 ys[j] = self.kernel(x, self._slots[s])
         return ys
 
-    @staticmethod
-    def combine_one(x: torch.Tensor, ys: list, weights: list[float]) -> torch.Tensor:
+    def _native_outputs_one(self, x, slots, ys):
+        from pcmoe.native import ops
+
+        hidden, inter = x.shape[-1], self.kernel.tensors["down"][1]
+        if self._ys is None or self._ys.shape[0] < len(slots):
+            self._ys = torch.empty((len(slots), hidden), dtype=torch.float32)
+        x = x.contiguous()
+        for j, s in enumerate(slots):
+            if s >= 0:
+                ops.glu_expert(self.native, self.quant, self._slots[s], x, self._ys[j], hidden, inter)
+                ys[j] = self._ys[j]
+        return ys
+
+    def combine_one(self, x: torch.Tensor, ys: list, weights: list[float]) -> torch.Tensor:
+        if self.native is not None:
+            from pcmoe.native import ops
+
+            present = [y is not None for y in ys]
+            return ops.combine(self.native, self._ys if self._ys is not None else x.new_zeros(0, dtype=torch.float32),
+                               weights, present, x.shape[-1])
         out = None
         for y, w in zip(ys, weights):
             if y is not None:

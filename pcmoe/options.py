@@ -39,6 +39,7 @@ class LoadOptions:
     threads: int | None = None
     track_importance: bool | None = None  # accumulate importance; default: committee policy only
     fast: bool = True              # lean decoder forward where supported (pcmoe/fast.py)
+    kernel: str = "auto"           # batch-1 decode kernels: auto (native where built), native, eager
     evict: bool = True             # drop read ranges from the page cache
     cache_dir: str | None = None   # where expert norms are cached
     progress: bool = True

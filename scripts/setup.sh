@@ -16,6 +16,8 @@ if ! .venv/bin/python -c 'import pcmoe, fastapi, pytest, matplotlib' 2>/dev/null
   .venv/bin/pip install -q -e ".[server,bench,dev]"
   touch .venv/.pcmoe-installed
 fi
+# pcmoe's native decode kernels (C, seconds to build); without them pcmoe runs its eager path.
+.venv/bin/python -m pcmoe.native build >/dev/null || true
 # Fashion-MNIST (Debian package) for the vision model's frame stream, when apt is usable.
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \

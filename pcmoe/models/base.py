@@ -140,9 +140,14 @@ class Family:
 
     # -- computation, bound once per block ---------------------------------------------------
 
-    def bind(self, block) -> BoundBlock:
-        return BoundBlock(lambda x: self.router_logits(block, x), lambda x, y: self.add_shared(block, x, y),
-                          self.pack_output)
+    def bind(self, block, linear_one=None) -> BoundBlock:
+        """linear_one(x [1, H], W): a faster projection for one token (pcmoe.native), used for a
+        router of the plain `x W^T` kind."""
+        logits = lambda x: self.router_logits(block, x)  # noqa: E731
+        if linear_one is not None and type(self).router_logits is Family.router_logits:
+            weight = self.router(block).weight
+            logits = lambda x: linear_one(x, weight) if x.shape[0] == 1 else F.linear(x, weight)  # noqa: E731
+        return BoundBlock(logits, lambda x, y: self.add_shared(block, x, y), self.pack_output)
 
     def bind_router(self, block, renorm: bool, k: int | None = None) -> BoundRouter:
         """The routing rule of `block` with masked-gating arithmetic `renorm` (A: True, B: False) and

@@ -1,0 +1,5 @@
+import sys
+
+from pcmoe.native import main
+
+sys.exit(main())

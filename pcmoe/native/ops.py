@@ -1,0 +1,75 @@
+"""Torch-facing wrappers of the native kernels: tensors in, tensors out, shapes checked by the
+callers (pcmoe.fast, pcmoe.moe) that choose them. Dimension legend: T rows, H hidden, I expert
+intermediate, D head dim. Inputs must be contiguous bf16 (weights: as held by the model or bank)."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+_local = threading.local()
+
+
+def _scratch(n: int) -> torch.Tensor:
+    """A float32 work buffer of at least n elements, one per thread, reused across calls."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _local.buf = torch.empty(max(n, 1 << 16), dtype=torch.float32)
+    return buf
+
+
+def linear(k, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [..., in] @ weight[out, in]^T (+ bias) -> [..., out] in bf16 or float32."""
+    out_f, in_f = weight.shape
+    rows = x.numel() // in_f
+    y = torch.empty((*x.shape[:-1], out_f), dtype=out_dtype)
+    k.linear_bf16(weight.data_ptr(), bias.data_ptr() if bias is not None else None, x.data_ptr(), y.data_ptr(),
+                  rows, out_f, in_f, int(out_dtype == torch.bfloat16), _scratch(out_f).data_ptr())
+    return y
+
+
+def rmsnorm(k, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    n = weight.numel()
+    y = torch.empty_like(x)
+    k.rmsnorm_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // n, n, eps, _scratch(n).data_ptr())
+    return y
+
+
+def attention(k, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, scale: float) -> torch.Tensor:
+    """One query position: q [Hq, D], caches [1, Hkv, capacity, D] (first `length` valid) -> [Hq, D]."""
+    Hq, D = q.shape
+    _, Hkv, cap, _ = keys.shape
+    out = torch.empty_like(q)
+    k.attention_bf16(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), Hq, Hkv, D, length, cap,
+                     scale, _scratch(length + D).data_ptr())
+    return out
+
+
+QUANT_CODES = {None: 0, "int8": 1, "int4": 2}
+
+
+def glu_expert(k, quant: str | None, w: dict[str, torch.Tensor], x: torch.Tensor, out: torch.Tensor,
+               hidden: int, inter: int) -> None:
+    """One GLU expert (SiLU) of a slot `w` on one token x [1, H] into out [H] (float32)."""
+    if quant is None:
+        gu, gu_s, dn, dn_s, f32, group = w["gate_up"], None, w["down"], None, 0, 0
+    else:
+        gu, gu_s, dn, dn_s = w["gate_up.q"], w["gate_up.s"], w["down.q"], w["down.s"]
+        f32 = int(gu_s.dtype == torch.float32)
+        group = gu.shape[1] * 2 // gu_s.shape[0] if quant == "int4" else 0
+    k.glu_expert(QUANT_CODES[quant], gu.data_ptr(), gu_s.data_ptr() if gu_s is not None else None, dn.data_ptr(),
+                 dn_s.data_ptr() if dn_s is not None else None, f32, group, x.data_ptr(), out.data_ptr(), hidden,
+                 inter, _scratch(4 * inter).data_ptr())
+
+
+def combine(k, ys: torch.Tensor, weights: list[float], present: list[bool], hidden: int) -> torch.Tensor:
+    """sum_j weights[j] * ys[j] over present choices, in choice order, float32 -> bf16 [1, H]."""
+    n = len(weights)
+    w = (ctypes.c_float * max(n, 1))(*weights)       # a C array: cheaper than a tensor for k numbers
+    p = (ctypes.c_int * max(n, 1))(*present)
+    out = torch.empty((1, hidden), dtype=torch.bfloat16)
+    k.combine(ys.data_ptr(), w, p, n, out.data_ptr(), hidden, _scratch(hidden).data_ptr())
+    return out

@@ -1,0 +1,138 @@
+"""The native decode kernels against their slow twins: each kernel against torch on the same
+tensors, and whole decode steps of the native path against the eager path of the same engine."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pcmoe
+from pcmoe import native
+from pcmoe.options import PcmoeError
+
+
+def _kernels():
+    if native.kernels() is None and "not built" in native.why():
+        try:
+            native.build(verbose=False)
+        except (RuntimeError, OSError):
+            pass
+        native._loaded = None
+    return native.kernels()
+
+
+K = _kernels()
+needs_native = pytest.mark.skipif(K is None, reason=f"native kernels unavailable: {native.why()}")
+
+
+def _close(a, b, rel=1e-2):
+    scale = b.abs().max().item() or 1.0
+    err = (a.float() - b.float()).abs().max().item()
+    assert err <= rel * scale, f"max abs diff {err:.3g} vs scale {scale:.3g}"
+
+
+@needs_native
+@pytest.mark.parametrize("out_f, in_f", [(512, 256), (37, 100), (64, 32), (1000, 96)])
+def test_linear_bf16_matches_torch(out_f, in_f):
+    from pcmoe.native import ops
+
+    g = torch.Generator().manual_seed(out_f)
+    W, x, b = (torch.randn(s, generator=g).bfloat16() for s in ((out_f, in_f), (3, in_f), (out_f,)))
+    ref = F.linear(x.float(), W.float(), b.float())
+    _close(ops.linear(K, x, W, b, torch.float32), ref, 1e-5)      # float32 accumulation: only rounding of sums
+    _close(ops.linear(K, x, W, None), F.linear(x.float(), W.float()), 1e-2)
+
+
+@needs_native
+def test_rmsnorm_and_attention_match_torch():
+    from pcmoe.native import ops
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 64, generator=g).bfloat16(), torch.randn(64, generator=g).bfloat16()
+    _close(ops.rmsnorm(K, x, w, 1e-6), F.rms_norm(x.float(), (64,), w.float(), 1e-6))
+    for Hq, Hkv, D, P in ((4, 2, 64, 11), (8, 8, 32, 1), (6, 2, 48, 30)):
+        q = torch.randn(Hq, D, generator=g).bfloat16()
+        keys, values = (torch.randn(1, Hkv, 40, D, generator=g).bfloat16() for _ in range(2))
+        ref = F.scaled_dot_product_attention(q.float().view(1, Hq, 1, D), keys[:, :, :P].float(),
+                                             values[:, :, :P].float(), scale=D ** -0.5, enable_gqa=True)
+        _close(ops.attention(K, q, keys, values, P, D ** -0.5), ref.view(Hq, D))
+
+
+@needs_native
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_glu_expert_matches_the_eager_kernel(quant):
+    """The fused expert against GluKernel on the same slot (bf16, or the quantised bank's tensors)."""
+    from pcmoe.moe import GluKernel, SlotExperts
+    from pcmoe.native import ops
+
+    H, I = 128, 64
+    bank = SlotExperts(GluKernel(H, I, F.silu), 2, torch.bfloat16, quant)
+    assert bank.native_ok()
+    g = torch.Generator().manual_seed(1)
+    bank.write(1, {"gate_up": torch.randn(2 * I, H, generator=g).bfloat16() * 0.1,
+                   "down": torch.randn(H, I, generator=g).bfloat16() * 0.1})
+    x = torch.randn(1, H, generator=g).bfloat16()
+    out = torch.empty(H)
+    ops.glu_expert(K, quant, bank.slot(1), x, out, H, I)
+    _close(out, bank.kernel(x, bank.slot(1))[0], 2e-2)
+
+
+def _steps(folder, kernel, policy="full", budget=None, **kw):
+    with pcmoe.load(folder, budget=budget, policy=policy, dtype="bfloat16", kernel=kernel, progress=False,
+                    **kw) as engine:
+        logits, state = engine.prefill([3, 9, 27, 81, 7, 21])
+        out = [logits]
+        for t in (5, 17, 2, 99, 40, 11, 8):
+            out.append(engine.decode_step(state, t))
+        return torch.stack(out), engine.load_info["kernel"], engine.stats()
+
+
+@needs_native
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
+def test_native_decode_matches_the_eager_decode(tiny_checkpoint, family):
+    folder, _ = tiny_checkpoint(family)
+    eager, path_e, _ = _steps(folder, "eager")
+    fast, path_n, _ = _steps(folder, "native")
+    assert path_e.startswith("eager") and path_n == "native"
+    _close(fast, eager, 3e-2)                                    # bf16 rounding of intermediate values
+    assert (fast.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.85
+
+
+@needs_native
+def test_native_on_demand_is_bit_identical_to_native_full(tiny_checkpoint):
+    folder, _ = tiny_checkpoint("qwen3_moe")
+    full, _, _ = _steps(folder, "native")
+    od, _, stats = _steps(folder, "native", "on-demand", "30%experts")
+    assert stats["misses"] > 0 and torch.equal(od, full)
+
+
+@needs_native
+def test_native_committee_async_equals_sync(tiny_checkpoint):
+    folder, _ = tiny_checkpoint("qwen3_moe")
+    runs = [_steps(folder, "native", "committee", "45%experts", update_every=1, margin=0.0, synchronous=s)
+            for s in (True, False)]
+    assert runs[0][2]["swaps"] > 0 and torch.equal(runs[0][0], runs[1][0])
+
+
+def test_without_the_library_auto_warns_once_and_native_is_an_error(tiny_checkpoint, monkeypatch, tmp_path):
+    folder, _ = tiny_checkpoint("qwen3_moe")
+    monkeypatch.setenv("PCMOE_NATIVE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(native, "_loaded", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, path, _ = _steps(folder, "auto")
+    assert path.startswith("eager: native kernels are not built")
+    assert len([w for w in caught if "native kernels" in str(w.message)]) == 1
+    with pytest.raises(PcmoeError, match="--kernel native: native kernels are not built"):
+        _steps(folder, "native")
+    monkeypatch.setattr(native, "_loaded", None)
+
+
+@needs_native
+def test_float32_models_stay_eager(tiny_checkpoint):
+    folder, _ = tiny_checkpoint("qwen3_moe")
+    with pcmoe.load(folder, policy="full", progress=False) as engine:     # stored in float32
+        assert engine.load_info["kernel"].startswith("eager: the native kernels are for bfloat16")
+    with pytest.raises(PcmoeError, match="bfloat16"):
+        pcmoe.load(folder, policy="full", kernel="native", progress=False)
