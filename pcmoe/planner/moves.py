@@ -18,12 +18,16 @@ def children(space: SearchSpace, pop: Batch, count: int, rng: np.random.Generato
     (-1 when it changed the non-expert precision or F)."""
     L = space.layers
     g = pop.genomes()                                                    # [P, 2L+2]
-    pick = lambda: np.minimum(rng.integers(0, len(g), count), rng.integers(0, len(g), count))  # noqa: E731
-    a, b = g[pick()], g[pick()]                                          # [C, 2L+2] parents, rank tournament
+
+    def parents():  # binary tournament on rank: the better (lower index) of two random members
+        return g[np.minimum(rng.integers(0, len(g), count), rng.integers(0, len(g), count))]
+
+    a, b = parents(), parents()                                          # [C, 2L+2]
     layer_mask = rng.random((count, L)) < 0.5                            # crossover keeps a layer's genes together
     mask = np.concatenate([layer_mask, layer_mask, rng.random((count, 2)) < 0.5], axis=1)
     crossed = np.where(mask, a, b)
     averaged = np.floor((a + b) / 2 + rng.random(a.shape)).astype(np.int64)   # random rounding
+    # 45 % crossover, 25 % average, 30 % a copy of one parent (then mutated like the others).
     r = rng.random(count)[:, None]
     child = np.where(r < 0.45, crossed, np.where(r < 0.7, averaged, a))
     # Mutate exactly one parameter of each child, among the genes that have a choice.
@@ -35,7 +39,8 @@ def children(space: SearchSpace, pop: Batch, count: int, rng: np.random.Generato
     rows = np.arange(count)
     old, lo, span = child[rows, gene], lows[gene], highs[gene] - lows[gene] + 1
     other = lo + (old - lo + 1 + rng.integers(0, np.maximum(span - 1, 1))) % span      # any other value
-    step = np.clip(old + rng.choice([-1, 1], count), lo, highs[gene])                  # a size +-1
+    step = old + rng.choice([-1, 1], count)                                             # a size +-1 ...
+    step = np.where(step < lo, old + 1, np.where(step > highs[gene], old - 1, step))   # ... bouncing off the ends
     child[rows, gene] = np.where((gene < L) & (rng.random(count) < 0.5), step, other)
     return Batch.from_genomes(child, L), np.where(gene < 2 * L, gene % L, -1)
 

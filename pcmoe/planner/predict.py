@@ -28,7 +28,7 @@ will write as JSON:
    "quant_staging": 1,              # full-precision buffers per quantised layer (one per loading thread)
    "runtime_bytes": 180000000,      # measured process memory beyond weights and KV: torch, allocator, activations
    "kv_bytes_per_token": 12288,     # KV cache bytes per token of context
-   "context_tokens": 1024,          # context the plan must hold
+   "context_tokens": 1024,          # context the plan must hold (dataclasses.replace to plan for another)
    "latency": {                                         # seconds per decoded token, batch 1
      "nonexpert_s": {"bf16": 0.0021, "int8": 0.0019},   # all work outside the MoE layers
      "layer_points": [{"layer": null, "size": 4, "precision": "bf16", "seconds": 0.00031}, ...],
@@ -126,6 +126,11 @@ class DeviceProfile:
         for p in space.nonexpert_precisions or (self.full_precision,):
             if p not in self.nonexpert_bytes:
                 raise PlanError(f"the profile has no non-expert bytes at precision {p}")
+        for q in self.layer_points:
+            if q.layer is not None and not (isinstance(q.layer, int) and 0 <= q.layer < space.layers):
+                raise PlanError(f"a decode-time point names MoE layer {q.layer!r}; the model has {space.layers}")
+            if q.size < 1 or q.seconds < 0:
+                raise PlanError(f"a decode-time point has size {q.size} and {q.seconds} s; both must be positive")
         for name in _SCALARS[1:]:
             if getattr(self, name) < 0:
                 raise PlanError(f"profile {name} must be >= 0, got {getattr(self, name)}")

@@ -107,6 +107,8 @@ def _ms(seconds: float | None) -> str:
 
 def _joint_infeasible(problem, memory_limit, latency_limit, search) -> InfeasibleError:
     """Each limit alone can be met, both together were not: say what each limit allows."""
+    if memory_limit is None or latency_limit is None:   # a single limit is met by its exact least configuration
+        raise AssertionError("only two limits together can be infeasible after _check")
     fastest = search(problem, memory_limit, None, objective="latency")
     smallest = search(problem, None, latency_limit, objective="memory")
     least_mem, least_lat = problem.memory.least()[0], problem.latency.least()[0]
