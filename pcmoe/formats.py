@@ -1,7 +1,8 @@
 """The small JSON files pcmoe reads and writes beside a checkpoint or on request.
 
   plan            {"format": "pcmoe-plan/1", "model_type", "num_experts": [N per MoE layer],
-                   "committee_sizes": [members per MoE layer], "options": {load() options}}
+                   "committee_sizes": [members per MoE layer], "options": {load() options},
+                   "precisions": [per MoE layer: "full" (the model's dtype), "int8" or "int4"] (optional)}
   model options   pcmoe_options.json beside a checkpoint: {"format": "pcmoe-options/1", "options": {...}},
                   committee knobs the model's publisher measured best (below plan and explicit options)
   routing profile profile.json (from `pcmoe profile`): {"format": "pcmoe-profile/1", "model_type",
@@ -59,10 +60,30 @@ def check_plan(data: dict, model_type: str, num_experts: list[int]) -> list[int]
     return list(sizes)
 
 
+PRECISIONS = {"full": None, "bf16": None, "bfloat16": None, "float32": None, "fp32": None, "none": None,
+              "int8": "int8", "int4": "int4"}
+
+
+def check_precisions(data: dict, layers: int) -> list[str | None] | None:
+    """The plan's per-layer expert precisions as quantize modes (None = full precision), or None
+    when the plan names none."""
+    values = data.get("precisions")
+    if values is None:
+        return None
+    if not isinstance(values, list) or len(values) != layers:
+        raise FormatError(f"the plan's precisions must be a list of {layers} entries (one per MoE layer)")
+    bad = [v for v in values if not isinstance(v, str) or v.lower() not in PRECISIONS]
+    if bad:
+        raise FormatError(f"plan precision {bad[0]!r} is not one of full, int8, int4")
+    return [PRECISIONS[v.lower()] for v in values]
+
+
 def write_plan(path: str | os.PathLike, model_type: str, num_experts: list[int], committee_sizes: list[int],
-               options: dict | None = None, extra: dict | None = None) -> None:
+               options: dict | None = None, extra: dict | None = None, precisions: list[str] | None = None) -> None:
     data = {"format": PLAN_FORMAT, "model_type": model_type, "num_experts": num_experts,
             "committee_sizes": committee_sizes, "options": options or {}}
+    if precisions is not None:
+        data["precisions"] = list(precisions)
     data.update(extra or {})
     atomic_write_text(Path(path), json.dumps(data, indent=1))
 

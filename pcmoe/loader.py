@@ -36,7 +36,15 @@ from pcmoe.budget import (
 )
 from pcmoe.checkpoint import Checkpoint, CheckpointError, read_config_dict
 from pcmoe.committee import LayerCommittee
-from pcmoe.formats import FormatError, check_plan, profile_path, read_model_options, read_plan, read_profile
+from pcmoe.formats import (
+    FormatError,
+    check_plan,
+    check_precisions,
+    profile_path,
+    read_model_options,
+    read_plan,
+    read_profile,
+)
 from pcmoe.importance import ImportanceTracker, top_experts
 from pcmoe.models import load_family
 from pcmoe.moe import CommitteeMoE, SlotExperts, expert_buffer, slot_nbytes
@@ -245,9 +253,10 @@ class _Layout:
     nonexpert: dict                  # non-expert key -> TensorInfo on disk
     missing: set                     # keys not on disk (tied weights)
     sizes: ModelBytes
+    quants: list                     # per MoE layer: None (full precision), "int8" or "int4"
 
 
-def _layout(folder: Path, ckpt: Checkpoint, family, opts: LoadOptions) -> _Layout:
+def _layout(folder: Path, ckpt: Checkpoint, family, opts: LoadOptions, plan: dict | None = None) -> _Layout:
     # The weights' dtype: as stored (the commonest floating dtype on disk) unless asked otherwise.
     stored = [t.dtype for t in ckpt.tensors.values() if t.dtype.is_floating_point]
     dtype = _resolve_dtype(opts, max(set(stored), key=stored.count) if stored else torch.float32)
@@ -288,9 +297,13 @@ def _layout(folder: Path, ckpt: Checkpoint, family, opts: LoadOptions) -> _Layou
         return info.nbytes // info.dtype.itemsize * target.itemsize
 
     nonexpert_bytes = sum(nbytes_as(info, meta_state[k].dtype) for k, info in nonexpert.items())
-    expert_bytes = [slot_nbytes(family.kernel(), dtype, opts.quantize)] * len(block_names)
+    quants = (check_precisions(plan, len(block_names)) if plan is not None else None) \
+        or [opts.quantize] * len(block_names)
+    if any(quants) and not family.kernel().linear_weights:
+        raise PcmoeError(f"quantised experts are not supported for {family.model_types[0]}")
+    expert_bytes = [slot_nbytes(family.kernel(), dtype, q) for q in quants]
     sizes = ModelBytes(nonexpert_bytes, expert_bytes, [N] * len(block_names))
-    return _Layout(model, dtype, block_names, pieces, meta_state, nonexpert, missing, sizes)
+    return _Layout(model, dtype, block_names, pieces, meta_state, nonexpert, missing, sizes, quants)
 
 
 def _check_expert_shapes(folder: Path, pieces, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -336,7 +349,7 @@ def _sizing(lay: _Layout, family, budget_spec, policy: str, plan, opts: LoadOpti
 
 
 def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Engine:
-    lay = _layout(folder, ckpt, family, opts)
+    lay = _layout(folder, ckpt, family, opts, plan)
     model, sizes = lay.model, lay.sizes
     sizing = _sizing(lay, family, budget_spec, policy, plan, opts)  # before any weight is read
 
@@ -351,7 +364,7 @@ def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Eng
     for layer, name in enumerate(lay.block_names):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        bank = SlotExperts(family.kernel(), sizing.slots[layer], lay.dtype, opts.quantize)
+        bank = SlotExperts(family.kernel(), sizing.slots[layer], lay.dtype, lay.quants[layer])
         block = CommitteeMoE(getattr(parent, attr), bank, layer, name)
         block.bound = family.bind(block)
         setattr(parent, attr, block)

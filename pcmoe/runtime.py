@@ -244,6 +244,7 @@ class Engine:
                 "swaps": d["swaps"][i], "bytes_read": d["bytes_read"][i], "read_s": d["read_s"][i],
                 "stall_s": row["stall_s"] + d["swap_stall_s"][i],
                 "resident_expert_bytes": sizes.expert[i] * sizing.slots[i],
+                "precision": layer.block.experts.quant or "full",
             })
         t = d["total"]
         resident_expert_bytes = sum(b * s for b, s in zip(sizes.expert, sizing.slots)) + sizing.buffer_bytes

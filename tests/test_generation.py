@@ -150,3 +150,24 @@ def test_context_arithmetic():
     with pytest.raises(ContextError, match="context is 10") as e:
         fit_max_tokens(10, 10)
     assert e.value.param == "prompt"
+
+
+def test_plan_with_per_layer_precisions(tiny_checkpoint, tmp_path):
+    """A plan may give each MoE layer its own expert precision; bytes and statistics follow."""
+    from pcmoe.formats import write_plan
+
+    folder, _ = tiny_checkpoint("qwen3_moe")
+    plan = tmp_path / "plan.json"
+    write_plan(plan, "qwen3_moe", [8, 8], [8, 4], precisions=["int8", "full"])
+    with pcmoe.load(folder, policy="committee", plan=plan, progress=False) as engine:
+        banks = [b.experts for b in engine.blocks]
+        assert [b.quant for b in banks] == ["int8", None]
+        st = engine.stats()
+        assert [row["precision"] for row in st["per_layer"]] == ["int8", "full"]
+        assert [row["resident_expert_bytes"] for row in st["per_layer"]] == \
+            [b.slot_nbytes * n for b, n in zip(banks, [8, 4])]
+        assert engine.model_bytes.expert[0] < engine.model_bytes.expert[1]
+        list(engine.generate([1, 2, 3], max_new_tokens=3, stop_on_eos=False))
+    write_plan(plan, "qwen3_moe", [8, 8], [8, 4], precisions=["int3", "full"])
+    with pytest.raises(pcmoe.PcmoeError, match="'int3' is not one of full, int8, int4"):
+        pcmoe.load(folder, plan=plan, progress=False)
