@@ -100,6 +100,12 @@ class FastDecoder:
         self.clip = getattr(cfg, "clip_qkv", None)
         self.layers = list(base.layers)
         self.qkv = [_fuse_qkv(layer.self_attn) for layer in self.layers]
+        if native is not None:
+            from pcmoe.native.ops import AttentionBlock
+
+            mode = 1 if self.per_head_norm else 2 if self.projection_norm else 0
+            self.attention_blocks = [AttentionBlock(native, layer, qkv, mode, self.clip, self.head_dim)
+                                     for layer, qkv in zip(self.layers, self.qkv)]
 
     def new_cache(self, capacity: int = 256) -> KVCache:
         dtype = self.embed.weight.dtype
@@ -151,39 +157,20 @@ class FastDecoder:
         return self.lm_head(x)[0]                                             # [n, V]
 
     def _forward_one_native(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One decode step with the native kernels (norms, projections, attention); the same
-        modules' weights and the same CommitteeMoE blocks. Logits [1, V] in float32."""
+        """One decode step with the native kernels: per layer one call for the attention block
+        (norm, q/k/v, q/k norms, rotary, cache write, attention, o_proj, residual, the next norm)
+        and the same CommitteeMoE block as the eager path. Logits [1, V] in float32."""
         from pcmoe.native import ops
 
         k, p = self.native, cache.length
         cache.reserve(p + 1)
         x = self.embed(ids)                                                   # [1, 1, H]
         cos, sin = self.rotary(x, torch.tensor([[p]]))                        # [1, 1, D]
-        half = sin.shape[-1] // 2
-        cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
-        D, Hq, Hkv = self.head_dim, self.q_heads, self.kv_heads
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            norm = layer.input_layernorm
-            h = ops.rmsnorm(k, x, norm.weight, norm.variance_epsilon)
-            weight, bias, split = self.qkv[i]
-            q, kk, v = ops.linear(k, h, weight, bias).split(split, dim=-1)   # [1, 1, Hq*D], [1, 1, Hkv*D] x2
-            if self.projection_norm:                                          # OLMoE
-                q = ops.rmsnorm(k, q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
-                kk = ops.rmsnorm(k, kk, attn.k_norm.weight, attn.k_norm.variance_epsilon)
-            if self.clip is not None:
-                q, kk, v = (t.clamp(-self.clip, self.clip) for t in (q, kk, v))
-            if self.per_head_norm:                                            # Qwen3: RMSNorm per head
-                q = ops.rmsnorm(k, q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
-                kk = ops.rmsnorm(k, kk, attn.k_norm.weight, attn.k_norm.variance_epsilon)
-            qk = _rotate(torch.cat((q, kk), dim=-1).view(1, Hq + Hkv, 1, D), cos, sin)   # [1, Hq+Hkv, 1, D]
-            keys, values = cache.k[i], cache.v[i]                             # [1, Hkv, capacity, D]
-            keys.narrow(2, p, 1).copy_(qk.narrow(1, Hq, Hkv))
-            values.narrow(2, p, 1).copy_(v.view(1, Hkv, 1, D))
-            a = ops.attention(k, qk[0, :Hq, 0], keys, values, p + 1, attn.scaling)        # [Hq, D]
-            x = x + ops.linear(k, a.view(1, 1, Hq * D), attn.o_proj.weight, attn.o_proj.bias)
-            norm = layer.post_attention_layernorm
-            x = x + layer.mlp(ops.rmsnorm(k, x, norm.weight, norm.variance_epsilon))
+        cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
+        cos_ptr, sin_ptr = cos.data_ptr(), sin.data_ptr()
+        for i, (layer, block) in enumerate(zip(self.layers, self.attention_blocks)):
+            h = block(x, cos_ptr, sin_ptr, cache.k[i], cache.v[i], p)
+            x = x + layer.mlp(h)
         cache.length = p + 1
         x = ops.rmsnorm(k, x, self.final_norm.weight, self.final_norm.variance_epsilon)
         return ops.linear(k, x, self.lm_head.weight, None, torch.float32)[0]  # [1, V]

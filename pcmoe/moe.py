@@ -210,10 +210,11 @@ class SlotExperts(nn.Module):
         hidden, inter = x.shape[-1], self.kernel.tensors["down"][1]
         if self._ys is None or self._ys.shape[0] < len(slots):
             self._ys = torch.empty((len(slots), hidden), dtype=torch.float32)
+            self._args = [ops.expert_args(self.quant, w) for w in self._slots]
         x = x.contiguous()
         for j, s in enumerate(slots):
             if s >= 0:
-                ops.glu_expert(self.native, self.quant, self._slots[s], x, self._ys[j], hidden, inter)
+                ops.glu_expert(self.native, self.quant, self._slots[s], x, self._ys[j], hidden, inter, self._args[s])
                 ys[j] = self._ys[j]
         return ys
 

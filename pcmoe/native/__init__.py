@@ -71,6 +71,8 @@ class Kernels:
             "pcmoe_rmsnorm_bf16": [p, p, p, i, i, f, p],
             "pcmoe_attention_bf16": [p, p, p, p, i, i, i, i, i, f, p],
             "pcmoe_to_bf16": [p, p, i],
+            "pcmoe_attention_block": [p, p, p, f, p, p, i, p, p, f, f, p, p, p, p, i, i, p, p, p, f, i, i, i, i,
+                                      f, p],
         }
         for name, args in sig.items():
             fn = getattr(lib, name)

@@ -281,3 +281,66 @@ void EXPORT pcmoe_attention_bf16(const uint16_t *q, const uint16_t *kc, const ui
         f32_to_bf16_n(o, out + (size_t)h * D, D);
     }
 }
+
+/* -- one attention block of a llama-style decoder, for one token ------------------------------- */
+
+/* x [H] bf16 (updated in place: x += o_proj(attention)), h_out [H] bf16 = post-attention RMSNorm
+ * of the new x. qk_norm: 0 none, 1 per head (weights [D]), 2 over the whole projection (weights
+ * [Hq*D], [Hkv*D]). cos/sin [D] bf16 of this position (rotate_half convention). The new key and
+ * value go to position p of the caches [Hkv, cap, D]. Rounding to bf16 where the eager path
+ * stores bf16: q/k/v, the attention output, x, h_out. scratch: 4*(Hq+2*Hkv)*D + 2*H + p + 1 floats. */
+void EXPORT pcmoe_attention_block(uint16_t *x, uint16_t *h_out, const uint16_t *in_norm, float in_eps,
+                                  const uint16_t *qkv_w, const uint16_t *qkv_b, int qk_norm, const uint16_t *q_norm,
+                                  const uint16_t *k_norm, float qk_eps, float clip, const uint16_t *cos,
+                                  const uint16_t *sin, uint16_t *kc, uint16_t *vc, int p, int cap,
+                                  const uint16_t *o_w, const uint16_t *o_b, const uint16_t *post_norm,
+                                  float post_eps, int H, int Hq, int Hkv, int D, float scale, float *scratch) {
+    int nq = Hq * D, nk = Hkv * D, nqkv = nq + 2 * nk;
+    float *f = scratch;                                  /* [nqkv] projection, float32 */
+    uint16_t *h16 = (uint16_t *)(f + nqkv);              /* [H] normed input */
+    uint16_t *qkv16 = (uint16_t *)(f + nqkv + H);        /* [nqkv] bf16 */
+    float *f2 = f + nqkv + H + nqkv;                     /* [max(nqkv, H)] work */
+    uint16_t *att16 = (uint16_t *)(f2 + (nqkv > H ? nqkv : H));  /* [nq] */
+    float *att_scratch = f2 + (nqkv > H ? nqkv : H) + nq;        /* [p + 1 + D] */
+
+    pcmoe_rmsnorm_bf16(x, in_norm, h16, 1, H, in_eps, f2);
+    gemv_bf16(qkv_w, h16, f, nqkv, H);
+    if (qkv_b)
+        for (int i = 0; i < nqkv; i++) f[i] += bf16_to_f32(qkv_b[i]);
+    f32_to_bf16_n(f, qkv16, nqkv);
+    uint16_t *q = qkv16, *k = qkv16 + nq, *v = qkv16 + nq + nk;
+    if (qk_norm == 2) {
+        pcmoe_rmsnorm_bf16(q, q_norm, q, 1, nq, qk_eps, f2);
+        pcmoe_rmsnorm_bf16(k, k_norm, k, 1, nk, qk_eps, f2);
+    }
+    if (clip > 0)
+        for (int i = 0; i < nqkv; i++) {
+            float c = bf16_to_f32(qkv16[i]);
+            qkv16[i] = f32_to_bf16(c > clip ? clip : c < -clip ? -clip : c);
+        }
+    if (qk_norm == 1) {
+        pcmoe_rmsnorm_bf16(q, q_norm, q, Hq, D, qk_eps, f2);
+        pcmoe_rmsnorm_bf16(k, k_norm, k, Hkv, D, qk_eps, f2);
+    }
+    /* rotary: out = t*cos + rotate_half(t)*sin, rotate_half(t) = cat(-t2, t1) */
+    int half = D / 2;
+    for (int hd = 0; hd < Hq + Hkv; hd++) {
+        uint16_t *t = hd < Hq ? q + hd * D : k + (hd - Hq) * D;
+        for (int d = 0; d < D; d++) f2[d] = bf16_to_f32(t[d]);
+        for (int d = 0; d < D; d++) {
+            float rot = d < half ? -f2[d + half] : f2[d - half];
+            t[d] = f32_to_bf16(f2[d] * bf16_to_f32(cos[d]) + rot * bf16_to_f32(sin[d]));
+        }
+    }
+    for (int hk = 0; hk < Hkv; hk++) {
+        memcpy(kc + ((size_t)hk * cap + p) * D, k + hk * D, D * sizeof(uint16_t));
+        memcpy(vc + ((size_t)hk * cap + p) * D, v + hk * D, D * sizeof(uint16_t));
+    }
+    pcmoe_attention_bf16(q, kc, vc, att16, Hq, Hkv, D, p + 1, cap, scale, att_scratch);
+    gemv_bf16(o_w, att16, f2, H, nq);
+    for (int i = 0; i < H; i++) {
+        float o = bf16_to_f32(f32_to_bf16(o_b ? f2[i] + bf16_to_f32(o_b[i]) : f2[i]));  /* o_proj output, bf16 */
+        x[i] = f32_to_bf16(bf16_to_f32(x[i]) + o);
+    }
+    pcmoe_rmsnorm_bf16(x, post_norm, h_out, 1, H, post_eps, f2);
+}

@@ -51,18 +51,22 @@ def attention(k, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, leng
 QUANT_CODES = {None: 0, "int8": 1, "int4": 2}
 
 
-def glu_expert(k, quant: str | None, w: dict[str, torch.Tensor], x: torch.Tensor, out: torch.Tensor,
-               hidden: int, inter: int) -> None:
-    """One GLU expert (SiLU) of a slot `w` on one token x [1, H] into out [H] (float32)."""
+def expert_args(quant: str | None, w: dict[str, torch.Tensor]) -> tuple:
+    """The static arguments of glu_expert for one slot's tensors `w` (their addresses never change:
+    a swap overwrites a slot in place)."""
     if quant is None:
-        gu, gu_s, dn, dn_s, f32, group = w["gate_up"], None, w["down"], None, 0, 0
-    else:
-        gu, gu_s, dn, dn_s = w["gate_up.q"], w["gate_up.s"], w["down.q"], w["down.s"]
-        f32 = int(gu_s.dtype == torch.float32)
-        group = gu.shape[1] * 2 // gu_s.shape[0] if quant == "int4" else 0
-    k.glu_expert(QUANT_CODES[quant], gu.data_ptr(), gu_s.data_ptr() if gu_s is not None else None, dn.data_ptr(),
-                 dn_s.data_ptr() if dn_s is not None else None, f32, group, x.data_ptr(), out.data_ptr(), hidden,
-                 inter, _scratch(4 * inter).data_ptr())
+        return (0, w["gate_up"].data_ptr(), None, w["down"].data_ptr(), None, 0, 0)
+    gu, gu_s, dn, dn_s = w["gate_up.q"], w["gate_up.s"], w["down.q"], w["down.s"]
+    group = gu.shape[1] * 2 // gu_s.shape[0] if quant == "int4" else 0
+    return (QUANT_CODES[quant], gu.data_ptr(), gu_s.data_ptr(), dn.data_ptr(), dn_s.data_ptr(),
+            int(gu_s.dtype == torch.float32), group)
+
+
+def glu_expert(k, quant: str | None, w: dict[str, torch.Tensor], x: torch.Tensor, out: torch.Tensor,
+               hidden: int, inter: int, args: tuple | None = None) -> None:
+    """One GLU expert (SiLU) of a slot `w` on one token x [1, H] into out [H] (float32)."""
+    k.glu_expert(*(args or expert_args(quant, w)), x.data_ptr(), out.data_ptr(), hidden, inter,
+                 _scratch(4 * inter).data_ptr())
 
 
 def combine(k, ys: torch.Tensor, weights: list[float], present: list[bool], hidden: int) -> torch.Tensor:
@@ -73,3 +77,37 @@ def combine(k, ys: torch.Tensor, weights: list[float], present: list[bool], hidd
     out = torch.empty((1, hidden), dtype=torch.bfloat16)
     k.combine(ys.data_ptr(), w, p, n, out.data_ptr(), hidden, _scratch(hidden).data_ptr())
     return out
+
+
+class AttentionBlock:
+    """One decoder layer's attention for one token in one native call; the weights' addresses and
+    shapes are read once here (they never move after load), so a step passes only what changes."""
+
+    def __init__(self, k, layer, qkv, qk_norm: int, clip: float | None, head_dim: int):
+        attn = layer.self_attn
+        weight, bias, _ = qkv
+        norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
+        qn, kn = (attn.q_norm, attn.k_norm) if qk_norm else (None, None)
+        H, D = norm_in.weight.numel(), head_dim
+        Hq, Hkv = attn.o_proj.weight.shape[1] // D, attn.k_proj.weight.shape[0] // D
+
+        def ptr(t):
+            return t.data_ptr() if t is not None else None
+
+        self.fn = k.attention_block
+        self.pre = (ptr(norm_in.weight), norm_in.variance_epsilon, ptr(weight), ptr(bias), qk_norm,
+                    ptr(qn.weight) if qn is not None else None, ptr(kn.weight) if kn is not None else None,
+                    qn.variance_epsilon if qn is not None else 0.0, float(clip or 0.0))
+        self.post = (ptr(attn.o_proj.weight), ptr(attn.o_proj.bias), ptr(norm_post.weight),
+                     norm_post.variance_epsilon, H, Hq, Hkv, D, attn.scaling)
+        self.scratch_floats = 4 * (Hq + 2 * Hkv) * D + 2 * H + Hq * D + D + 64
+        self._keep = (weight, bias)  # the fused q/k/v tensors live as long as this block
+
+    def __call__(self, x: torch.Tensor, cos_ptr: int, sin_ptr: int, keys: torch.Tensor, values: torch.Tensor,
+                 position: int) -> torch.Tensor:
+        """x [1, 1, H] is updated in place (x += attention); returns the post-attention RMSNorm
+        of the new x, the MoE block's input."""
+        h = torch.empty_like(x)
+        self.fn(x.data_ptr(), h.data_ptr(), *self.pre, cos_ptr, sin_ptr, keys.data_ptr(), values.data_ptr(),
+                position, keys.shape[2], *self.post, _scratch(self.scratch_floats + position).data_ptr())
+        return h
