@@ -28,6 +28,17 @@ class FormatError(ValueError):
     """A plan, options or profile file that cannot be used; the message says why and what to do."""
 
 
+def _read_json(path: Path, what: str, hint: str):
+    if not path.exists():
+        raise FormatError(f"{what} {path} does not exist{hint}")
+    if not path.is_file():
+        raise FormatError(f"{what} {path} is not a file")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"{what} {path} is not valid JSON ({e})") from None
+
+
 # -- plans ---------------------------------------------------------------------------------------
 
 
@@ -35,13 +46,7 @@ def read_plan(plan: str | os.PathLike | dict) -> dict:
     if isinstance(plan, dict):
         data = plan
     else:
-        path = Path(plan)
-        if not path.exists():
-            raise FormatError(f"plan file {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except ValueError as e:
-            raise FormatError(f"plan file {path} is not valid JSON ({e})") from None
+        data = _read_json(Path(plan), "plan file", "")
     if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or not isinstance(data.get("committee_sizes"),
                                                                                          list):
         raise FormatError(f"not a pcmoe plan (expected \"format\": \"{PLAN_FORMAT}\" and a committee_sizes list)")
@@ -128,13 +133,8 @@ def profile_path(folder: Path, given: str | None, policy: str) -> str | None:
 
 def read_profile(path, model_type: str, num_experts: list[int]) -> dict:
     p = Path(path)
-    if not p.exists():
-        raise FormatError(f"profile {p} does not exist; make one with `pcmoe profile`")
-    try:
-        data = json.loads(p.read_text())
-    except ValueError as e:
-        raise FormatError(f"profile {p} is not valid JSON ({e})") from None
-    if data.get("format") != PROFILE_FORMAT or data.get("num_experts") != num_experts:
+    data = _read_json(p, "profile", "; make one with `pcmoe profile`")
+    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT or data.get("num_experts") != num_experts:
         raise FormatError(f"profile {p} does not match this model (expected format {PROFILE_FORMAT} "
                          f"and experts per layer {num_experts})")
     return data

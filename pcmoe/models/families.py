@@ -21,6 +21,23 @@ from pcmoe.routing import (
 from pcmoe.store import Piece
 
 
+class LocalExperts(Family):
+    """Configs that count `num_local_experts` of `intermediate_size`, whose routers renormalise
+    over the chosen experts (Mixtral, PhiMoE, gpt-oss, Granite)."""
+
+    @property
+    def num_experts(self):
+        return self.config.num_local_experts
+
+    @property
+    def intermediate(self):
+        return self.config.intermediate_size
+
+    @property
+    def renormalises(self):
+        return True
+
+
 class Qwen3Moe(Family):
     model_types = ("qwen3_moe",)
     block_classes = ("Qwen3MoeSparseMoeBlock",)
@@ -58,7 +75,7 @@ class Qwen2Moe(Family):
         return y + torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
 
 
-class Mixtral(Family):
+class Mixtral(LocalExperts):
     model_types = ("mixtral",)
     block_classes = ("MixtralSparseMoeBlock",)
     lean_decoder = True
@@ -67,17 +84,6 @@ class Mixtral(Family):
     tiny_config = dict(TINY_COMMON, model_type="mixtral", num_hidden_layers=2, intermediate_size=32,
                        num_local_experts=8, num_experts_per_tok=2)
 
-    @property
-    def num_experts(self):
-        return self.config.num_local_experts
-
-    @property
-    def intermediate(self):
-        return self.config.intermediate_size
-
-    @property
-    def renormalises(self):
-        return True
 
     def bind_router(self, block, renorm, k=None):
         k = k or self.top_k
@@ -147,7 +153,7 @@ class DeepseekV3(Family):
         return y + block.shared_experts(x)
 
 
-class GptOss(Family):
+class GptOss(LocalExperts):
     """gpt-oss: experts fused on disk ([E, H, 2I] etc., read one slice per expert), router with a
     bias, softmax over the top-k logits, clamped SwiGLU with biases."""
 
@@ -158,17 +164,6 @@ class GptOss(Family):
                        num_local_experts=8, num_experts_per_tok=2, head_dim=16, sliding_window=16,
                        layer_types=["sliding_attention", "full_attention"])
 
-    @property
-    def num_experts(self):
-        return self.config.num_local_experts
-
-    @property
-    def intermediate(self):
-        return self.config.intermediate_size
-
-    @property
-    def renormalises(self):
-        return True
 
     def kernel(self):
         return GptOssKernel(self.config.hidden_size, self.intermediate, self.config.swiglu_alpha,
@@ -244,7 +239,7 @@ class SwitchTransformers(Family):
         return BoundRouter(route, None, 1, False)
 
 
-class GraniteMoe(Family):
+class GraniteMoe(LocalExperts):
     """IBM Granite 3.x MoE: experts fused on disk (`input_linear` [E, 2I, H], `output_linear`
     [E, H, I]), router `router.layer` on disk, top-k of float32 logits then a softmax over the k;
     embedding / residual / attention / logits multipliers stay in the transformers forward."""
@@ -258,17 +253,6 @@ class GraniteMoe(Family):
                        residual_multiplier=0.5, attention_multiplier=0.125, logits_scaling=2.0,
                        tie_word_embeddings=True)
 
-    @property
-    def num_experts(self):
-        return self.config.num_local_experts
-
-    @property
-    def intermediate(self):
-        return self.config.intermediate_size
-
-    @property
-    def renormalises(self):
-        return True
 
     def expert_pieces(self, ckpt, block_name, expert):
         for gate_up, down in (("input_linear.weight", "output_linear.weight"), ("experts.gate_up_proj",
