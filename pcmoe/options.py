@@ -109,3 +109,94 @@ def check_text(value: str, param: str, from_bytes: bool = False) -> None:
                                      "(use a UTF-8 terminal or locale, or recode the text)") from None
         raise OptionError(param, f"is not valid Unicode: a lone UTF-16 surrogate (U+{code:04X}) at character "
                                  f"{e.start}") from None
+
+
+# -- load() options: precedence and rules ---------------------------------------------------------
+
+
+class OptionsFileError(PcmoeError):
+    """A plan's or a model folder's options that cannot be applied."""
+
+
+def resolve_options(checkpoint_dir, plan, options: dict) -> tuple[LoadOptions, dict | None]:
+    from pcmoe.formats import read_model_options, read_plan
+
+    """LoadOptions from keyword options, a plan's options and the model's pcmoe_options.json, in
+    that order of precedence; and the plan's contents."""
+    unknown = set(options) - set(LoadOptions.__dataclass_fields__)
+    if unknown:
+        raise PcmoeError(f"unknown load option(s): {', '.join(sorted(unknown))}")
+    opts = LoadOptions(**options)
+    explicit = set(options)
+    plan_data = None
+    if plan is not None:
+        plan_data = read_plan(plan)
+        plan_options = plan_data.get("options") or {}
+        apply_options(opts, plan_options, explicit=explicit)
+        explicit |= set(plan_options) if isinstance(plan_options, dict) else set()
+    model_options = read_model_options(checkpoint_dir)
+    if model_options:
+        apply_options(opts, model_options, explicit=explicit, source="pcmoe_options.json")
+    return opts, plan_data
+
+
+def apply_options(opts: LoadOptions, plan_options, explicit: set[str], source: str = "plan") -> None:
+    if not isinstance(plan_options, dict):
+        raise OptionsFileError(f"the {source}'s \"options\" must be a JSON object")
+    known = set(LoadOptions.__dataclass_fields__) - {"progress", "threads", "cache_dir"}
+    bad = sorted(set(plan_options) - known)
+    if bad:
+        raise OptionsFileError(f"unknown {source} option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    for key, value in plan_options.items():
+        if key not in explicit:
+            setattr(opts, key, value)
+
+
+# Option -> (accepted types, check, what it must be); None is accepted where the default is None.
+_OPTION_RULES = {
+    "update_every": (int, lambda v: v >= 1, "an integer >= 1"),
+    "spare_slots": (int, lambda v: v >= 0, "an integer >= 0"),
+    "bytes_per_step": (int, lambda v: v >= 1, "a positive number of bytes"),
+    "tau": ((int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "margin": ((int, float), lambda v: v >= 0, "a number >= 0"),
+    "ema_decay": ((int, float), lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "seed": (int, lambda v: True, "an integer"),
+    "topk": (int, lambda v: v >= 1, "an integer >= 1"),
+    "threads": (int, lambda v: v >= 1, "an integer >= 1"),
+    "renorm": (bool, lambda v: True, "true or false"),
+    "synchronous": (bool, lambda v: True, "true or false"),
+    "evict": (bool, lambda v: True, "true or false"),
+    "fast": (bool, lambda v: True, "true or false"),
+}
+
+
+def validate(policy: str, opts: LoadOptions, top_k: int, quantisable: bool, family_name: str) -> None:
+    """Every option in range for this policy and family (top-k, quantisable experts), one error line."""
+    if policy not in POLICIES:
+        raise PcmoeError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    for name, (types, ok, what) in _OPTION_RULES.items():
+        value = getattr(opts, name)
+        if value is None and LoadOptions.__dataclass_fields__[name].default is None:
+            continue
+        is_bool = isinstance(value, bool)
+        if (is_bool and bool not in (types if isinstance(types, tuple) else (types,))) or \
+                not isinstance(value, types) or not ok(value):
+            raise PcmoeError(f"option {name} must be {what}, not {value!r}")
+    if opts.strategy not in STRATEGIES:
+        raise PcmoeError(f"unknown strategy {opts.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if opts.update_unit not in UPDATE_UNITS:
+        raise PcmoeError(f"update_unit must be one of {', '.join(UPDATE_UNITS)}, not {opts.update_unit!r}")
+    if opts.kernel not in ("auto", "eager", "native"):
+        raise PcmoeError(f"unknown kernel {opts.kernel!r}; use auto, native or eager")
+    if opts.importance not in ("window", "ema"):
+        raise PcmoeError(f"unknown importance {opts.importance!r}; use window or ema")
+    if opts.quantize not in (None, "int8", "int4"):
+        raise PcmoeError(f"unknown quantize {opts.quantize!r}; use int8 or int4")
+    if opts.quantize and not quantisable:
+        raise PcmoeError(f"quantised experts are not supported for {family_name}")
+    if policy == "topk-reduce":
+        k = top_k
+        if opts.topk is None:
+            opts.topk = max(1, k // 2)
+        if not 1 <= opts.topk < k:
+            raise PcmoeError(f"topk-reduce needs 1 <= topk < {k} (the model's experts per token)")
