@@ -379,6 +379,7 @@ def _native_kernels(opts: LoadOptions, family, dtype: torch.dtype, banks) -> tup
     for bank in banks:
         if bank.native_ok():
             bank.native = kernels
+    kernels.set_threads(opts.threads or torch.get_num_threads())
     return kernels, "native"
 
 

@@ -136,3 +136,29 @@ def test_float32_models_stay_eager(tiny_checkpoint):
         assert engine.load_info["kernel"].startswith("eager: the native kernels are for bfloat16")
     with pytest.raises(PcmoeError, match="bfloat16"):
         pcmoe.load(folder, policy="full", kernel="native", progress=False)
+
+
+@needs_native
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_kernels_on_two_threads_equal_one_thread(quant):
+    """Rows are split over the worker pool; each row's arithmetic is the same, so the bits are."""
+    from pcmoe.moe import GluKernel, SlotExperts
+    from pcmoe.native import ops
+
+    H, I = 512, 256           # large enough that the pool takes the products
+    bank = SlotExperts(GluKernel(H, I, F.silu), 1, torch.bfloat16, quant)
+    g = torch.Generator().manual_seed(2)
+    bank.write(0, {"gate_up": torch.randn(2 * I, H, generator=g).bfloat16() * 0.05,
+                   "down": torch.randn(H, I, generator=g).bfloat16() * 0.05})
+    x = torch.randn(1, H, generator=g).bfloat16()
+    W = torch.randn(3000, H, generator=g).bfloat16()
+    outs = []
+    try:
+        for threads in (1, 2):
+            assert K.set_threads(threads) == threads
+            y = torch.empty(H)
+            ops.glu_expert(K, quant, bank.slot(0), x, y, H, I)
+            outs.append((y, ops.linear(K, x, W, None, torch.float32)))
+    finally:
+        K.set_threads(1)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

@@ -71,6 +71,7 @@ class Kernels:
             "pcmoe_rmsnorm_bf16": [p, p, p, i, i, f, p],
             "pcmoe_attention_bf16": [p, p, p, p, i, i, i, i, i, f, p],
             "pcmoe_to_bf16": [p, p, i],
+            "pcmoe_set_threads": [i],
             "pcmoe_attention_block": [p, p, p, f, p, p, i, p, p, f, f, p, p, p, p, i, i, p, p, p, f, i, i, i, i,
                                       f, p],
         }
@@ -78,6 +79,7 @@ class Kernels:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
             setattr(self, name.removeprefix("pcmoe_"), fn)
+        lib.pcmoe_set_threads.restype = ctypes.c_int
 
 
 _loaded: tuple[Kernels | None, str] | None = None

@@ -11,16 +11,22 @@
  *   int4   torch's CPU int4pack: q [out/64 blocks][in][32 bytes], byte j of (block, k) holds row
  *          64*block + j (low nibble) and row 64*block + 32 + j (high nibble) at column k; per group
  *          of `group` columns a (scale, zero) pair per row, sz [in/group, out, 2]: w = (q - 8) s + z
- * Scales may be bf16 or float32 (`scale_f32`). Everything runs on the calling thread: pcmoe calls
- * these from the decode loop, where torch's own threads are idle.
+ * Scales may be bf16 or float32 (`scale_f32`). Large matrix-vector products are split by rows over
+ * a small pool of worker threads (pcmoe_set_threads; the caller works too): pcmoe calls these from
+ * the decode loop, where torch's own threads are idle. Workers spin briefly between jobs (a decode
+ * step issues one every few microseconds), then sleep.
  *
  * Dimension legend: H hidden, I expert intermediate, D head dim, P cached positions.
  */
 
+#define _GNU_SOURCE
 #include <immintrin.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -66,12 +72,90 @@ static inline float scale_at(const void *s, int i, int scale_f32) {
     return scale_f32 ? ((const float *)s)[i] : bf16_to_f32(((const uint16_t *)s)[i]);
 }
 
+
+/* -- the worker pool -------------------------------------------------------------------------- */
+
+#define MAX_THREADS 64
+typedef void (*range_fn)(void *arg, int begin, int end);
+
+static struct {
+    int threads;                      /* including the caller */
+    pthread_t ids[MAX_THREADS];
+    atomic_int generation;            /* bumped for each job */
+    atomic_int remaining;             /* workers still busy with the current job */
+    range_fn fn;
+    void *arg;
+    int total, align;
+    atomic_flag busy;                 /* one job at a time; another caller meanwhile runs serially */
+} pool = {.threads = 1, .busy = ATOMIC_FLAG_INIT};
+
+static void job_range(int part, int parts, int total, int align, int *begin, int *end) {
+    int units = (total + align - 1) / align;
+    int b = units * part / parts, e = units * (part + 1) / parts;
+    *begin = b * align;
+    *end = e * align < total ? e * align : total;
+}
+
+static int worker_start_generation[MAX_THREADS];
+
+static void *worker(void *arg) {
+    /* the generation at creation, read by the creator: a job posted before this thread runs is not missed */
+    int me = (int)(intptr_t)arg, seen = worker_start_generation[me];
+    for (;;) {
+        int spins = 0;
+        while (atomic_load_explicit(&pool.generation, memory_order_acquire) == seen) {
+            if (++spins < 200000) {
+                _mm_pause();
+            } else {  /* idle: sleep in short naps instead of spinning */
+                struct timespec nap = {0, 200000};
+                nanosleep(&nap, NULL);
+            }
+        }
+        seen = atomic_load(&pool.generation);
+        if (me >= pool.threads) continue;  /* the pool was made smaller: sit this job out */
+        int b, e;
+        job_range(me, pool.threads, pool.total, pool.align, &b, &e);
+        if (b < e) pool.fn(pool.arg, b, e);
+        atomic_fetch_sub_explicit(&pool.remaining, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+/* Run fn over [0, total) split into `threads` parts aligned to `align`; the caller takes part 0. */
+static void parallel_for(range_fn fn, void *arg, int total, int align, size_t bytes) {
+    if (pool.threads <= 1 || bytes < (96u << 10) || total < 2 * align || atomic_flag_test_and_set(&pool.busy)) {
+        fn(arg, 0, total);
+        return;
+    }
+    pool.fn = fn; pool.arg = arg; pool.total = total; pool.align = align;
+    atomic_store(&pool.remaining, pool.threads - 1);
+    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+    int b, e;
+    job_range(0, pool.threads, total, align, &b, &e);
+    if (b < e) fn(arg, b, e);
+    while (atomic_load_explicit(&pool.remaining, memory_order_acquire) > 0) _mm_pause();
+    atomic_flag_clear(&pool.busy);
+}
+
+/* Threads for the large products (1 = the caller only). Workers are started once, never stopped. */
+int EXPORT pcmoe_set_threads(int n) {
+    static int started = 1;
+    if (n < 1) n = 1;
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    for (; started < n; started++) {
+        worker_start_generation[started] = atomic_load(&pool.generation);
+        if (pthread_create(&pool.ids[started], NULL, worker, (void *)(intptr_t)started) != 0) break;
+    }
+    pool.threads = n < started ? n : started;
+    return pool.threads;
+}
+
 /* -- bf16 weights ------------------------------------------------------------------------------- */
 
-/* y[out] = W[out, in] . x[in]; x in bf16 (pairs feed vdpbf16ps), accumulation in float32. */
-static void gemv_bf16(const uint16_t *W, const uint16_t *x, float *y, int out, int in) {
+/* y[r0:r1] = W[r0:r1, :] . x; x in bf16 (pairs feed vdpbf16ps), accumulation in float32. */
+static void gemv_bf16_rows(const uint16_t *W, const uint16_t *x, float *y, int r0, int out, int in) {
     int main = in & ~31;
-    int r = 0;
+    int r = r0;
     for (; r + 4 <= out; r += 4) {
         const uint16_t *w0 = W + (size_t)r * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -102,6 +186,19 @@ static void gemv_bf16(const uint16_t *W, const uint16_t *x, float *y, int out, i
     }
 }
 
+typedef struct { const void *w, *s; const void *x; float *y; int in, scale_f32, group, out; } gemv_job;
+
+static void bf16_range(void *a, int b, int e) {
+    gemv_job *j = a;
+    gemv_bf16_rows(j->w, j->x, j->y, b, e, j->in);
+}
+
+/* y[out] = W[out, in] . x[in], rows split over the pool. */
+static void gemv_bf16(const uint16_t *W, const uint16_t *x, float *y, int out, int in) {
+    gemv_job j = {.w = W, .x = x, .y = y, .in = in};
+    parallel_for(bf16_range, &j, out, 4, (size_t)out * in * 2);
+}
+
 /* y = W x (+ bias) for `rows` input vectors; y in float32 or bf16 (y_bf16 != 0). */
 void EXPORT pcmoe_linear_bf16(const uint16_t *W, const uint16_t *bias, const uint16_t *x, void *y, int rows,
                               int out, int in, int y_bf16, float *scratch) {
@@ -116,9 +213,10 @@ void EXPORT pcmoe_linear_bf16(const uint16_t *W, const uint16_t *bias, const uin
 
 /* -- int8 weights (one scale per output row) -------------------------------------------------- */
 
-static void gemv_int8(const int8_t *q, const void *s, int scale_f32, const float *x, float *y, int out, int in) {
+static void gemv_int8_rows(const int8_t *q, const void *s, int scale_f32, const float *x, float *y, int r0, int out,
+                           int in) {
     int main = in & ~15;
-    for (int r = 0; r < out; r++) {
+    for (int r = r0; r < out; r++) {
         const int8_t *w = q + (size_t)r * in;
         __m512 a = _mm512_setzero_ps();
         for (int k = 0; k < main; k += 16) {
@@ -131,13 +229,23 @@ static void gemv_int8(const int8_t *q, const void *s, int scale_f32, const float
     }
 }
 
+static void int8_range(void *a, int b, int e) {
+    gemv_job *j = a;
+    gemv_int8_rows(j->w, j->s, j->scale_f32, j->x, j->y, b, e, j->in);
+}
+
+static void gemv_int8(const int8_t *q, const void *s, int scale_f32, const float *x, float *y, int out, int in) {
+    gemv_job j = {.w = q, .s = s, .x = x, .y = y, .in = in, .scale_f32 = scale_f32};
+    parallel_for(int8_range, &j, out, 4, (size_t)out * in);
+}
+
 /* -- int4 weights (torch's CPU int4pack layout, see the top) ----------------------------------- */
 
-static void gemv_int4(const uint8_t *q, const void *sz, int scale_f32, const float *x, float *y, int out, int in,
-                      int group) {
+static void gemv_int4_rows(const uint8_t *q, const void *sz, int scale_f32, const float *x, float *y, int r0, int r1,
+                           int out, int in, int group) {
     const __m512i low = _mm512_set1_epi32(0x0f);
     int groups = in / group;
-    for (int b = 0; b < out / 64; b++) {
+    for (int b = r0 / 64; b < r1 / 64; b++) {
         const uint8_t *blk = q + (size_t)b * 64 * (in / 2);
         __m512 y0 = _mm512_setzero_ps(), y1 = y0, y2 = y0, y3 = y0;     /* rows 0-15, 16-31, 32-47, 48-63 */
         for (int g = 0; g < groups; g++) {
@@ -176,6 +284,17 @@ static void gemv_int4(const uint8_t *q, const void *sz, int scale_f32, const flo
         _mm512_storeu_ps(y + 64 * b + 32, y2);
         _mm512_storeu_ps(y + 64 * b + 48, y3);
     }
+}
+
+static void int4_range(void *a, int b, int e) {
+    gemv_job *j = a;
+    gemv_int4_rows(j->w, j->s, j->scale_f32, j->x, j->y, b, e, j->out, j->in, j->group);
+}
+
+static void gemv_int4(const uint8_t *q, const void *sz, int scale_f32, const float *x, float *y, int out, int in,
+                      int group) {
+    gemv_job j = {.w = q, .s = sz, .x = x, .y = y, .in = in, .scale_f32 = scale_f32, .group = group, .out = out};
+    parallel_for(int4_range, &j, out, 64, (size_t)out * in / 2);
 }
 
 /* -- the GLU expert: act(x Wg^T) * (x Wu^T), then W_down; act = SiLU ------------------------- */
