@@ -89,6 +89,22 @@ def minimum_budget(sizes: ModelBytes, spare_slots: int = 0, buffer_bytes: int = 
     return sizes.slots_bytes([min(1 + spare_slots, n) for n in sizes.num_experts]) + buffer_bytes
 
 
+def default_bytes_per_step(sizes: ModelBytes, bytes_per_step: int | None = None) -> int:
+    """The swap I/O allowance per forward step: as given, else two experts."""
+    return bytes_per_step or 2 * max(sizes.expert)
+
+
+def minima(sizes: ModelBytes, staging_bytes: int, bytes_per_step: int | None = None) -> dict:
+    """The smallest budgets of each arrangement, as `pcmoe info` reports them: the default load
+    (staged swaps: one member per layer + the shared staging buffers of `staging_bytes` each), a
+    spare slot per layer instead, and a fixed subset (no swaps, no buffers)."""
+    buffers = swap_buffer_count(default_bytes_per_step(sizes, bytes_per_step), sizes.expert)
+    return {"minimum_budget": minimum_budget(sizes, 0, buffers * staging_bytes),
+            "swap_buffers": buffers, "swap_buffer_bytes": buffers * staging_bytes,
+            "minimum_budget_committee": minimum_budget(sizes, 1),
+            "minimum_budget_static": minimum_budget(sizes, 0)}
+
+
 @dataclass(frozen=True)
 class Sizing:
     """What a load keeps resident: committee sizes and slots per MoE layer, staging buffers."""
@@ -99,6 +115,7 @@ class Sizing:
     buffer_bytes: int
     weight_bytes: int            # everything above plus the non-expert weights
     budget: int                  # the budget given, or weight_bytes when none was
+    bytes_per_step: int          # swap I/O allowance per forward step
 
 
 def size_committees(sizes: ModelBytes, budget: int | None, *, policy: str, swapped: bool, all_resident: bool,
@@ -109,7 +126,7 @@ def size_committees(sizes: ModelBytes, budget: int | None, *, policy: str, swapp
     swapped: the committee changes by swaps (needs spare slots, or staging buffers of
     `staging_bytes` each when spare_slots is 0); all_resident: the policy keeps every expert."""
     spare = spare_slots if swapped else 0
-    bytes_per_step = bytes_per_step or 2 * max(sizes.expert)
+    bytes_per_step = default_bytes_per_step(sizes, bytes_per_step)
     buffers = swap_buffer_count(bytes_per_step, sizes.expert) if swapped and spare == 0 else 0
     buffer_bytes = buffers * staging_bytes
     if all_resident or (plan_sizes is None and (budget is None or sizes.full <= budget)):
@@ -128,7 +145,8 @@ def size_committees(sizes: ModelBytes, budget: int | None, *, policy: str, swapp
                               f"is {format_bytes(budget)}; raise the budget or use committee/on-demand")
         raise BudgetError(f"the plan needs {format_bytes(need)} of weights but the budget is {format_bytes(budget)} "
                           f"(minimum {format_bytes(minimum_budget(sizes, spare, buffer_bytes))})")
-    return Sizing(committee, slots, buffers, buffer_bytes, need, budget if budget is not None else need)
+    return Sizing(committee, slots, buffers, buffer_bytes, need, budget if budget is not None else need,
+                  bytes_per_step)
 
 
 def uniform_sizes(budget: int, sizes: ModelBytes, spare_slots: int, policy: str, reserved: int = 0) -> list[int]:

@@ -29,10 +29,9 @@ from pcmoe.budget import (
     BudgetError,
     ModelBytes,
     Sizing,
-    minimum_budget,
+    minima,
     parse_budget,
     size_committees,
-    swap_buffer_count,
 )
 from pcmoe.checkpoint import Checkpoint, CheckpointError, read_config_dict
 from pcmoe.committee import LayerCommittee
@@ -87,18 +86,13 @@ def inspect(checkpoint_dir: str | os.PathLike, dtype: str = "auto", quantize: st
     except (CheckpointError, BudgetError, FormatError) as e:
         raise PcmoeError(str(e)) from None
     sizes = lay.sizes
-    staging = slot_nbytes(family.kernel(), lay.dtype, None)
-    buffers = swap_buffer_count(opts.bytes_per_step or 2 * max(sizes.expert), sizes.expert)
     return {
         "model": str(folder), "model_type": family.config.model_type, "moe_layers": len(lay.block_names),
         "experts_per_layer": sizes.num_experts[0], "experts_per_token": family.top_k,
         "dtype": str(lay.dtype).replace("torch.", ""), "quantize": quantize,
         "nonexpert_bytes": sizes.nonexpert, "expert_bytes": sizes.expert[0],
         "all_expert_bytes": sizes.all_experts, "full_model_bytes": sizes.full,
-        "minimum_budget": minimum_budget(sizes, 0, buffers * staging),
-        "swap_buffers": buffers, "swap_buffer_bytes": buffers * staging,
-        "minimum_budget_committee": minimum_budget(sizes, 1),   # with a spare slot per layer instead
-        "minimum_budget_static": minimum_budget(sizes, 0),      # fixed subsets: no swaps, no buffers
+        **minima(sizes, slot_nbytes(family.kernel(), lay.dtype, None), opts.bytes_per_step),
         "tokenizer": (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists(),
     }
 
@@ -330,7 +324,7 @@ def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Eng
         scheduler = SwapScheduler(
             [layer.committee for layer in layers], [layer.tracker for layer in layers], sizing.committee_sizes,
             sizes.expert, io.load_slot, update_every=opts.update_every, unit=opts.update_unit,
-            bytes_per_step=opts.bytes_per_step or 2 * max(sizes.expert), margin=opts.margin,
+            bytes_per_step=sizing.bytes_per_step, margin=opts.margin,
             synchronous=opts.synchronous, staging=staging)
 
     tokenizer = None

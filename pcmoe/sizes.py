@@ -19,7 +19,7 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from pcmoe.budget import ModelBytes, minimum_budget, swap_buffer_count
+from pcmoe.budget import ModelBytes, minima
 from pcmoe.checkpoint import DTYPES, Checkpoint, CheckpointError, read_config_dict
 
 # The registry's model types (pcmoe.models.REGISTRY, which imports torch); tests keep them equal.
@@ -74,18 +74,14 @@ def describe(folder: str | Path, bytes_per_step: int | None = None) -> dict:
         return inspect(folder)
     ckpt = Checkpoint(folder, config)
     sizes, dtype = model_bytes(ckpt)
-    staging = max(sizes.expert)   # one expert at full precision: the default load is unquantised
-    buffers = swap_buffer_count(bytes_per_step or 2 * max(sizes.expert), sizes.expert)
     return {
         "model": str(folder), "model_type": model_type, "moe_layers": len(sizes.expert),
         "experts_per_layer": sizes.num_experts[0], "experts_per_token": config.get("num_experts_per_tok", 1),
         "dtype": dtype, "quantize": None,
         "nonexpert_bytes": sizes.nonexpert, "expert_bytes": sizes.expert[0],
         "all_expert_bytes": sizes.all_experts, "full_model_bytes": sizes.full,
-        "minimum_budget": minimum_budget(sizes, 0, buffers * staging),
-        "swap_buffers": buffers, "swap_buffer_bytes": buffers * staging,
-        "minimum_budget_committee": minimum_budget(sizes, 1),
-        "minimum_budget_static": minimum_budget(sizes, 0),
+        # staging buffers hold one expert at full precision: the default load is unquantised
+        **minima(sizes, max(sizes.expert), bytes_per_step),
         "tokenizer": (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists(),
     }
 
