@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pcmoe.native import ops  # ctypes wrappers: importing them loads no library
+
 
 def supports(model) -> bool:
     """Whether a model of a `lean_decoder` family has nothing the lean path leaves out."""
@@ -101,10 +103,8 @@ class FastDecoder:
         self.layers = list(base.layers)
         self.qkv = [_fuse_qkv(layer.self_attn) for layer in self.layers]
         if native is not None:
-            from pcmoe.native.ops import AttentionBlock
-
             mode = 1 if self.per_head_norm else 2 if self.projection_norm else 0
-            self.attention_blocks = [AttentionBlock(native, layer, qkv, mode, self.clip, self.head_dim)
+            self.attention_blocks = [ops.AttentionBlock(native, layer, qkv, mode, self.clip, self.head_dim)
                                      for layer, qkv in zip(self.layers, self.qkv)]
 
     def new_cache(self, capacity: int = 256) -> KVCache:
@@ -160,8 +160,6 @@ class FastDecoder:
         """One decode step with the native kernels: per layer one call for the attention block
         (norm, q/k/v, q/k norms, rotary, cache write, attention, o_proj, residual, the next norm)
         and the same CommitteeMoE block as the eager path. Logits [1, V] in float32."""
-        from pcmoe.native import ops
-
         k, p = self.native, cache.length
         cache.reserve(p + 1)
         x = self.embed(ids)                                                   # [1, 1, H]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pcmoe.native import ops  # ctypes wrappers: importing them loads no library
 from pcmoe.quant import LINEAR, quantize_into, quantized_shapes
 
 # torch's grouped GEMM (one call for all experts of a step); absent from older torch versions.
@@ -205,8 +206,6 @@ class SlotExperts(nn.Module):
         return ys
 
     def _native_outputs_one(self, x, slots, ys):
-        from pcmoe.native import ops
-
         hidden, inter = x.shape[-1], self.kernel.tensors["down"][1]
         if self._ys is None or self._ys.shape[0] < len(slots):
             self._ys = torch.empty((len(slots), hidden), dtype=torch.float32)
@@ -220,8 +219,6 @@ class SlotExperts(nn.Module):
 
     def combine_one(self, x: torch.Tensor, ys: list, weights: list[float]) -> torch.Tensor:
         if self.native is not None:
-            from pcmoe.native import ops
-
             present = [y is not None for y in ys]
             return ops.combine(self.native, self._ys if self._ys is not None else x.new_zeros(0, dtype=torch.float32),
                                weights, present, x.shape[-1])
