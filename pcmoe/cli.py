@@ -22,7 +22,7 @@ from pcmoe.args import (
     read_model_config,
 )
 from pcmoe.budget import format_bytes as _fmt_bytes
-from pcmoe.options import OptionError, PcmoeError, check_sampling, check_text
+from pcmoe.options import OptionError, PcmoeError, PcmoeWarning, check_sampling, check_text
 
 VISION_TYPE = "pcmoe_vit_moe"  # the pcmoe vision MoE's model_type (pcmoe.models.vit_moe.MODEL_TYPE)
 # the files vit_moe.load_fashion_mnist reads for the test split (a test keeps the two in step)
@@ -445,12 +445,18 @@ def _optional_arguments(module: str, function: str, parser: argparse.ArgumentPar
         pass
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     from pcmoe.system import WriteError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("ignore")  # torch's and transformers' chatter; pcmoe's own warnings are one line
+    warnings.filterwarnings("default", category=PcmoeWarning)
+    warnings.showwarning = _show_warning
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser(_chosen(argv)).parse_args(argv)

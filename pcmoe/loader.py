@@ -39,7 +39,7 @@ from pcmoe.formats import FormatError, check_plan, check_precisions, profile_pat
 from pcmoe.importance import ImportanceTracker, top_experts
 from pcmoe.models import load_family
 from pcmoe.moe import CommitteeMoE, SlotExperts, expert_buffer, slot_nbytes
-from pcmoe.options import LoadOptions, PcmoeError, resolve_options, validate
+from pcmoe.options import LoadOptions, PcmoeError, PcmoeWarning, resolve_options, validate
 from pcmoe.policies import (
     ALL_RESIDENT_POLICIES,
     DYNAMIC_POLICIES,
@@ -368,7 +368,7 @@ def _native_kernels(opts: LoadOptions, family, dtype: torch.dtype, banks) -> tup
         if kernels is None:  # not built / unsupported CPU: say so once per load, in one line
             import warnings
 
-            warnings.warn(f"pcmoe: {reason}; using the eager path", stacklevel=3)
+            warnings.warn(f"{reason}; using the eager path", PcmoeWarning, stacklevel=3)
         return None, f"eager: {reason}"
     for bank in banks:
         if bank.native_ok():

@@ -14,6 +14,11 @@ class PcmoeError(Exception):
     """Any user-facing error of load(); the CLI prints it as one line."""
 
 
+class PcmoeWarning(UserWarning):
+    """Something a user should know that does not stop the work (e.g. native kernels not built,
+    the eager path runs); the CLI prints it as one line, other libraries' warnings stay quiet."""
+
+
 @dataclass
 class LoadOptions:
     """Everything load() accepts besides the checkpoint, budget, policy and plan."""
