@@ -162,3 +162,15 @@ def test_kernels_on_two_threads_equal_one_thread(quant):
     finally:
         K.set_threads(1)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_the_cli_says_in_one_line_that_it_runs_eager(tiny_lm, monkeypatch, tmp_path, capsys):
+    from pcmoe.cli import main
+
+    monkeypatch.setenv("PCMOE_NATIVE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(native, "_loaded", None)
+    assert main(["generate", "--model", str(tiny_lm), "--prompt", "hello", "--max-tokens", "2", "--quiet"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "native kernels" in line] == \
+        [next(line for line in err if line.startswith("warning: native kernels are not built"))]
+    monkeypatch.setattr(native, "_loaded", None)
