@@ -27,6 +27,9 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("memory and policy")
     g.add_argument("--budget", help="weight memory: bytes with a unit (2GB, 800MiB), a share of the model "
                                     "(50%%) or of its experts (50%%experts); default: everything resident")
+    g.add_argument("--memory", help="the whole process's memory (900MB, or 60%% of the full model's): per-layer "
+                                    "committee sizes and precisions planned from <model>/device_profile.json "
+                                    "(`pcmoe plan`); instead of --budget and --plan")
     g.add_argument("--policy", default="committee", choices=POLICIES, help="serving policy (default: committee)")
     g.add_argument("--plan", help="plan JSON with per-layer committee sizes (instead of a uniform split)")
     g.add_argument("--dtype", default="auto", help="weights dtype: auto (as stored), float32, bfloat16")
@@ -102,6 +105,8 @@ def check_load_args(args) -> dict:
             parse_budget(args.budget, ModelBytes(1, [1], [1]))
         except BudgetError as e:
             raise PcmoeError(str(e)) from None
+    if getattr(args, "memory", None) is not None:
+        check_memory_args(args)
     if args.plan is not None:
         check_input_file(args.plan, "plan file")
         if args.policy in ALL_RESIDENT_POLICIES:
@@ -110,6 +115,37 @@ def check_load_args(args) -> dict:
     if args.profile is not None and args.profile.lower() != "none":
         check_input_file(args.profile, "profile", "; make one with `pcmoe profile`")
     return config
+
+
+def check_memory_args(args) -> None:
+    """--memory plans the whole load: it excludes --budget and --plan, needs the committee policy
+    and the model's device profile (torch-free)."""
+    from pcmoe.planner.planning import parse_memory, profile_file
+
+    if args.budget is not None or args.plan is not None:
+        raise PcmoeError("--memory plans the committee itself; drop --budget / --plan (or drop --memory)")
+    if args.policy != "committee":
+        raise PcmoeError(f"--memory plans committees for policy committee, not {args.policy}; use --budget with "
+                         f"policy {args.policy}")
+    if not profile_file(args.model).exists():
+        raise PcmoeError(f"--memory needs the model's device profile {profile_file(args.model)}; make it with "
+                         f"`pcmoe calibrate --model {args.model}` (or use --budget for weight bytes)")
+    try:
+        parse_memory(args.memory, 1.0)
+    except ValueError as e:
+        raise PcmoeError(str(e)) from None
+
+
+def plan_from_memory(args) -> dict:
+    """The plan --memory asks for (one line on stderr says what was chosen)."""
+    from pcmoe.planner.planning import plan_for_memory
+
+    try:
+        plan, line = plan_for_memory(args.model, args.memory, frontend=getattr(args, "command", None))
+    except ValueError as e:  # PlanError, InfeasibleError: one line
+        raise PcmoeError(str(e)) from None
+    print(line, file=sys.stderr)
+    return plan
 
 
 def warn_if_budget_above_model(engine, budget, out=None) -> bool:
@@ -130,10 +166,11 @@ def engine_from_args(args):
 
     check_load_args(args)
 
+    plan = plan_from_memory(args) if getattr(args, "memory", None) is not None else args.plan
     knobs = {"update_every": args.update_every, "update_unit": args.update_unit, "importance": args.importance,
              "ema_decay": args.ema_decay, "margin": args.margin, "spare_slots": args.spare_slots}
     engine = pcmoe.load(
-        args.model, budget=args.budget, policy=args.policy, plan=args.plan, dtype=args.dtype,
+        args.model, budget=args.budget, policy=args.policy, plan=plan, dtype=args.dtype,
         strategy=args.strategy, renorm=args.gate_weights == "renorm", tau=args.tau, bytes_per_step=args.swap_bytes,
         **{k: v for k, v in knobs.items() if v is not None}, synchronous=args.sync_swaps, profile=args.profile,
         topk=args.topk, seed=args.seed,

@@ -113,6 +113,9 @@ def check_profile(args) -> None:
     if args.policy is not None:
         raise PcmoeError("profile records the model's exact routing (policy full, or on-demand under --budget); "
                          "drop --policy")
+    if args.memory is not None:
+        raise PcmoeError("profile records the model's exact routing, with every expert resident (or --budget); "
+                         "drop --memory")
     args.policy = "on-demand" if args.budget else "full"
     config = check_load_args(args)
     _check_data_file(args)
@@ -363,6 +366,18 @@ def _fill_profile(p) -> None:
     p.set_defaults(func=cmd_profile, check=check_profile)
 
 
+def _fill_calibrate(p) -> None:
+    from pcmoe.planner.commands import fill_calibrate
+
+    fill_calibrate(p)
+
+
+def _fill_plan(p) -> None:
+    from pcmoe.planner.commands import fill_plan
+
+    fill_plan(p)
+
+
 def _fill_bench(p) -> None:
     from pcmoe.bench import suite
 
@@ -390,10 +405,23 @@ COMMANDS = {
     "generate": ("generate text from a prompt under a memory budget, then a statistics table", _fill_generate),
     "eval": ("perplexity (LM) or frame-stream accuracy (vision) under a budget; JSON last line", _fill_eval),
     "profile": ("record which experts a text uses (for static-frequency and warm starts)", _fill_profile),
+    "calibrate": ("measure this machine and the model for the planner (writes <model>/device_profile.json)",
+                  _fill_calibrate),
+    "plan": ("choose per-layer committee sizes and precisions for a memory and latency limit", _fill_plan),
     "serve": ("OpenAI-compatible HTTP server (needs the [server] extra)", _fill_serve),
     "chat": ("interactive terminal chat against the engine or a running server", _fill_chat),
     "bench": ("the memory / quality / speed benchmark suite (writes JSON, Markdown, PNG)", _fill_bench),
 }
+
+
+class _CommandListFormatter(argparse.HelpFormatter):
+    """argparse sizes the command column one indent short, wrapping a 9-letter command's summary."""
+
+    def add_argument(self, action):
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            longest = max(map(len, action.choices)) + self._current_indent + 2 * self._indent_increment
+            self._action_max_length = max(self._action_max_length, longest)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -404,7 +432,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with every command listed and only `command`'s own arguments filled in."""
     ap = _Parser(prog="pcmoe", description="Serve Mixture-of-Experts models under a memory budget. "
-                                           "`pcmoe COMMAND --help` lists a command's options.")
+                                           "`pcmoe COMMAND --help` lists a command's options.",
+                 formatter_class=_CommandListFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="command")
     for name, (summary, fill) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=summary)

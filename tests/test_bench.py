@@ -82,6 +82,9 @@ def test_quick_plan_end_to_end(bench_lm, bench_vit, tmp_path, monkeypatch):
         if r["label"] == "llama.cpp":  # llama-cpp-python not installed (or no converter source)
             assert r["returncode"] is None and r["skipped"]
             continue
+        if r["curve"] == "planned":  # the tiny bench model has no device profile
+            assert r["returncode"] is None and "no device profile" in r["skipped"]
+            continue
         assert r["returncode"] == 0, (r["label"], r.get("error"), r.get("skipped"))
         assert 0 <= r["cpu_other_share"] <= 1 and r["peak_rss_bytes"] > 0
         if r["section"] != "vision":

@@ -319,3 +319,23 @@ def test_fit_quality_keeps_the_better_model_and_reports_both():
         assert fit.heldout[winner]["rmse"] <= min(e["rmse"] for e in fit.heldout.values())
     with pytest.raises(PlanError, match="at least 4 samples"):
         fit_quality(SPACE6, samples[:3])
+
+
+@pytest.mark.parametrize("gemm", [0, 400, 5000])
+def test_full_gemm_term_and_least_memory_stay_exact(gemm):
+    """Peak RSS rises once a full-precision bank of >= 2 slots computes (bf16 matmul workspaces): one term,
+    not per layer, and least() is still the exact minimum (checked by enumerating the space)."""
+    import dataclasses
+    import itertools
+
+    space = SearchSpace(num_experts=(3, 2), precisions=PRECISIONS, intervals=(16,))
+    profile = dataclasses.replace(make_profile((3, 2), quant_staging=1), full_gemm_bytes=gemm)
+    model, plain = MemoryModel(space, profile), MemoryModel(space, make_profile((3, 2), quant_staging=1))
+    configs = [Config((a, b), (p, q), 16) for a, b in itertools.product((1, 2, 3), (1, 2))
+               for p, q in itertools.product(PRECISIONS, PRECISIONS)]
+    batch = space.encode(configs)
+    extra = model(batch) - plain(batch)
+    for c, e in zip(configs, extra):
+        assert e == gemm * any(p == "bf16" and n >= 2 for n, p in zip(c.sizes, c.precisions))
+    least, cfg = model.least()
+    assert least == pytest.approx(model(batch).min()) and model(cfg)[0] == least

@@ -47,7 +47,7 @@ VISION_POLICIES = ("committee", "random-keep", "magnitude-keep", "on-demand")
 QUICK_VISION = {"committee": (50,)}
 ALLOCATOR_SLACK = 64 << 20
 ACCELERATE_ALLOWANCE = 1 << 30  # docs/anchors: accelerate ran inside a cgroup of budget + 1 GiB
-SECTIONS = ("storage", "quant", "peers", "llamacpp", "vision", "topk")
+SECTIONS = ("storage", "quant", "planned", "peers", "llamacpp", "vision", "topk")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -194,6 +194,8 @@ def plan_runs(args, prompts, sizes: dict, vision_sizes: dict | None = None) -> l
                 if b not in bf16_pcts:  # the bf16 committee at the same bytes, for the comparison
                     runs.append(budgeted(f"committee@{b}%", "quant", "committee", "committee", b))
                     bf16_pcts.add(b)
+    if "planned" not in skip:
+        runs += _planned_runs(args, base, sizes, grid)
     if "peers" not in skip:
         runs.append(dict(base, label="transformers", section="peers", curve="transformers", kind="transformers",
                          eval_tokens=min(args.eval_tokens, 2048), weight_bytes=sizes["full"], mem_pct=100.0))
@@ -224,6 +226,33 @@ def plan_runs(args, prompts, sizes: dict, vision_sizes: dict | None = None) -> l
                 runs.append(run)
     for r in runs:
         r["key"] = runner.spec_key(r)
+    return runs
+
+
+def _planned_runs(args, base: dict, sizes: dict, grid: dict) -> list[dict]:
+    """The "planned" curve: at each weight budget of the committee curve and at full/int8's and
+    full/int4's bytes, the configuration the planner picks for that many weight bytes (per-layer
+    sizes, precisions, F) from the model's device profile (pcmoe.planner; docs/PLANNER.md)."""
+    from pcmoe.planner.planning import Planner, profile_file
+
+    path = profile_file(args.model)
+    label = dict(base, label="planned", section="quant", curve="planned", policy="committee")
+    if not path.exists():
+        return [dict(label, skip=f"skipped: no device profile {path} (make one with `pcmoe calibrate`)")]
+    planner = Planner.from_file(path, weights_only=True)
+    points = {_pct_bytes(sizes, b) for b in grid.get("committee", FULL_BUDGETS)}
+    points |= {q["full"] for q in sizes["quant"].values() if q}
+    runs = []
+    for nbytes in sorted(points):
+        pct = _pct_of(sizes, nbytes)
+        run = dict(label, label=f"planned@{_fmt_pct(pct)}", mem_pct=round(pct, 2), weight_bytes=nbytes)
+        try:
+            plan = planner.plan(nbytes)
+        except ValueError as e:  # below the least weight bytes any configuration needs
+            run["skip"] = f"skipped: {str(e).splitlines()[0]}"
+        else:
+            run.update(plan=planner.plan_dict(plan, {"weights_bytes": nbytes}), weight_bytes=int(plan.memory))
+        runs.append(run)
     return runs
 
 

@@ -68,7 +68,7 @@ def fit_to_limits(problem, batch: Batch, limits, order: np.ndarray, protect: np.
     mem, lat, _ = problem.evaluate(batch)
     mem_slack = memory_limit - mem if memory_limit is not None else np.full(C, np.inf)      # [C] bytes
     lat_slack = latency_limit - lat if latency_limit is not None else np.full(C, np.inf)    # [C] seconds
-    update = lat_model.update[batch.interval] if lat_model is not None else np.zeros(C)     # [C] s per layer
+    update = lat_model.update[batch.interval] if lat_model is not None else np.zeros((C, 1))  # [C, P] s per layer
     candidates = np.arange(1, mem_model.layer_bytes.shape[2] + 1)                          # [S] sizes
     nonfull = (sizes < N).sum(axis=1)                                                      # [C] swapping layers
     for l in order.T:                                                                      # [C] one layer per row
@@ -78,7 +78,8 @@ def fit_to_limits(problem, batch: Batch, limits, order: np.ndarray, protect: np.
         # The shared staging buffers exist while any layer swaps; each swapping layer pays the update cost.
         mem_d = (mem_model.layer_bytes[l, p] - mem_model.layer_bytes[l, p, n - 1][:, None]
                  + mem_model.staging_bytes * ((others[:, None] | becomes).astype(float) - (others | was)[:, None]))
-        lat_d = update[:, None] * (becomes.astype(float) - was[:, None])                  # [C, S] seconds
+        u = update[rows, p] if lat_model is not None else update[:, 0]                     # [C] this layer's
+        lat_d = u[:, None] * (becomes.astype(float) - was[:, None])                        # [C, S] seconds
         if lat_model is not None:
             lat_d = lat_d + lat_model.layer_s[l, p] - lat_model.layer_s[l, p, n - 1][:, None]
         ok = (mem_d <= mem_slack[:, None]) & (lat_d <= lat_slack[:, None])                 # [C, S]

@@ -9,10 +9,14 @@ runtime's own accounting (pcmoe/engine.py, pcmoe/moe.py) rather than "experts ×
                                                       or spare slots are used instead)
           + quant_staging × one full-precision expert per quantised layer   (SlotExperts.staging)
           + runtime_bytes + kv_bytes_per_token × context_tokens              (measured, not modelled)
+          + full_gemm_bytes if some full-precision layer holds >= 2 slots    (measured: bf16 matmuls of multi-token
+                                                                            steps raise peak RSS, see calibrate.py)
 
 Latency per decoded token = non-expert time(precision) + Σ_l T_l(n_l, precision_l)
-+ update_s[F] × (layers whose committee is not full). T_l is a line in n fitted to a few measured
-points per precision (the paper's T_l(n), non-decreasing: the slope is clamped at 0).
++ Σ_{l not full} update_s[F][precision_l]. T_l is a line in n fitted to a few measured points per
+precision (the paper's T_l(n), non-decreasing: the slope is clamped at 0). The update cost depends
+on the precision because a swap into a quantised layer is quantised on the compute thread when it
+is switched in (int4 ~1 ms per expert on the shipped LM); a plain number applies to every precision.
 
 Nothing here measures anything: every number comes from a DeviceProfile, which `pcmoe profile`
 will write as JSON:
@@ -27,6 +31,7 @@ will write as JSON:
    "spare_slots": 0,                # extra slots per non-full layer (then no shared buffers)
    "quant_staging": 1,              # full-precision buffers per quantised layer (one per loading thread)
    "runtime_bytes": 180000000,      # measured process memory beyond weights and KV: torch, allocator, activations
+   "full_gemm_bytes": 60000000,     # measured extra peak RSS once any full-precision bank of >= 2 slots computes
    "kv_bytes_per_token": 12288,     # KV cache bytes per token of context
    "context_tokens": 1024,          # context the plan must hold (dataclasses.replace to plan for another)
    "latency": {                                         # seconds per decoded token, batch 1
@@ -34,6 +39,7 @@ will write as JSON:
      "layer_points": [{"layer": null, "size": 4, "precision": "bf16", "seconds": 0.00031}, ...],
                                   # one MoE layer's time at that committee size; layer null = every layer
      "update_s": {"16": 0.00002}},  # amortised committee-update cost per token per non-full layer, by F
+                                    # (or by F and precision: {"16": {"bf16": 0.00001, "int4": 0.00004}})
    "quality_samples": [{"config": {<Config JSON, see space.py>}, "loss": 2.79}, ...]}  # see quality.py
 """
 
@@ -48,7 +54,7 @@ from pcmoe.planner.space import Batch, PlanError, SearchSpace
 
 PROFILE_FORMAT = "pcmoe-device-profile/1"
 _SCALARS = ("full_precision", "n_buffers", "spare_slots", "quant_staging", "runtime_bytes", "kv_bytes_per_token",
-            "context_tokens")
+            "context_tokens", "full_gemm_bytes")
 
 
 @dataclass(frozen=True)
@@ -69,11 +75,12 @@ class DeviceProfile:
     spare_slots: int = 0
     quant_staging: int = 0
     runtime_bytes: int = 0
+    full_gemm_bytes: int = 0                     # see the module docstring
     kv_bytes_per_token: int = 0
     context_tokens: int = 0
     nonexpert_s: dict[str, float] = field(default_factory=dict)   # precision -> seconds per token
     layer_points: tuple[LatencyPoint, ...] = ()
-    update_s: dict[int, float] = field(default_factory=dict)      # F -> seconds per token per non-full layer
+    update_s: dict = field(default_factory=dict)   # F -> seconds per token per non-full layer (or {precision: s})
 
     @classmethod
     def from_dict(cls, data: dict) -> DeviceProfile:
@@ -93,7 +100,8 @@ class DeviceProfile:
                        **{k: (str if k == "full_precision" else int)(data[k]) for k in _SCALARS if k in data},
                        nonexpert_s={str(k): float(v) for k, v in lat.get("nonexpert_s", {}).items()},
                        layer_points=points,
-                       update_s={int(k): float(v) for k, v in lat.get("update_s", {}).items()})
+                       update_s={int(k): {str(p): float(u) for p, u in v.items()} if isinstance(v, dict)
+                                 else float(v) for k, v in lat.get("update_s", {}).items()})
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise PlanError(f"the device profile has a malformed entry ({type(e).__name__}: {e})") from None
 
@@ -160,37 +168,54 @@ class MemoryModel:
         self.staging_bytes = float(profile.n_buffers * full.max()) if profile.spare_slots == 0 else 0.0
         self.nonexpert = np.array([profile.nonexpert_bytes[p] for p in _nonexpert_keys(space, profile)], float)
         self.fixed = float(profile.runtime_bytes + profile.kv_bytes_per_token * profile.context_tokens)
+        # [L, P, S] True where layer l at precision p and size s holds a full-precision bank of >= 2 slots
+        self.gemm_cells = np.zeros(self.layer_bytes.shape, dtype=bool)
+        if profile.full_gemm_bytes and profile.full_precision in space.precisions:
+            self.gemm_cells[:, space.precisions.index(profile.full_precision), :] = slots >= 2
+        self.gemm_bytes = float(profile.full_gemm_bytes)
 
     def __call__(self, batch: Batch) -> np.ndarray:
         """[P] predicted bytes of the whole process."""
         layers = np.arange(self.space.layers)
         weights = self.layer_bytes[layers, batch.prec, batch.sizes - 1].sum(axis=1)           # [P]
         swapping = (batch.sizes < np.array(self.space.num_experts)).any(axis=1)              # [P]
-        return self.nonexpert[batch.nonexpert] + weights + swapping * self.staging_bytes + self.fixed
+        gemm = self.gemm_cells[layers, batch.prec, batch.sizes - 1].any(axis=1)              # [P]
+        return (self.nonexpert[batch.nonexpert] + weights + swapping * self.staging_bytes + self.fixed
+                + gemm * self.gemm_bytes)
 
     def breakdown(self, batch: Batch, i: int = 0) -> dict[str, int]:
         one = batch.take([i])
         layers = np.arange(self.space.layers)
         swapping = bool((one.sizes < np.array(self.space.num_experts)).any())
+        gemm = bool(self.gemm_cells[layers, one.prec[0], one.sizes[0] - 1].any())
         return {"nonexpert": int(self.nonexpert[one.nonexpert[0]]),
                 "experts": int(self.layer_bytes[layers, one.prec[0], one.sizes[0] - 1].sum()),
                 "staging": int(self.staging_bytes * swapping),
-                "runtime": int(self.profile.runtime_bytes),
+                "runtime": int(self.profile.runtime_bytes + gemm * self.gemm_bytes),
                 "kv_cache": int(self.profile.kv_bytes_per_token * self.profile.context_tokens),
                 "total": int(self(one)[0])}
 
     def least(self) -> tuple[float, Batch]:
-        """The exact minimum over the whole space and one configuration reaching it."""
+        """The exact minimum over the whole space and one configuration reaching it: the minimum
+        without the full_gemm term (those cells excluded) or with it (everything allowed)."""
+        best = self._least(np.where(self.gemm_cells, np.inf, self.layer_bytes))
+        if self.gemm_cells.any():
+            other = self._least(self.layer_bytes)
+            if other[0] < best[0]:
+                best = other
+        return best
+
+    def _least(self, table: np.ndarray) -> tuple[float, Batch]:
         N = np.array(self.space.num_experts)
         L = self.space.layers
         layers = np.arange(L)
         # Case "all full": no staging. Case "some swap": each layer its cheapest (size, precision), + staging.
         # (If the latter's choice is all full it costs more than the former, so min of the two is exact.)
-        full_p = self.layer_bytes[layers, :, N - 1].argmin(axis=1)                           # [L]
-        full_cost = self.layer_bytes[layers, full_p, N - 1].sum()
-        flat = self.layer_bytes.reshape(L, -1).argmin(axis=1)                                 # [L] over (p, s)
-        any_p, any_s = flat // self.layer_bytes.shape[2], flat % self.layer_bytes.shape[2]
-        any_cost = self.layer_bytes[layers, any_p, any_s].sum() + self.staging_bytes
+        full_p = table[layers, :, N - 1].argmin(axis=1)                                      # [L]
+        full_cost = table[layers, full_p, N - 1].sum()
+        flat = table.reshape(L, -1).argmin(axis=1)                                            # [L] over (p, s)
+        any_p, any_s = flat // table.shape[2], flat % table.shape[2]
+        any_cost = table[layers, any_p, any_s].sum() + self.staging_bytes
         ne = int(self.nonexpert.argmin())
         if full_cost <= any_cost:
             best = Batch(N[None, :].copy(), full_p[None, :], np.array([ne]), np.array([0]))
@@ -232,22 +257,29 @@ class LatencyModel:
         if missing:
             raise PlanError(f"the profile has no non-expert decode time at precision {', '.join(missing)}")
         self.nonexpert = np.array([profile.nonexpert_s[p] for p in keys])                   # [NE] seconds
-        self.update = np.array([profile.update_s.get(f, 0.0) for f in space.intervals])     # [F] seconds
+        def cost(f, p):
+            u = profile.update_s.get(f, 0.0)
+            return float(u.get(p, 0.0)) if isinstance(u, dict) else float(u)
+
+        # [F, P] seconds per token per non-full layer
+        self.update = np.array([[cost(f, p) for p in space.precisions] for f in space.intervals]).reshape(
+            len(space.intervals), len(space.precisions))
 
     def __call__(self, batch: Batch) -> np.ndarray:
         """[P] predicted seconds per token."""
         layers = np.arange(self.space.layers)
-        swapping = (batch.sizes < np.array(self.space.num_experts)).sum(axis=1)             # [P] non-full layers
+        swapping = batch.sizes < np.array(self.space.num_experts)                           # [P, L] non-full
+        update = (self.update[batch.interval[:, None], batch.prec] * swapping).sum(axis=1)  # [P]
         return (self.nonexpert[batch.nonexpert] + self.layer_s[layers, batch.prec, batch.sizes - 1].sum(axis=1)
-                + self.update[batch.interval] * swapping)
+                + update)
 
     def least(self) -> tuple[float, Batch]:
         """The exact minimum: layers are independent once F is fixed, so try each F."""
         N = np.array(self.space.num_experts)
         L, S = self.space.layers, self.layer_s.shape[2]
         best = None
-        for f, u in enumerate(self.update):
-            cost = self.layer_s + u * (np.arange(1, S + 1)[None, None, :] < N[:, None, None])   # [L, P, S]
+        for f, u in enumerate(self.update):                                                 # u [P]
+            cost = self.layer_s + u[None, :, None] * (np.arange(1, S + 1)[None, None, :] < N[:, None, None])
             flat = cost.reshape(L, -1).argmin(axis=1)
             cand = Batch((flat % S + 1)[None, :], (flat // S)[None, :],
                          np.array([int(self.nonexpert.argmin())]), np.array([f]))

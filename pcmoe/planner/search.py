@@ -91,7 +91,7 @@ def _check(problem, memory_limit, latency_limit, objective):
     least_mem, mem_cfg = problem.memory.least()
     least_lat, lat_cfg = problem.latency.least() if problem.latency is not None else (None, None)
     if memory_limit is not None and memory_limit < least_mem:
-        tail = f"; the least latency is {_ms(least_lat)}" if latency_limit is not None else ""
+        tail = f"; the least latency is {_ms(least_lat)}" if least_lat is not None else ""
         raise InfeasibleError(f"no configuration fits in {format_bytes(memory_limit)}: the least memory any "
                               f"configuration needs is {format_bytes(least_mem)}{tail}", least_mem, least_lat)
     if latency_limit is not None and latency_limit < least_lat:

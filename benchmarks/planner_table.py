@@ -1,0 +1,135 @@
+"""The planner table of docs/PLANNER.md: plan for (memory, latency) limits from a model's committed
+device profile, run every plan inside a cgroup limit of its memory limit, and compare at the same
+memory limits with the ablations, all measured in one run:
+
+    planned     the full system: per-layer sizes and precisions and F from the genetic search
+    uniform     "simple planning": the best uniform configuration (same size and precision in
+                every layer) within the same limits, by the same predictors
+    static      "simple scheduling": the planned sizes and precisions served by static-frequency
+                (the experts the routing profile counted most tokens for, never updated): pcmoe has
+                no token-count importance mode, and this is the closest it has (no amortised update)
+    cli         `pcmoe eval --memory X` itself inside a cgroup of exactly X (the planner picks at load)
+
+    python benchmarks/planner_table.py --model models/pcmoe-lm --out runs/planner/table_lm.json \
+        --pair 400MB: --pair 420MB:1.2ms ... [--ablations] [--cli]
+
+Results are appended to --out as they finish (atomic rewrite) and a rerun skips what is there.
+The last stdout line is the JSON of all rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from pcmoe.bench.common import git_commit
+from pcmoe.budget import format_bytes
+from pcmoe.planner.planning import Planner, best_uniform, format_latency, parse_latency, parse_memory, profile_file
+from pcmoe.planner.validate import compare, run_plan
+from pcmoe.system import atomic_write_text
+
+
+def parse_pair(text: str) -> tuple[str, str | None]:
+    memory, _, latency = text.partition(":")
+    return memory, latency or None
+
+
+def cli_run(model: str, memory: int, planner: Planner, threads: int) -> dict:
+    """`pcmoe eval --memory X` inside a cgroup of X bytes (text: the held-out documents' file)."""
+    from pcmoe.bench.cgroup import available, run_limited
+
+    stream = planner.data["calibration"]["ident"]["stream"]
+    cmd = [sys.executable, "-m", "pcmoe", "eval", "--model", model, "--memory", str(memory), "--threads",
+           str(threads), "--quiet"]
+    cmd += ["--data", stream["data"], "--max-tokens", "4000"] if stream["kind"] == "text" else ["--frames", "500"]
+    if not available():
+        return {"returncode": None, "error": "no cgroup v1"}
+    r = run_limited(cmd, memory, timeout=1200)
+    out = {"returncode": r.returncode, "cgroup_limit_bytes": memory, "cgroup_max_usage_bytes": r.max_usage_bytes,
+           "oom_killed": r.oom_killed, "cgroup_failcnt": r.failcnt, "planned": r.stderr.strip().splitlines()[:1]}
+    if r.returncode == 0:
+        out.update(json.loads(r.stdout.strip().splitlines()[-1]))
+    else:
+        out["error"] = (r.stderr.strip().splitlines() or ["?"])[-1]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--pair", action="append", required=True, help="MEMORY:LATENCY (latency may be empty)")
+    ap.add_argument("--ablations", action="store_true", help="also the uniform and static rows at each pair")
+    ap.add_argument("--cli", action="store_true", help="also `pcmoe eval --memory X` in a cgroup of X per pair")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    planner = Planner.from_file(profile_file(args.model), seed=args.seed)
+    out = Path(args.out)
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    done = {r["key"] for r in rows}
+    meta = {"model": args.model, "commit": git_commit(), "profile": str(profile_file(args.model)),
+            "quality_model": planner.quality.name, "threads": args.threads, "started": time.strftime("%F %T")}
+
+    def save():
+        atomic_write_text(out, json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+    def measure(key, variant, plan_data, limits, policy="committee"):
+        if key in done:
+            return
+        limit = int(limits.get("memory_bytes") or plan_data["predicted"]["memory_bytes"])
+        rec = run_plan(planner, args.model, plan_data, limit, args.threads, policy=policy)
+        row = {"key": key, "variant": variant, "policy": policy, "config": {k: plan_data.get(k) for k in (
+            "committee_sizes", "precisions", "options")}, **compare(planner, {**plan_data, "limits": limits}, rec,
+                                                                      limit)}
+        row["record"] = {k: rec.get(k) for k in ("peak_rss_bytes", "cgroup_max_usage_bytes", "cgroup_failcnt",
+                                                 "latency_s", "loss", "heldout", "cpu_other_share", "resident_bytes",
+                                                 "returncode", "error", "decode_trials_tokens_per_s")}
+        rows.append(row)
+        done.add(key)
+        save()
+        m = row["measured"]
+        print(f"{key:28} {variant:8} mem {format_bytes(m['memory_bytes']):>10} lat {format_latency(m['latency_s']):>9}"
+              f" q {m.get('quality')}  violations {row['violations'] or 'none'}", flush=True)
+
+    full = planner.predict(planner.space.decode(planner.space.full(), 0))
+    full_plan = {"format": "pcmoe-plan/1", "model_type": planner.model_type,
+                 "num_experts": list(planner.space.num_experts), "committee_sizes": list(planner.space.num_experts),
+                 "precisions": ["full"] * planner.space.layers, "options": {}, "predicted": full}
+    measure("full", "full", full_plan, {"memory_bytes": int(full["memory_bytes"] * 1.05)})
+    for pair in args.pair:
+        mem_s, lat_s = parse_pair(pair)
+        memory = parse_memory(mem_s, planner.full_memory())
+        latency = parse_latency(lat_s)
+        limits = {"memory_bytes": memory, **({"latency_s": latency} if latency else {})}
+        plan = planner.plan(memory, latency, seed=args.seed)
+        planned = planner.plan_dict(plan, limits)
+        measure(f"{pair}/planned", "planned", planned, limits)
+        if args.ablations:
+            try:
+                uni = planner.plan_dict(best_uniform(planner, memory, latency), limits)
+                measure(f"{pair}/uniform", "uniform", uni, limits)
+            except ValueError as e:
+                print(f"{pair}: no uniform configuration ({e})")
+            measure(f"{pair}/static", "static", planned, limits, policy="static-frequency")
+        if args.cli and f"{pair}/cli" not in done and not latency:
+            rec = cli_run(args.model, memory, planner, args.threads)
+            rows.append({"key": f"{pair}/cli", "variant": "cli", "limits": limits, "record": rec,
+                         "violations": [] if rec.get("returncode") == 0 and rec.get("peak_rss_bytes", 0) <= memory
+                         else [rec.get("error") or "over the limit"]})
+            done.add(f"{pair}/cli")
+            save()
+            print(f"{pair}/cli: rc {rec.get('returncode')}, peak RSS {format_bytes(rec.get('peak_rss_bytes'))}, "
+                  f"cgroup peak {format_bytes(rec.get('cgroup_max_usage_bytes'))}", flush=True)
+    meta["finished"] = time.strftime("%F %T")
+    save()
+    print(json.dumps({"meta": meta, "rows": [{k: v for k, v in r.items() if k != "record"} for r in rows]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""`pcmoe calibrate`: measure a model on this machine and write the planner's device profile.
+
+Every measurement is a fresh worker process (pcmoe.planner.worker: cold page cache, --threads,
+inside a memory cgroup without a limit where cgroup v1 is writable, so its peak charge is seen).
+
+    load          one expert read from disk with the page cache evicted, and quantised into a slot
+    imports:serve the RSS the server's imports add (fastapi, uvicorn, ...): --memory of `pcmoe serve`
+    kv:short/long the same documents scored in windows of 128 and 1024 tokens: KV bytes per token
+    latency:P:n   uniform configurations (every layer n experts at precision P, n in 1, N/2, N):
+                  decode time inside each MoE block, in the step boundary and outside (non-expert)
+    sample:i      random configurations (per-layer sizes and precisions, F), seeded
+    near:i        half as many again with every committee at least half its layer (where plans live)
+
+Every configuration measurement also scores the profiling stream (text: the even documents of
+the data file, each cut to --doc-tokens; vision: a seeded frame stream) and reports peak RSS,
+so each one is a quality sample, a memory sample and a latency sample. Results go into the
+profile file as each finishes (atomic rewrite); a second run with the same arguments resumes.
+
+Derived (`derive`, torch-free): bytes per expert per precision and staging buffers from the
+loader's own accounting (pcmoe.loader.inspect); runtime bytes = the largest measured peak RSS
+minus predicted weights minus the KV cache held, over the runs without a full-precision bank of
+two or more slots, and full_gemm_bytes = how much more the largest of the other runs needed (their
+multi-token steps run bf16 matmuls over varying token counts, which raised peak RSS by 20-65 MB
+on the shipped LM, by an amount that varies from run to run; not torch's grouped GEMM: the per-slot
+loop does the same, and capping oneDNN's primitive cache removes about a third of it); KV bytes
+per token = the larger of the measured slope and the cache's own size; per-layer decode time
+points; the committee-update cost per non-full layer, by F and precision, fitted on the residuals
+of the samples timed on a quiet machine (the worker records the CPU share other processes used);
+the quality model chosen on held-out samples, with both models' held-out errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pcmoe.planner.predict import PROFILE_FORMAT, DeviceProfile, LatencyModel, MemoryModel
+from pcmoe.planner.quality import fit_quality, samples_from_dicts, split
+from pcmoe.planner.space import Config, PlanError, SearchSpace
+
+VERSION = 1                      # of the measurement list; a profile of another version is not resumed
+KV_WINDOWS = (128, 1024)
+MEASURED_KV_TOKENS = 256         # the KV cache capacity the configuration measurements hold (window 256, prompt 128)
+TEXT_DEFAULTS = {"documents": "even", "doc_tokens": 512, "window": 256, "chunk": 32}
+DECODE_DEFAULTS = {"prompts": 3, "prompt_tokens": 64, "tokens": 64, "trials": 3, "warmup": 1}
+INTERVALS = {"tokens": (8, 16, 32), "inputs": (1, 2, 4)}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def model_facts(model_dir: str) -> dict:
+    """What the loader's own accounting says a configuration weighs (no weight is read)."""
+    from pcmoe.checkpoint import read_config_dict
+    from pcmoe.formats import read_model_options
+    from pcmoe.loader import inspect
+
+    info = {q or "full": inspect(model_dir, quantize=q) for q in (None, "int8", "int4")}
+    full = info["full"]
+    config = read_config_dict(Path(model_dir))
+    L, N = full["moe_layers"], full["experts_per_layer"]
+    options = read_model_options(model_dir)
+    unit = options.get("update_unit", "tokens")
+    kv = 0
+    vision = config.get("model_type") == "pcmoe_vit_moe"
+    if not vision:  # what the lean decoder's KV cache allocates per token: K and V of every layer
+        heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(full["dtype"], 4)
+        kv = 2 * config["num_hidden_layers"] * heads * head_dim * itemsize
+    return {
+        "model_type": full["model_type"], "num_experts": [N] * L, "vision": vision,
+        "expert_bytes": {p: [info[p]["expert_bytes"]] * L for p in info},
+        "nonexpert_bytes": {"full": full["nonexpert_bytes"]},
+        "n_buffers": full["swap_buffers"], "staging_bytes": full["swap_buffer_bytes"] // max(full["swap_buffers"], 1),
+        "dtype": full["dtype"], "update_unit": unit, "default_interval": options.get("update_every", 16),
+        "kv_bytes_per_token_cache": kv, "context_tokens": 0 if vision else config.get("max_position_embeddings", 0),
+    }
+
+
+def model_fingerprint(model_dir: str) -> str:
+    """What the measurements depend on in the model folder, by content: the weights (as the engine
+    identifies them) and the side files a load reads. Not the device profile itself, which is
+    rewritten as the measurements go."""
+    import contextlib
+    import hashlib
+
+    from pcmoe.checkpoint import Checkpoint
+
+    folder = Path(model_dir)
+    with contextlib.closing(Checkpoint(folder)) as ckpt:
+        h = hashlib.sha1(ckpt.fingerprint().encode())
+    for name in ("config.json", "pcmoe_options.json", "profile.json", "tokenizer.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            h.update(f"{name}:".encode() + hashlib.sha1((folder / name).read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def measurement_specs(model_dir: str, facts: dict, stream: dict, samples: int, seed: int, threads: int) -> list[dict]:
+    """Every measurement of a calibration, in the order they run; each has a unique "key"."""
+    L, N = len(facts["num_experts"]), facts["num_experts"][0]
+    precisions = list(facts["expert_bytes"])
+    intervals = INTERVALS[facts["update_unit"]]
+    default_f = facts["default_interval"] if facts["default_interval"] in intervals else intervals[len(intervals) // 2]
+    decode = None if facts["vision"] else dict(DECODE_DEFAULTS)
+    base = {"model": str(model_dir), "threads": threads, "policy": "committee"}
+
+    def config_spec(key, sizes, precs, f):
+        options = {"update_every": int(f), "update_unit": facts["update_unit"]}
+        plan = {"format": "pcmoe-plan/1", "model_type": facts["model_type"], "num_experts": facts["num_experts"],
+                "committee_sizes": [int(n) for n in sizes], "precisions": list(precs), "options": options}
+        return {**base, "key": key, "plan": plan, "stream": stream, "decode": decode,
+                "config": {"committee_sizes": list(map(int, sizes)), "expert_precisions": list(precs),
+                           "update_every": int(f), "nonexpert_precision": None}}
+
+    specs = [{**base, "key": "load", "load_timing": {"experts": 16}},
+             {**base, "key": "imports:serve", "imports": ["pcmoe.server.api", "uvicorn"]}]
+    if not facts["vision"]:
+        for w in KV_WINDOWS:
+            specs.append({**base, "key": f"kv:{w}", "stream": {**stream, "doc_tokens": max(KV_WINDOWS), "window": w}})
+    for p in precisions:
+        for n in sorted({1, N // 2, N}):
+            specs.append(config_spec(f"latency:{p}:{n}", [n] * L, [p] * L, default_f))
+    rng = np.random.default_rng(seed)
+    for i in range(samples):
+        sizes = rng.integers(1, N + 1, L)
+        precs = [precisions[j] for j in rng.integers(0, len(precisions), L)]
+        specs.append(config_spec(f"sample:{i}", sizes, precs, intervals[int(rng.integers(0, len(intervals)))]))
+    # Plans live where quality is high: more samples with every committee at least half its layer.
+    rng = np.random.default_rng([seed, 1])
+    for i in range(samples // 2):
+        sizes = rng.integers(N // 2, N + 1, L)
+        precs = [precisions[j] for j in rng.integers(0, len(precisions), L)]
+        specs.append(config_spec(f"near:{i}", sizes, precs, intervals[int(rng.integers(0, len(intervals)))]))
+    return specs
+
+
+def run_calibration(model_dir: str, out: str, data: str | None = None, samples: int = 150, seed: int = 0,
+                    threads: int = 1, frames: int = 1000, use_cgroup: bool | None = None, progress: bool = True,
+                    doc_tokens: int | None = None, log=print) -> dict:
+    """Measure what is missing from `out`, rewriting it after every measurement; the final profile."""
+    from pcmoe.bench.cgroup import available
+    from pcmoe.bench.common import weight_files
+    from pcmoe.bench.runner import run_worker, worker_cmd
+
+    facts = model_facts(model_dir)
+    if facts["vision"]:
+        stream = {"kind": "frames", "data": data, "frames": frames, "seed": 0}
+    else:
+        stream = {"kind": "text", "data": data or str(Path(model_dir) / "eval" / "heldout.txt"), **TEXT_DEFAULTS}
+        if doc_tokens:
+            stream["doc_tokens"] = doc_tokens
+    specs = measurement_specs(model_dir, facts, stream, samples, seed, threads)
+    ident = {"version": VERSION, "fingerprint": model_fingerprint(model_dir), "stream": stream, "seed": seed,
+             "threads": threads, "cpu": cpu_name()}
+    done: dict = {}
+    path = Path(out)
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+        if old.get("calibration", {}).get("ident") == ident:
+            done = {k: v for k, v in old.get("measurements", {}).items() if v.get("returncode") == 0}
+            log(f"resuming {path}: {len(done)} of {len(specs)} measurements already made")
+        elif old:
+            raise PlanError(f"{out} holds a profile measured with other settings (model, data, seed, threads or "
+                            "machine); pass another --out or delete it to start again")
+    cgroup = available() if use_cgroup is None else use_cgroup
+    todo = [s for s in specs if s["key"] not in done]
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="calibrate", unit="run", dynamic_ncols=True)
+    evict = weight_files(model_dir)
+    t_start = time.perf_counter()
+    try:
+        for spec in todo:
+            worker_spec = {k: v for k, v in spec.items() if k not in ("key", "config")}
+            rec = run_worker(worker_cmd("pcmoe.planner.worker", worker_spec), None, cgroup, threads,
+                             timeout=1800, evict=evict)
+            rec.pop("spec", None)
+            if spec.get("config") is not None:
+                rec["config"] = spec["config"]
+            done[spec["key"]] = _compact(rec)
+            if rec.get("returncode") != 0:
+                log(f"warning: measurement {spec['key']} failed: {rec.get('error')}")
+            _save(path, facts, ident, done, specs, complete=False)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    profile = _save(path, facts, ident, done, specs, complete=True, elapsed=time.perf_counter() - t_start)
+    return profile
+
+
+def _compact(rec: dict) -> dict:
+    drop = ("read_s_all",)
+    if "expert_load" in rec:
+        rec["expert_load"] = {k: v for k, v in rec["expert_load"].items() if k not in drop}
+    return rec
+
+
+def _save(path: Path, facts: dict, ident: dict, done: dict, specs: list[dict], complete: bool,
+          elapsed: float | None = None) -> dict:
+    from pcmoe.system import atomic_write_text
+
+    missing = [s["key"] for s in specs if s["key"] not in done or done[s["key"]].get("returncode") != 0]
+    finished = complete and not missing
+    profile = derive(facts, done, fit=finished)
+    profile["calibration"] = {"ident": ident, "complete": finished, "missing": missing,
+                              "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              **({"seconds": round(elapsed, 1)} if elapsed is not None else {})}
+    profile["measurements"] = done
+    atomic_write_text(path, json.dumps(profile, indent=None, separators=(",", ":")))
+    return profile
+
+
+# -- derivation (torch-free except fitting the MLP) ----------------------------------------------------------
+
+
+def _ok(rec: dict | None) -> bool:
+    return rec is not None and rec.get("returncode") == 0
+
+
+def derive(facts: dict, done: dict, fit: bool = True) -> dict:
+    """The device profile from the measurements made so far (partial ones give partial tables)."""
+    precisions = list(facts["expert_bytes"])
+    unit = facts["update_unit"]
+    profile = {"format": PROFILE_FORMAT, "model_type": facts["model_type"], "num_experts": facts["num_experts"],
+               "precisions": precisions, "intervals": list(INTERVALS[unit]), "update_unit": unit,
+               "expert_bytes": facts["expert_bytes"], "nonexpert_bytes": facts["nonexpert_bytes"],
+               "full_precision": "full", "n_buffers": facts["n_buffers"], "spare_slots": 0, "quant_staging": 1,
+               "context_tokens": facts["context_tokens"], "machine": {"cpu": cpu_name(), "threads": None}}
+    space = SearchSpace(num_experts=tuple(facts["num_experts"]), precisions=tuple(precisions),
+                        intervals=tuple(INTERVALS[unit]))
+    configs = {k: r for k, r in done.items() if _ok(r) and r.get("config") and "loss" in r}
+
+    # KV cache: the slope of peak RSS between the two windows, never below what the cache allocates.
+    kv = facts["kv_bytes_per_token_cache"]
+    short, long = done.get(f"kv:{KV_WINDOWS[0]}"), done.get(f"kv:{KV_WINDOWS[1]}")
+    kv_measured = None
+    if _ok(short) and _ok(long):
+        kv_measured = (long["peak_rss_bytes"] - short["peak_rss_bytes"]) / (KV_WINDOWS[1] - KV_WINDOWS[0])
+        kv = max(kv, int(math.ceil(kv_measured)))
+    profile["kv_bytes_per_token"] = kv
+
+    # Runtime bytes: the largest measured peak RSS beyond the predicted weights and the KV cache held, apart
+    # for runs where a full-precision bank of >= 2 slots computes multi-token steps (bf16 matmul workspaces).
+    weights_only = DeviceProfile.from_dict({**profile, "runtime_bytes": 0, "kv_bytes_per_token": 0,
+                                            "context_tokens": 0, "full_gemm_bytes": 1})
+    mem = MemoryModel(space, weights_only)
+    held_kv = 0 if facts["vision"] else kv * MEASURED_KV_TOKENS
+    overhead, gemm, cg_ratio = [], [], []
+    if configs:
+        batch = space.encode([Config.from_dict(r["config"], space) for r in configs.values()])
+        weights = mem(batch)
+        layers = np.arange(space.layers)
+        gemm = list(mem.gemm_cells[layers, batch.prec, batch.sizes - 1].any(axis=1))
+        for r, w, g in zip(configs.values(), weights, gemm):
+            overhead.append(r["peak_rss_bytes"] - (w - g) - held_kv)
+            if r.get("cgroup_max_usage_bytes"):
+                cg_ratio.append(r["cgroup_max_usage_bytes"] / r["peak_rss_bytes"])
+    if overhead:
+        plain = [o for o, g in zip(overhead, gemm) if not g] or overhead
+        with_gemm = [o for o, g in zip(overhead, gemm) if g]
+        profile["runtime_bytes"] = int(max(plain))
+        profile["full_gemm_bytes"] = int(max(0, max(with_gemm) - max(plain))) if with_gemm else 0
+
+        def spread(values):
+            return {"runs": len(values), "max": int(max(values)), "mean": int(np.mean(values)),
+                    "min": int(min(values)), "sd": int(np.std(values))} if values else None
+
+        profile["memory_fit"] = {"samples": len(overhead), "runtime_bytes_max": int(max(plain)),
+                                 "runtime_bytes_mean": int(np.mean(plain)), "runtime_bytes_min": int(min(plain)),
+                                 "runtime_bytes_sd": int(np.std(plain)), "without_full_gemm": spread(plain),
+                                 "with_full_gemm": spread(with_gemm),
+                                 "kv_bytes_per_token_measured": kv_measured,
+                                 "kv_bytes_per_token_cache": facts["kv_bytes_per_token_cache"],
+                                 "kv_tokens_in_measurements": 0 if facts["vision"] else MEASURED_KV_TOKENS,
+                                 "cgroup_peak_over_rss_max": max(cg_ratio) if cg_ratio else None}
+    else:
+        profile["runtime_bytes"] = 0
+    if _ok(done.get("imports:serve")):
+        profile["frontend_bytes"] = {"serve": int(done["imports:serve"]["import_rss_bytes"])}
+    if _ok(done.get("load")):
+        profile["expert_load"] = done["load"]["expert_load"]
+    profile["latency"] = _latency(facts, done, configs, space, profile)
+    if configs:
+        profile["quality_samples"] = [{"config": r["config"], "loss": r["loss"], "latency_s": r.get("latency_s"),
+                                       "peak_rss_bytes": r["peak_rss_bytes"], "key": k} for k, r in configs.items()]
+        full_key = f"latency:full:{facts['num_experts'][0]}"
+        metric = "error_rate" if facts["vision"] else "log_ppl"
+        profile["quality"] = {"metric": metric, "full_loss": configs[full_key]["loss"] if full_key in configs else None}
+        if fit and len(configs) >= 8:
+            samples = samples_from_dicts(profile["quality_samples"], space)
+            q = fit_quality(space, samples)
+            profile["quality"].update(model=q.name, heldout=q.heldout, n_train=q.n_train, n_heldout=q.n_heldout)
+            if "latency" in profile and profile["latency"].get("layer_points"):
+                profile["latency_fit"] = _latency_errors(space, profile, configs)
+    return profile
+
+
+def _latency(facts: dict, done: dict, configs: dict, space: SearchSpace, profile: dict) -> dict:
+    """Per-layer decode-time points of the uniform configurations, non-expert time, update cost."""
+    points, nonexpert = [], []
+    for key, r in done.items():
+        if not (_ok(r) and key.startswith("latency:") and r.get("layer_s")):
+            continue
+        _, p, n = key.split(":")
+        points.append({"layer": None, "size": int(n), "precision": p,
+                       "seconds": float(np.mean(r["layer_s"]))})
+        # Non-expert time from the full committees: nothing swaps there, so nothing else is left over.
+        nonexpert.append((int(n) >= max(space.num_experts), r["latency_s"] - sum(r["layer_s"]) - r.get("step_s", 0.0)))
+    if not points:
+        return {}
+    outside = [t for full, t in nonexpert if full] or [t for _, t in nonexpert]
+    lat = {"nonexpert_s": {"full": float(max(np.median(outside), 0.0))}, "layer_points": points, "update_s": {}}
+    if set(space.precisions) <= {p["precision"] for p in points}:
+        lat["update_s"] = _update_costs(space, {**profile, "latency": lat}, _sample_rows(space, configs))
+    return lat
+
+
+QUIET = 0.15   # a latency sample counts when other processes used at most this share of the CPU while it was timed
+
+
+def _sample_rows(space: SearchSpace, configs: dict, quiet_only: bool = True) -> list[tuple[Config, float]]:
+    """(config, latency) of the random samples, those timed on a quiet machine when there are enough."""
+    rows = [(Config.from_dict(r["config"], space), r["latency_s"], r.get("cpu_other_share"))
+            for k, r in configs.items() if k.startswith(("sample:", "near:")) and r.get("latency_s")]
+    quiet = [(c, t) for c, t, other in rows if other is not None and other <= QUIET]
+    return quiet if quiet_only and len(quiet) >= 10 else [(c, t) for c, t, _ in rows]
+
+
+def _update_costs(space: SearchSpace, profile: dict, rows: list) -> dict[str, dict[str, float]]:
+    """Seconds per token per non-full layer, by F and precision: least squares (through 0, clamped at
+    0) on what the layers and the non-expert time leave of the measured latency (update work, swaps
+    switched in and quantised on the compute thread, I/O thread contention)."""
+    out = {}
+    if not rows:
+        return out
+    model = LatencyModel(space, DeviceProfile.from_dict({**profile, "latency": {**profile["latency"],
+                                                                                 "update_s": {}}}))
+    batch = space.encode([c for c, _ in rows])
+    resid = np.array([t for _, t in rows]) - model(batch)
+    nonfull = batch.sizes < np.array(space.num_experts)                                  # [R, L]
+    counts = np.stack([(nonfull & (batch.prec == p)).sum(axis=1) for p in range(len(space.precisions))], axis=1)
+    for f_idx, f in enumerate(space.intervals):
+        m = batch.interval == f_idx
+        if not m.any():
+            continue
+        x, y = counts[m].astype(float), resid[m]
+        keep = np.ones(x.shape[1], dtype=bool)
+        for _ in range(x.shape[1]):   # drop precisions whose cost came out negative, refit the rest
+            u = np.zeros(x.shape[1])
+            if keep.any():
+                u[keep] = np.linalg.lstsq(x[:, keep], y, rcond=None)[0]
+            if (u >= 0).all():
+                break
+            keep &= u > 0
+        out[str(f)] = {p: max(float(u[i]), 0.0) for i, p in enumerate(space.precisions)}
+    return out
+
+
+def _latency_errors(space: SearchSpace, profile: dict, configs: dict) -> dict:
+    """The latency model's relative error on random samples it did not see: the update costs refitted
+    on a seeded 75 % of the samples, errors on the other 25 % (and, for reference, on all)."""
+    rows = _sample_rows(space, configs)
+    if len(rows) < 8:
+        return {}
+    train, test = split(len(rows), 0.25, 0)
+
+    def rel_errors(prof, idx):
+        model = LatencyModel(space, DeviceProfile.from_dict(prof))
+        batch = space.encode([rows[i][0] for i in idx])
+        rel = model(batch) / np.array([rows[i][1] for i in idx]) - 1
+        return {"mean": float(rel.mean()), "mae": float(np.abs(rel).mean()), "max": float(np.abs(rel).max())}
+
+    held = {**profile, "latency": {**profile["latency"],
+                                   "update_s": _update_costs(space, profile, [rows[i] for i in train])}}
+    return {"samples": len(rows), "samples_timed": len(_sample_rows(space, configs, quiet_only=False)),
+            "n_heldout": len(test), "heldout": rel_errors(held, test), "all": rel_errors(profile, range(len(rows)))}
+
+
+def summary(profile: dict) -> list[str]:
+    """What a calibration found, in a few lines."""
+    from pcmoe.budget import format_bytes
+
+    lines = [f"runtime {format_bytes(profile.get('runtime_bytes'))}, KV {profile.get('kv_bytes_per_token')} B/token, "
+             f"{len(profile.get('quality_samples', []))} quality samples"]
+    q = profile.get("quality", {})
+    if q.get("heldout"):
+        errs = ", ".join(f"{k} rmse {v['rmse']:.4f}" for k, v in q["heldout"].items())
+        lines.append(f"quality model {q['model']} (held-out {errs} in {q['metric']})")
+    lf = profile.get("latency_fit", {})
+    if lf:
+        lines.append(f"latency model: mean abs error {lf['heldout']['mae']:.1%} on {lf['n_heldout']} held-out samples "
+                     f"(max {lf['heldout']['max']:.1%})")
+    mf = profile.get("memory_fit", {})
+    if mf:
+        lines.append(f"runtime bytes over {mf['samples']} runs: {format_bytes(mf['runtime_bytes_min'])} .. "
+                     f"{format_bytes(mf['runtime_bytes_max'])} (sd {format_bytes(mf['runtime_bytes_sd'])})")
+    return lines
