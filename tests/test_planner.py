@@ -282,7 +282,7 @@ def test_mlp_fits_a_synthetic_function():
 def test_mlp_numpy_forward_matches_torch():
     b = SPACE6.random(np.random.default_rng(1), 50)
     mlp = MLPQuality(SPACE6, steps=50).fit(b, interacting_loss(b))
-    assert np.allclose(mlp(b), mlp.torch_predict(b), rtol=0, atol=1e-12)
+    assert np.allclose(mlp.raw(b), mlp.torch_raw(b), rtol=0, atol=1e-12)
     again = MLPQuality(SPACE6, steps=50).fit(b, interacting_loss(b))
     assert np.array_equal(mlp(b), again(b))                            # seeded
 
@@ -294,18 +294,88 @@ def test_sensitivity_model_recovers_an_additive_truth():
     curves = [np.concatenate([np.sort(rng.uniform(0, 1, N - 1))[::-1], [0.0]]) for N in space.num_experts]
     offsets = rng.uniform(0, 0.1, (3, 3)) * np.array([0, 1, 1])      # [L, P], bf16 is the reference
 
-    def truth(b):
+    offsets = np.cumsum(offsets, axis=1)                             # int8 <= int4, as the model assumes
+    missing_share = lambda b: (1 - b.sizes / np.array(space.num_experts)).sum(1)   # noqa: E731
+
+    def truth(b):   # F's term vanishes when every layer is full (nothing is updated then)
         return (1.5 + sum(curves[l][b.sizes[:, l] - 1] + offsets[l, b.prec[:, l]] for l in range(3))
-                + 0.05 * b.interval)
+                + 0.05 * b.interval * missing_share(b))
 
     b = space.random(rng, 300)
     model = SensitivityQuality(space).fit(b, truth(b))
+    assert model.base == pytest.approx(1.5, abs=1e-4)   # free intercept (no full sample), small ridge
     for layer in range(3):
         for p, name in enumerate(PRECISIONS):
             want = curves[layer] + offsets[layer, p]
             assert np.allclose(model.layer_curve(layer, name), want, atol=1e-3), (layer, name)
     held = space.random(np.random.default_rng(9), 100)
     assert errors(model(held), truth(held))["max"] < 1e-3
+
+
+def noisy_insensitive_samples(space, count=120, seed=3):
+    """Measured-like samples: two layers matter, the others only add noise around 0, so unconstrained
+    least squares gives them negative terms (the old model predicted plans better than the full model)."""
+    rng = np.random.default_rng(seed)
+    b = space.random(rng, count)
+    miss = 1 - b.sizes / np.array(space.num_experts)
+    loss = 2.658 + 0.4 * miss[:, 0] ** 2 + 0.2 * miss[:, 1] + 0.03 * (b.prec[:, 0] == 2) \
+        + rng.normal(0, 0.01, count) * (miss.sum(1) > 0)
+    samples = [Sample(space.decode(b, i), float(loss[i])) for i in range(count)]
+    return samples + [Sample(space.decode(space.full(), 0), 2.658)]
+
+
+@pytest.mark.parametrize("name", ["sensitivity", "mlp"])
+def test_no_configuration_is_predicted_better_than_the_full_model(name):
+    space = SearchSpace(num_experts=(8,) * 6, precisions=PRECISIONS, intervals=(8, 16, 32))
+    samples = noisy_insensitive_samples(space)
+    fit = fit_quality(space, samples, candidates=(name,))
+    every = space.random(np.random.default_rng(7), 5000)
+    assert fit(every).min() >= 2.658 - 1e-12
+    for f in range(3):   # the full model, at any F, predicts its measured loss
+        full = space.full()
+        full.interval[:] = f
+        assert fit(full)[0] == pytest.approx(2.658, abs=1e-12)
+    if name == "sensitivity":   # and the old, unconstrained least squares did predict better than full here
+        x = fit.model._terms(every)
+        b = space.encode([s.config for s in samples])
+        old = np.linalg.lstsq(np.concatenate([np.ones((len(b), 1)), fit.model._terms(b)], axis=1),
+                              np.array([s.loss for s in samples]), rcond=None)[0]
+        assert (old[0] + x @ old[1:]).min() < 2.658 - 0.005
+
+
+def test_sensitivity_model_is_monotone_in_missing_experts_and_precision():
+    space = SearchSpace(num_experts=(8, 16, 4), precisions=PRECISIONS, intervals=(8, 32))
+    model = fit_quality(space, noisy_insensitive_samples(space, 200), candidates=("sensitivity",)).model
+    assert (model.coef >= 0).all()
+    b = space.random(np.random.default_rng(5), 2000)
+    before = model(b)
+    for layer in range(3):
+        fewer = b.take(np.arange(len(b)))
+        fewer.sizes[:, layer] = np.maximum(fewer.sizes[:, layer] - 1, 1)
+        assert (model(fewer) >= before - 1e-12).all()
+        coarser = b.take(np.arange(len(b)))
+        coarser.prec[:, layer] = np.minimum(coarser.prec[:, layer] + 1, 2)
+        assert (model(coarser) >= before - 1e-12).all()
+
+
+def test_nnls_matches_a_brute_force_active_set():
+    import itertools
+
+    from pcmoe.planner.quality import nnls
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, y = rng.normal(size=(30, 5)), rng.normal(size=30)
+        x = nnls(a, y, free=1)
+        assert (x[1:] >= 0).all()
+        best = np.inf   # every subset of the constrained columns held at 0, the rest unconstrained
+        for keep in itertools.product([0, 1], repeat=4):
+            cols = [0] + [i + 1 for i in range(4) if keep[i]]
+            z = np.zeros(5)
+            z[cols] = np.linalg.lstsq(a[:, cols], y, rcond=None)[0]
+            if (z[1:] >= -1e-12).all():
+                best = min(best, float(np.sum((a @ z - y) ** 2)))
+        assert np.sum((a @ x - y) ** 2) == pytest.approx(best, rel=1e-9)
 
 
 def test_fit_quality_keeps_the_better_model_and_reports_both():

@@ -65,6 +65,47 @@ def errors(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return {"mae": float(np.abs(d).mean()), "rmse": float(np.sqrt((d ** 2).mean())), "max": float(np.abs(d).max())}
 
 
+def nnls(a: np.ndarray, b: np.ndarray, free: int = 0, tol: float = 1e-12, max_iter: int | None = None) -> np.ndarray:
+    """argmin ||a x - b|| subject to x[free:] >= 0 (Lawson-Hanson active set); the first `free`
+    columns are unconstrained. numpy only (scipy is not a dependency)."""
+    m, k = a.shape
+    passive = np.zeros(k, dtype=bool)
+    passive[:free] = True
+
+    def solve(mask):
+        z = np.zeros(k)
+        if mask.any():
+            z[mask] = np.linalg.lstsq(a[:, mask], b, rcond=None)[0]
+        return z
+
+    x = solve(passive)
+    for _ in range(max_iter or 3 * k):
+        w = a.T @ (b - a @ x)                                   # [K] the gradient's descent direction
+        w[passive] = -np.inf
+        j = int(np.argmax(w))
+        if w[j] <= tol * max(1.0, np.abs(a.T @ b).max()):
+            break
+        passive[j] = True
+        for _ in range(k + 1):   # at most k coefficients can be dropped
+            z = solve(passive)
+            bad = passive.copy()
+            bad[:free] = False
+            bad &= z <= 0
+            if not bad.any():
+                x = z
+                break
+            # Step from x towards z until the first constrained coefficient reaches 0, drop those.
+            step = x[bad] - z[bad]
+            alpha = float(np.min(np.where(step > 0, x[bad] / np.where(step > 0, step, 1.0), 0.0)))
+            x = x + alpha * (z - x)
+            drop = passive.copy()
+            drop[:free] = False
+            drop &= x <= tol
+            passive &= ~drop
+            x[drop] = 0.0
+    return x
+
+
 class MLPQuality:
     """Linear(D, hidden) -> ReLU -> Linear(hidden, 1) on standardised features and loss."""
 
@@ -73,8 +114,9 @@ class MLPQuality:
     # Defaults from a small grid (hidden 16/64, weight decay 1e-3..1e-1, 1000/2000 steps, lr 1e-2/3e-3) on a
     # synthetic 6-layer loss with 100 and 400 samples: this setting had the lowest held-out error at both.
     def __init__(self, space: SearchSpace, hidden: int = 64, steps: int = 2000, lr: float = 3e-3,
-                 weight_decay: float = 1e-3, seed: int = 0):
+                 weight_decay: float = 1e-3, seed: int = 0, full_loss: float | None = None):
         self.space, self.hidden, self.steps, self.lr, self.wd, self.seed = space, hidden, steps, lr, weight_decay, seed
+        self.full_loss = full_loss   # when known: predictions are anchored to it and never below it
 
     def fit(self, batch: Batch, loss: np.ndarray) -> MLPQuality:
         import torch  # only fitting needs torch; prediction is numpy
@@ -101,62 +143,94 @@ class MLPQuality:
         self.w2, self.b2 = net[2].weight.detach().numpy().copy(), net[2].bias.detach().numpy().copy()
         return self
 
-    def __call__(self, batch: Batch) -> np.ndarray:
-        """[P] predicted loss (numpy forward, the twin of `torch_predict`)."""
+    def raw(self, batch: Batch) -> np.ndarray:
+        """[P] the network's own output (numpy forward, the twin of `torch_raw`)."""
         z = (mlp_features(self.space, batch) - self.x_mean) / self.x_std                    # [P, D]
         h = np.maximum(z @ self.w1.T + self.b1, 0.0)                                          # [P, H]
         return (h @ self.w2.T + self.b2)[:, 0] * self.y_std + self.y_mean
 
-    def torch_predict(self, batch: Batch) -> np.ndarray:
+    def torch_raw(self, batch: Batch) -> np.ndarray:
         import torch
 
         z = torch.from_numpy((mlp_features(self.space, batch) - self.x_mean) / self.x_std)
         with torch.no_grad():
             return self.net(z)[:, 0].numpy() * self.y_std + self.y_mean
 
+    def __call__(self, batch: Batch) -> np.ndarray:
+        """[P] predicted loss: with a known full loss, full + max(0, raw - raw(full)), so the full model
+        predicts its measured loss and nothing predicts better (the network alone can, see issue 12)."""
+        raw = self.raw(batch)
+        if self.full_loss is None:
+            return raw
+        full = self.space.full().take(np.zeros(len(batch), dtype=np.int64))
+        full.interval[:] = batch.interval         # F does not matter when nothing is updated
+        return self.full_loss + np.maximum(raw - self.raw(full), 0.0)
+
 
 class SensitivityQuality:
-    """Additive per-layer loss increase, least squares with a small ridge (rank-deficient sample sets)."""
+    """Additive per-layer loss increase over the full model, every term >= 0 and monotone:
+
+        loss = full + Σ_l d_l(missing_l) + Σ_l e_l(precision_l) + g(F) · Σ_l missing_l / N_l + h(non-expert)
+
+    (g of the first F is 0, its effect is in d_l; g of the others >= 0)
+
+    d_l is piecewise linear in missing experts with non-negative slopes (a segment per missing
+    expert when N_l is small), e_l adds a non-negative step per precision lost (int8 <= int4), the
+    update-interval term vanishes when every layer is full. Fitted by non-negative least squares
+    with a small ridge, so a configuration can never be predicted better than the full model, and
+    all-full at full precision predicts `full` exactly (the measured loss of the full model when
+    the samples hold it; otherwise a free intercept)."""
 
     name = "sensitivity"
 
-    def __init__(self, space: SearchSpace, max_knots: int = 8, ridge: float = 1e-6):
-        self.space, self.ridge = space, ridge
-        # Knots in "missing experts" m = N - n; ramps max(0, m - t) make a piecewise-linear d_l with d_l(0) = 0.
-        self.knots = [np.arange(N - 1, dtype=np.float64) if N - 1 <= max_knots
-                      else np.linspace(0, N - 1, max_knots + 1)[:-1] for N in space.num_experts]
+    def __init__(self, space: SearchSpace, max_knots: int = 8, ridge: float = 1e-6, full_loss: float | None = None):
+        self.space, self.ridge, self.full_loss = space, ridge, full_loss
+        # Knots in "missing experts" m = N - n; segment k is clip(m - t_k, 0, t_k+1 - t_k), so d_l(0) = 0.
+        self.knots = [np.arange(N, dtype=np.float64) if N - 1 <= max_knots
+                      else np.linspace(0, N - 1, max_knots + 1) for N in space.num_experts]
 
-    def _design(self, batch: Batch) -> np.ndarray:
-        missing = np.array(self.space.num_experts) - batch.sizes                            # [P, L]
-        ramps = [np.maximum(missing[:, [l]] - t[None, :], 0.0) for l, t in enumerate(self.knots)]
-        return np.concatenate([np.ones((len(batch), 1)), *ramps, _onehot(batch.prec, len(self.space.precisions)),
-                               _onehot(batch.nonexpert, max(1, len(self.space.nonexpert_precisions))),
-                               _onehot(batch.interval, len(self.space.intervals))], axis=1)
+    def _terms(self, batch: Batch) -> np.ndarray:
+        """[P, K] the non-negative-coefficient features (no intercept)."""
+        missing = (np.array(self.space.num_experts) - batch.sizes).astype(np.float64)              # [P, L]
+        segments = [np.clip(missing[:, [l]] - t[None, :-1], 0.0, np.diff(t)[None, :]) for l, t in enumerate(self.knots)]
+        P = len(self.space.precisions)
+        lost = [(batch.prec >= j).astype(np.float64) for j in range(1, P)]                         # [P, L] each
+        n_ne = max(1, len(self.space.nonexpert_precisions))
+        ne = [(batch.nonexpert >= j).astype(np.float64)[:, None] for j in range(1, n_ne)]
+        share = (missing / np.array(self.space.num_experts)).sum(axis=1)                          # [P]
+        # The first (most frequent) F is the reference, its update effect part of d_l: identifiable.
+        interval = _onehot(batch.interval, len(self.space.intervals)) * share[:, None]           # [P, F-1]
+        return np.concatenate([*segments, *lost, *ne, interval], axis=1)
 
     def fit(self, batch: Batch, loss: np.ndarray) -> SensitivityQuality:
-        x = self._design(batch)                                                               # [P, K]
-        reg = np.sqrt(self.ridge * len(batch)) * np.eye(x.shape[1])[1:]                      # intercept free
-        a = np.concatenate([x, reg])
-        b = np.concatenate([np.asarray(loss, float), np.zeros(x.shape[1] - 1)])
-        self.coef = np.linalg.lstsq(a, b, rcond=None)[0]
+        x = self._terms(batch)                                                                    # [S, K]
+        y = np.asarray(loss, float)
+        free = self.full_loss is None
+        if free:
+            x = np.concatenate([np.ones((len(batch), 1)), x], axis=1)
+        else:
+            y = y - self.full_loss
+        reg = np.sqrt(self.ridge * len(batch)) * np.eye(x.shape[1])[int(free):]                 # intercept unpenalised
+        coef = nnls(np.concatenate([x, reg]), np.concatenate([y, np.zeros(len(reg))]), free=int(free))
+        self.base = float(coef[0]) if free else float(self.full_loss)
+        self.coef = coef[int(free):]                                                              # [K] all >= 0
         return self
 
     def __call__(self, batch: Batch) -> np.ndarray:
-        return self._design(batch) @ self.coef
+        return self.base + self._terms(batch) @ self.coef
 
     def layer_curve(self, layer: int, precision: str) -> np.ndarray:
         """[N_l] predicted loss increase of layer `layer` at sizes 1..N_l and this precision, relative to
-        all experts at the most precise precision (the layer's sensitivity)."""
-        N, P = self.space.num_experts[layer], len(self.space.precisions)
-        start = 1 + sum(len(t) for t in self.knots[:layer])
-        ramp = self.coef[start:start + len(self.knots[layer])]
+        all experts at the most precise precision (the layer's sensitivity; F's term excluded)."""
+        N = self.space.num_experts[layer]
+        L = self.space.layers
+        start = sum(len(t) - 1 for t in self.knots[:layer])
+        t = self.knots[layer]
         missing = N - np.arange(1, N + 1, dtype=np.float64)
-        curve = np.maximum(missing[:, None] - self.knots[layer][None, :], 0.0) @ ramp
+        curve = np.clip(missing[:, None] - t[None, :-1], 0.0, np.diff(t)[None, :]) @ self.coef[start:start + len(t) - 1]
+        offsets = sum(len(k) - 1 for k in self.knots)
         p = self.space.precisions.index(precision)
-        if p:
-            offsets = 1 + sum(len(t) for t in self.knots) + layer * (P - 1)
-            curve = curve + self.coef[offsets + p - 1]
-        return curve
+        return curve + sum(self.coef[offsets + (j - 1) * L + layer] for j in range(1, p + 1))
 
 
 @dataclass(frozen=True)
@@ -171,6 +245,15 @@ class QualityFit:
         return self.model(batch)
 
 
+def full_loss_of(space: SearchSpace, samples: list[Sample]) -> float | None:
+    """The mean measured loss of the samples that are the full model (every expert resident at the
+    most precise precision; F does not matter then), or None when no sample is."""
+    full = [s.loss for s in samples if tuple(s.config.sizes) == tuple(space.num_experts)
+            and all(p == space.precisions[0] for p in s.config.precisions)
+            and (not space.nonexpert_precisions or s.config.nonexpert_precision == space.nonexpert_precisions[0])]
+    return float(np.mean(full)) if full else None
+
+
 def split(n: int, heldout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded random split of n samples: (train indices, held-out indices), at least one each."""
     order = np.random.default_rng(seed).permutation(n)
@@ -182,15 +265,17 @@ def fit_quality(space: SearchSpace, samples: list[Sample], heldout: float = 0.25
                 candidates: tuple[str, ...] = ("sensitivity", "mlp")) -> QualityFit:
     if len(samples) < 4:
         raise PlanError(f"fitting quality needs at least 4 samples, got {len(samples)}")
-    makers = {"sensitivity": lambda: SensitivityQuality(space), "mlp": lambda: MLPQuality(space, seed=seed)}
+    makers = {"sensitivity": lambda full: SensitivityQuality(space, full_loss=full),
+              "mlp": lambda full: MLPQuality(space, seed=seed, full_loss=full)}
     unknown = [c for c in candidates if c not in makers]
     if unknown or not candidates:
         raise PlanError(f"unknown quality model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(makers)}")
     batch = space.encode([s.config for s in samples])
     loss = np.array([s.loss for s in samples])
     train, test = split(len(samples), heldout, seed)
-    scores = {name: errors(makers[name]().fit(batch.take(train), loss[train])(batch.take(test)), loss[test])
+    train_full = full_loss_of(space, [samples[i] for i in train])   # held-out scores see no held-out sample
+    scores = {name: errors(makers[name](train_full).fit(batch.take(train), loss[train])(batch.take(test)), loss[test])
               for name in candidates}
     best = min(candidates, key=lambda name: (scores[name]["rmse"], name))
-    return QualityFit(model=makers[best]().fit(batch, loss), name=best, heldout=scores,
+    return QualityFit(model=makers[best](full_loss_of(space, samples)).fit(batch, loss), name=best, heldout=scores,
                       n_train=len(train), n_heldout=len(test))
