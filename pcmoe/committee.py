@@ -89,3 +89,27 @@ class LayerCommittee:
         self.install(incoming, slot)
         if outgoing >= 0:
             self.evict(outgoing)
+
+    def resize(self, num_slots: int, keep: list[int]) -> list[int]:
+        """Between forwards, with no load in flight: the layer gets `num_slots` slots holding exactly
+        the members `keep` (a subset of the members, at most num_slots), packed into the first slots
+        in their old slot order; the other slots are empty. Returns, per new slot, the old slot whose
+        weights it takes (-1 = empty): what the bank copies (moe.SlotExperts.resize)."""
+        if self.reserved:
+            raise RuntimeError("cannot resize a committee while loads are in flight")
+        if not 1 <= num_slots:
+            raise ValueError("a layer needs at least one slot")
+        kept = set(keep)
+        if not kept <= set(self.members()) or len(kept) > num_slots:
+            raise ValueError("the members kept must be current members that fit the new slots")
+        sources = [s for s, e in enumerate(self.slot_to_expert) if e in kept]
+        experts = [self.slot_to_expert[s] for s in sources]
+        sources += [-1] * (num_slots - len(sources))
+        self.num_slots = num_slots
+        self.expert_to_slot.fill_(-1)
+        self.slot_to_expert = [-1] * num_slots
+        self.mask.zero_()
+        self.slot_list = [-1] * self.num_experts
+        for slot, e in enumerate(experts):
+            self.install(e, slot)
+        return sources

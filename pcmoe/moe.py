@@ -159,8 +159,28 @@ class SlotExperts(nn.Module):
         return sum(t[0].numel() * t.element_size() for t in self.bank.values())
 
     def slot(self, s: int) -> dict[str, torch.Tensor]:
-        """Views of slot s (the bank is never reallocated, so the views stay valid)."""
+        """Views of slot s (valid until the next resize(), the only time the bank is reallocated)."""
         return self._slots[s]
+
+    def resize(self, sources: list[int]) -> None:
+        """Reallocate the bank with len(sources) slots, new slot j holding what old slot sources[j]
+        held (-1: empty). Between forwards, with no load in flight. The old tensors are dropped, so
+        a smaller bank really returns its memory (a tensor at a time: the peak is the old bank plus
+        one new tensor)."""
+        if not sources or any(not -1 <= s < self.num_slots for s in sources):
+            raise ValueError("resize needs at least one slot and sources among the old slots")
+        self._slots = self._args = None  # views of the old tensors: they would keep them alive
+        for name in list(self.bank):
+            old = self.bank[name]                                     # [S, ...]
+            new = old.new_zeros((len(sources), *old.shape[1:]))       # [S', ...]
+            for j, s in enumerate(sources):
+                if s >= 0:
+                    new[j].copy_(old[s])  # slot by slot: no gathered temporary of the whole bank
+            self.bank[name] = new
+            del old
+        self.num_slots = len(sources)
+        self._slots = [{name: t[s] for name, t in self.bank.items()} for s in range(self.num_slots)]
+        self._ys = None  # the native path re-reads the slots' weight addresses
 
     def staging(self, s: int) -> dict[str, torch.Tensor]:
         """Where a load writes an expert's weights as stored: the slot itself, or (quantised banks)

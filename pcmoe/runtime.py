@@ -15,18 +15,22 @@ directly), a seq2seq encoder + decoder pass and the vision model alike.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
 
-from pcmoe.budget import ModelBytes, Sizing
+from pcmoe.budget import BudgetError, ModelBytes, Sizing, format_bytes, parse_budget, size_committees
 from pcmoe.formats import PROFILE_FORMAT
 from pcmoe.options import LoadOptions, PcmoeError
 from pcmoe.routing import GatingStats
-from pcmoe.system import peak_rss_bytes, rss_bytes
+from pcmoe.system import peak_rss_bytes, release_free_memory, rss_bytes
 
 STATE_FORMAT = "pcmoe-state/1"
 _GATING = ("choices", "hits", "exchanged", "skipped", "mass_total", "mass_outside")
+# Policies whose budget can change while serving: the committee (members swapped in, amortised),
+# on-demand (an LRU cache of slots) and the all-resident ones (only to a budget they still fit).
+LIVE_BUDGET_POLICIES = ("committee", "on-demand", "full", "topk-reduce")
 
 
 @dataclass
@@ -66,6 +70,9 @@ class Engine:
         self._last_layer = float("inf")   # the MoE layer the current pass last entered
         for layer in layers:
             layer.block.on_enter = self._enter
+        self._budget_lock = threading.Lock()
+        self._pending_sizing: Sizing | None = None   # a budget change waiting for the next step boundary
+        self.budget_changes = 0                       # live budget changes applied since load
         self._closed = False
 
     # Per-layer views (tests, benchmarks and front ends read these).
@@ -118,6 +125,8 @@ class Engine:
     def _enter(self, layer: int, tokens: int) -> None:
         """Called by every MoE block before it computes (never during another block)."""
         if layer <= self._last_layer:  # the first MoE layer of a new forward pass
+            if self._pending_sizing is not None:
+                self.apply_budget()
             if self._new_input is None:
                 new_input = True
             else:
@@ -125,6 +134,116 @@ class Engine:
             if self.scheduler is not None:
                 self.scheduler.begin_step(tokens, new_input)
         self._last_layer = layer
+
+    # -- live budget -------------------------------------------------------------------------------
+
+    @property
+    def budget_target(self) -> int:
+        """The budget in bytes once a pending change is applied (the current one when none is)."""
+        pending = self._pending_sizing
+        return (pending or self.sizing).budget
+
+    def plan_budget(self, budget) -> Sizing:
+        """What set_budget(budget) would keep resident; a PcmoeError (one line, nothing changed)
+        when it cannot be served, e.g. below the minimum budget. Safe from any thread."""
+        if self.policy not in LIVE_BUDGET_POLICIES:
+            raise PcmoeError(f"budget unchanged: policy {self.policy} keeps a fixed subset; live budget changes "
+                             f"need one of {', '.join(LIVE_BUDGET_POLICIES)}")
+        sizes = self.model_bytes
+        block = self.layers[0].block.experts
+        try:
+            value = parse_budget(budget, sizes)
+            if value is None:
+                raise BudgetError("give a budget (bytes with a unit, 50%, 50%experts)")
+            # the one budget arithmetic (pcmoe.budget), as the loader asks it, with uniform sizes
+            return size_committees(sizes, value, policy=self.policy, swapped=self.policy == "committee",
+                                   all_resident=self.policy in ("full", "topk-reduce"),
+                                   spare_slots=self.options.spare_slots, bytes_per_step=self.sizing.bytes_per_step,
+                                   staging_bytes=_staging_bytes(block))
+        except BudgetError as e:
+            raise PcmoeError(f"budget unchanged: {e}") from None
+
+    def set_budget(self, budget, now: bool = True) -> dict:
+        """A new weight budget without a restart: shrinking frees the slots of each layer's least
+        important members (the banks are reallocated smaller, so the memory returns to the OS);
+        growing adds empty slots that the swap scheduler fills, amortised, with the most important
+        non-members. now=True applies it at once (call it between forward passes, on the thread
+        that runs them); now=False only records it, to be applied at the next step boundary or by
+        apply_budget() (a server's admin thread does that). Raises PcmoeError, changing nothing,
+        for a budget that cannot be served. Returns what it will keep (budget_summary)."""
+        sizing = self.plan_budget(budget)
+        with self._budget_lock:
+            self._pending_sizing = sizing
+        if now:
+            self.apply_budget()
+        return budget_summary(sizing, self.model_bytes)
+
+    def apply_budget(self) -> bool:
+        """Apply a pending budget change now (between forward passes, on the engine's thread)."""
+        with self._budget_lock:
+            sizing, self._pending_sizing = self._pending_sizing, None
+        if sizing is None:
+            return False
+        self._resize(sizing)
+        return True
+
+    def _resize(self, sizing: Sizing) -> None:
+        if self.scheduler is not None:
+            self.scheduler.drain()  # no load writes into a bank or buffer while they are reallocated
+        fills = []
+        for i, layer in enumerate(self.layers):
+            committee, size = layer.committee, sizing.committee_sizes[i]
+            rank = self._importance_order(i)
+            members = set(committee.members())
+            keep = [e for e in rank if e in members][:size]
+            if sizing.slots[i] != committee.num_slots or len(keep) < len(members):
+                layer.block.experts.resize(committee.resize(sizing.slots[i], keep))
+            lru = getattr(layer.controller, "lru", None)
+            if lru is not None:  # on-demand: forget the evicted experts' recency
+                for e in [e for e in lru if not committee.is_member(e)]:
+                    del lru[e]
+            # on-demand fills its empty slots on misses; the committee's come from the scheduler
+            fills.append([e for e in rank if not committee.is_member(e)][:size - len(keep)]
+                         if self.policy == "committee" else [])
+        buffers = self.io.buffers
+        del buffers[sizing.swap_buffers:]
+        while len(buffers) < sizing.swap_buffers:
+            from pcmoe.moe import expert_buffer
+
+            block = self.layers[0].block.experts
+            buffers.append(expert_buffer(block.kernel, block.dtype))
+        if any(fills) or (self.scheduler is None and self.policy == "committee"
+                          and any(n < c.num_experts for n, c in zip(sizing.committee_sizes, self.committees))):
+            if self.scheduler is None:
+                self.scheduler = self._new_scheduler(sizing)
+        if self.scheduler is not None:
+            self.scheduler.resize(sizing.committee_sizes, sizing.swap_buffers, fills)
+        self.sizing = sizing
+        self.budget_changes += 1
+        release_free_memory()
+
+    def _importance_order(self, layer: int) -> list[int]:
+        """The layer's experts, most important first: on-demand by recency, else by the last
+        update's score, then the open window's importance, then the expert norm (ties: lower id)."""
+        ctrl, tracker = self.layers[layer].controller, self.layers[layer].tracker
+        n = self.layers[layer].committee.num_experts
+        lru = getattr(ctrl, "lru", None)
+        if lru is not None:
+            recent = list(reversed(lru))
+            return recent + [e for e in range(n) if e not in lru]
+        score, window, norms = tracker.score.tolist(), (tracker.window * tracker.expert_norms).tolist(), \
+            tracker.expert_norms.tolist()
+        return sorted(range(n), key=lambda e: (-score[e], -window[e], -norms[e], e))
+
+    def _new_scheduler(self, sizing: Sizing):
+        from pcmoe.scheduler import SwapScheduler
+
+        o, io = self.options, self.io
+        staging = (io.load_buffer, io.commit_buffer, 0) if o.spare_slots == 0 else None
+        return SwapScheduler(self.committees, self.trackers, list(sizing.committee_sizes), self.model_bytes.expert,
+                             io.load_slot, update_every=o.update_every, unit=o.update_unit,
+                             bytes_per_step=sizing.bytes_per_step, margin=o.margin, synchronous=o.synchronous,
+                             staging=staging)
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -274,6 +393,8 @@ class Engine:
             "read_errors": t["read_errors"],
             "stall_s": sum(row["stall_s"] for row in d["layers"]) + t["swap_stall_s"],
             "swap_buffer_bytes": sizing.buffer_bytes,
+            "budget_target_bytes": self.budget_target,
+            "budget_changes": self.budget_changes,
             "swap_copy_s": t["swap_copy_s"],
             "peak_rss_bytes": peak_rss_bytes(),
             "rss_bytes": rss_bytes(),
@@ -349,6 +470,20 @@ class Engine:
     def __del__(self):
         with contextlib.suppress(Exception):
             self.close()
+
+
+def budget_summary(sizing: Sizing, sizes: ModelBytes) -> dict:
+    """What a sizing keeps resident, as the admin call and the CLI report it."""
+    return {"budget_bytes": sizing.budget, "budget": format_bytes(sizing.budget), "weight_bytes": sizing.weight_bytes,
+            "committee_sizes": list(sizing.committee_sizes), "slots": list(sizing.slots),
+            "swap_buffers": sizing.swap_buffers, "experts": list(sizes.num_experts)}
+
+
+def _staging_bytes(bank) -> int:
+    """Bytes of one staging buffer: an expert as stored (full precision, whatever the bank holds)."""
+    from pcmoe.moe import slot_nbytes
+
+    return slot_nbytes(bank.kernel, bank.dtype, None)
 
 
 def _minus(now, before):

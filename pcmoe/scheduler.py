@@ -127,6 +127,11 @@ class SwapScheduler:
                 continue
             score = tracker.close_window()
             swaps = plan_swaps(score, committee.members(), self.sizes[layer], self.margin)
+            # empty slots a grown budget gave stay planned for even where the window saw no traffic
+            room = self.sizes[layer] - len(committee.members()) - sum(o < 0 for _, o in swaps)
+            planned = {i for i, _ in swaps}
+            swaps += [(i, -1) for lay, i, o in self.pending if lay == layer and o < 0 and i not in planned
+                      and not committee.is_member(i)][:max(room, 0)]
             per_layer.append([(layer, i, o) for i, o in swaps])
         self.pending = _round_robin(per_layer)
 
@@ -140,6 +145,22 @@ class SwapScheduler:
             per_layer.append([(layer, i, o) for i, o in zip(incoming, outgoing)])
         self.pending = _round_robin(per_layer)
         self.units = 0  # the new committee gets a full window before the next update
+
+    # -- live budget changes (pcmoe.runtime.Engine.set_budget) ----------------------------------
+
+    def drain(self) -> None:
+        """Switch in (or give up) every in-flight load and forget the pending plan: the banks and
+        staging buffers may then be reallocated. Called at a step boundary only."""
+        self._apply_inflight()
+        self.pending = []
+
+    def resize(self, sizes: list[int], buffers: int, fills: list[list[int]]) -> None:
+        """After drain() and the banks' resize: new committee sizes, `buffers` staging buffers, and
+        loads of `fills[layer]` (best first) into the layers' empty slots, issued amortised like
+        any swap from the next step on. Sync and async issue them at the same steps."""
+        self.sizes = list(sizes)
+        self.free_buffers = list(range(buffers))
+        self.pending = _round_robin([[(layer, e, -1) for e in experts] for layer, experts in enumerate(fills)])
 
     def _issue(self) -> None:
         self.allowance = min(self.allowance + self.bytes_per_step, self.allowance_cap)
@@ -169,7 +190,8 @@ class SwapScheduler:
                 job = _Job(layer, incoming, outgoing, free[0], nbytes)
                 load, target = self.load, job.slot
             loading.add((layer, incoming))
-            leaving.add((layer, outgoing))
+            if outgoing >= 0:  # (layer, -1) would mark every later fill of the layer as leaving
+                leaving.add((layer, outgoing))
             self.stats.bytes_issued += nbytes
             if self.synchronous:
                 t0 = time.perf_counter()

@@ -1,7 +1,9 @@
 """The HTTP API: routes, request handling, replies and server-sent event streams.
 
 Endpoints: POST /v1/completions and /v1/chat/completions (JSON, or SSE with `stream: true`), GET
-/v1/models, /health, /metrics (Prometheus) and /v1/pcmoe/stats (the engine's statistics as JSON).
+/v1/models, /health, /metrics (Prometheus) and /v1/pcmoe/stats (the engine's statistics as JSON);
+with an admin token, POST /admin/budget {"budget": "300MB"} changes the weight budget while serving
+(in-flight requests go on; a budget that cannot be served is a 400 that changes nothing).
 
 A request: gate (gate.py: auth, body limit) → request model (schema.py) → Service.completions /
 chat: checks, prompt → ids on the tokenizer thread (prompts.py), token limit → EngineWorker.submit
@@ -33,8 +35,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pcmoe.generation import turn_end_ids
+from pcmoe.options import PcmoeError
 from pcmoe.server.errors import APIError, check_sampling_fields, install_handlers
-from pcmoe.server.gate import Gate
+from pcmoe.server.gate import Gate, bearer_matches
 from pcmoe.server.metrics import Metrics
 from pcmoe.server.prompts import Prompts, text
 from pcmoe.server.schema import UNSUPPORTED, ChatRequest, CompletionRequest, Sampling
@@ -67,6 +70,25 @@ class Service:
 
     def close(self) -> None:
         self.prompts.close()
+
+    async def set_budget(self, budget, wait_s: float = 30.0) -> dict:
+        """A live budget change (the admin call and the signal): applied at once on an idle engine
+        (this waits for it, up to wait_s), else at the running generation's next token."""
+        if isinstance(budget, bool) or not isinstance(budget, (str, int, float)):
+            raise APIError(400, "'budget' must be a string (300MB, 40%experts) or a number of bytes", param="budget",
+                           code="invalid_value")
+        try:
+            summary, applying = self.worker.set_budget(budget)
+        except PcmoeError as e:
+            raise APIError(400, str(e), param="budget", code="invalid_budget") from None
+        applied = False
+        if applying is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.wrap_future(applying), wait_s)
+                applied = True
+        stats = self.worker.stats
+        return {"object": "pcmoe.budget", "applied": applied, **summary,
+                "resident_bytes": stats["resident_bytes"], "rss_bytes": stats["rss_bytes"]}
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "pcmoe"}
@@ -271,16 +293,19 @@ async def _get(queue: asyncio.Queue, timeout: float):
 
 def create_app(engine, *, model_name: str, api_key: str | None = None, queue_size: int = 8,
                request_timeout_s: float = 300.0, state_dir: str | os.PathLike | None = None,
-               max_users: int = 1000, max_body_bytes: int = 1 << 20) -> FastAPI:
+               max_users: int = 1000, max_body_bytes: int = 1 << 20, admin_token: str | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (which the caller closes). `state_dir` None: no per-user states
     (one that cannot be created raises OSError; `pcmoe serve` checks it first and serves without);
-    `api_key` None: no authentication (an empty key is an error, not a way to say none)."""
+    `api_key` None: no authentication (an empty key is an error, not a way to say none);
+    `admin_token` None: no admin endpoint (POST /admin/budget answers 404)."""
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty: pass None to serve without authentication")
+    if admin_token is not None and not admin_token.strip():
+        raise ValueError("admin_token is empty: pass None to serve without the admin endpoint")
     metrics = Metrics()
     states = UserStates(state_dir, max_users) if state_dir else None
     worker = EngineWorker(engine, queue_size, states, metrics)
-    metrics.attach(worker)
+    metrics.attach(worker, engine)
     service = Service(engine, worker, metrics, model_name, request_timeout_s)
 
     @contextlib.asynccontextmanager
@@ -314,6 +339,22 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, queue_siz
     @app.get("/v1/pcmoe/stats")
     async def stats():
         return worker.stats
+
+    @app.post("/admin/budget")
+    async def admin_budget(request: Request):
+        if admin_token is None:
+            raise APIError(404, "the admin endpoint is off: start the server with --admin-token", code="not_found")
+        if not bearer_matches(request.headers.get("authorization", ""), admin_token):
+            raise APIError(401, "missing or invalid admin token: send Authorization: Bearer <admin token>",
+                           code="invalid_admin_token", headers={"WWW-Authenticate": "Bearer"})
+        try:
+            body = await request.json()
+        except ValueError:
+            raise APIError(400, 'the body must be JSON: {"budget": "300MB"}', code="invalid_json") from None
+        if not isinstance(body, dict) or "budget" not in body:
+            raise APIError(400, 'the body must be {"budget": "300MB"} (or a number of bytes)', param="budget",
+                           code="missing_field")
+        return await service.set_budget(body["budget"])
 
     @app.get("/health")
     async def health():

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from pcmoe.options import PcmoeError
@@ -19,6 +21,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=os.environ.get("PCMOE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $PCMOE_API_KEY, else open); "
                         "/health and /metrics stay open")
+    g.add_argument("--admin-token", default=os.environ.get("PCMOE_ADMIN_TOKEN"),
+                   help="enable POST /admin/budget with 'Authorization: Bearer TOKEN' (default: "
+                        "$PCMOE_ADMIN_TOKEN, else no admin endpoint)")
+    g.add_argument("--budget-file", help="on SIGUSR1, read a new budget (one line: 300MB, 40%%experts) from this "
+                                         "file and apply it while serving")
     g.add_argument("--model-name", help="model id clients send (default: the checkpoint folder's name)")
     g.add_argument("--queue-size", type=int, default=8,
                    help="requests that may wait while one computes; more get 429 (default 8)")
@@ -46,6 +53,8 @@ def _check(args) -> None:
                         (args.max_users >= 1, "--max-users must be at least 1"),
                         (args.api_key is None or args.api_key.strip() != "",
                          "--api-key (or $PCMOE_API_KEY) is empty: give a key, or unset it to serve without one"),
+                        (args.admin_token is None or args.admin_token.strip() != "",
+                         "--admin-token (or $PCMOE_ADMIN_TOKEN) is empty: give a token, or unset it"),
                         (args.max_body_bytes >= 1024, "--max-body-bytes must be at least 1024")):
         if not ok:
             raise PcmoeError(message)
@@ -75,10 +84,30 @@ def cmd_serve(args) -> int:
         name = args.model_name or Path(args.model).resolve().name
         app = create_app(engine, model_name=name, api_key=args.api_key, queue_size=args.queue_size,
                          request_timeout_s=args.request_timeout, state_dir=state_dir, max_users=args.max_users,
-                         max_body_bytes=args.max_body_bytes)
+                         max_body_bytes=args.max_body_bytes, admin_token=args.admin_token)
+        if args.budget_file:
+            watch_budget_file(args.budget_file, app.state.service.worker)
         print(f"serving {name} at http://{args.host}:{args.port}/v1"
               + (f" (user states in {state_dir})" if state_dir else ""), file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     finally:
         engine.close()
     return 0
+
+
+def watch_budget_file(path: str, worker) -> None:
+    """SIGUSR1 -> read a budget from `path` and give it to the engine; one line on stderr either way.
+    The work runs on a thread of its own: a signal handler may interrupt code holding the worker's lock."""
+
+    def change():
+        try:
+            budget = Path(path).read_text().strip()
+            summary, _ = worker.set_budget(budget)
+            print(f"budget changed to {summary['budget']} (committee sizes {summary['committee_sizes']})",
+                  file=sys.stderr)
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"error: budget file {path}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        except PcmoeError as e:
+            print(f"error: {e}", file=sys.stderr)
+
+    signal.signal(signal.SIGUSR1, lambda signum, frame: threading.Thread(target=change, daemon=True).start())

@@ -1,7 +1,8 @@
 """The ASGI middleware in front of every route: request metrics, the API key, the body size limit.
 
 With an API key, /v1/... needs `Authorization: Bearer KEY`; /health and /metrics stay open for
-probes and scrapers (they show the model name and counts, never a request's text).
+probes and scrapers (they show the model name and counts, never a request's text). /admin/...
+checks its own token (the admin route), never the API key.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import time
 
 from pcmoe.server.errors import APIError
 
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/pcmoe/stats", "/health", "/metrics")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/pcmoe/stats", "/health", "/metrics",
+             "/admin/budget")
 
 
 class Gate:
@@ -59,8 +61,7 @@ class Gate:
         await self.app(scope, receive, send)
 
     def _authorized(self, headers: dict) -> bool:
-        scheme, _, key = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key.encode())
+        return bearer_matches(headers.get("authorization", ""), self.api_key)
 
     async def _read_body(self, headers: dict, receive) -> bytes | None:
         """The whole body, or None past the limit (checked before reading when the length is declared)."""
@@ -79,6 +80,12 @@ class Gate:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+def bearer_matches(authorization: str, key: str) -> bool:
+    """Whether an Authorization header is `Bearer <key>` (compared in constant time)."""
+    scheme, _, given = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
 
 
 def _replay(body: bytes, receive):

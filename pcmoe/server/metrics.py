@@ -15,8 +15,9 @@ from pcmoe.system import rss_bytes
 class EngineCollector:
     """Committee and memory metrics from `snapshot()` (the latest engine.stats()), read at scrape time."""
 
-    def __init__(self, snapshot):
+    def __init__(self, snapshot, engine=None):
         self.snapshot = snapshot
+        self.engine = engine      # read for the budget target only (an attribute, safe from any thread)
 
     def collect(self):
         s = self.snapshot()
@@ -43,6 +44,7 @@ class EngineCollector:
         yield gauge("pcmoe_layer_router_mass_outside", "Share of router weight on absent experts",
                     per_layer="router_mass_outside")
         yield gauge("pcmoe_committee_size", "Committee members per layer", per_layer="committee_size")
+        yield gauge("pcmoe_layer_slots", "Expert slots per layer", per_layer="slots")
         yield gauge("pcmoe_hit_rate", "Share of router choices served by resident experts", s["hit_rate"])
         yield gauge("pcmoe_router_mass_outside", "Share of router weight on absent experts",
                     s["router_mass_outside"])
@@ -52,6 +54,9 @@ class EngineCollector:
         yield counter("pcmoe_stall_seconds", "Time computation waited for expert reads", s["stall_s"])
         yield gauge("pcmoe_resident_bytes", "Weights resident in memory", s["resident_bytes"])
         yield gauge("pcmoe_budget_bytes", "Weight memory budget", s["budget_bytes"])
+        target = self.engine.budget_target if self.engine is not None else s["budget_bytes"]
+        yield gauge("pcmoe_budget_target_bytes", "Weight memory budget asked for (applied at the next token)", target)
+        yield counter("pcmoe_budget_changes", "Live budget changes applied", s.get("budget_changes", 0))
         yield gauge("pcmoe_full_model_bytes", "Weights of the whole model", s["full_model_bytes"])
         yield gauge("pcmoe_process_rss_bytes", "Resident set size of the server process", rss_bytes())
         yield gauge("pcmoe_process_peak_rss_bytes", "Peak resident set size of the server process",
@@ -76,11 +81,11 @@ class Metrics:
         self.queue_depth = Gauge("pcmoe_queue_depth", "Requests waiting for the engine", registry=r)
         self.busy = Gauge("pcmoe_engine_busy", "1 while a generation runs", registry=r)
 
-    def attach(self, worker) -> None:
+    def attach(self, worker, engine=None) -> None:
         """Read the queue and the engine through `worker` (an EngineWorker) at scrape time."""
         self.queue_depth.set_function(lambda: worker.waiting)
         self.busy.set_function(lambda: worker.running)
-        self.registry.register(EngineCollector(lambda: worker.stats))
+        self.registry.register(EngineCollector(lambda: worker.stats, engine))
 
     content_type = CONTENT_TYPE_LATEST
 

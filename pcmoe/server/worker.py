@@ -119,6 +119,20 @@ class EngineWorker:
                 self.waiting -= 1
             job.emit("error", APIError(503, "the server is shutting down", type="server_error", code="shutdown"))
 
+    def set_budget(self, budget) -> tuple[dict, Future | None]:
+        """Give the engine a new budget (PcmoeError, nothing changed, when it cannot be served).
+        A running generation applies it at its next token; an idle engine applies it now on the
+        engine thread (the future, done once applied and the statistics refreshed)."""
+        summary = self.engine.set_budget(budget, now=False)
+        with self._lock:
+            idle = self.waiting + self.running == 0
+        log.info("budget change to %s: committee sizes %s", summary["budget"], summary["committee_sizes"])
+        return summary, self._executor.submit(self._apply_budget) if idle else None
+
+    def _apply_budget(self) -> None:  # engine thread
+        self.engine.apply_budget()
+        self.stats = self.engine.stats()
+
     def close(self) -> None:
         job = self._current
         if job is not None:

@@ -1,0 +1,175 @@
+"""Live budget changes: Engine.set_budget while generating, the slot bank's resize, the server's
+admin call and /metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+import pcmoe
+from pcmoe.committee import LayerCommittee
+from pcmoe.moe import GluKernel, SlotExperts
+from pcmoe.options import PcmoeError
+from pcmoe.system import rss_bytes
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "pcmoe-lm"
+
+
+def _load(folder, **options):
+    options.setdefault("update_every", 4)
+    options.setdefault("margin", 0.0)
+    return pcmoe.load(folder, progress=False, **options)
+
+
+def _generate(engine, changes: dict, tokens: int = 40, prompt=(5, 6, 7, 8)):
+    """Greedy tokens; before step i, engine.set_budget(changes[i]). Returns tokens and per-step stats."""
+    out, seen = [], {}
+    steps = engine.generate(list(prompt), max_new_tokens=tokens, temperature=0, stop_on_eos=False)
+    with contextlib.closing(steps):
+        for step in steps:
+            out.append(step.token_id)
+            if step.index in changes:
+                engine.set_budget(changes[step.index])
+            seen[step.index] = engine.stats()
+    return out, seen
+
+
+def test_bank_resize_keeps_what_it_was_told_to(tiny_checkpoint):
+    kernel = GluKernel(8, 4, torch.nn.functional.silu)
+    bank = SlotExperts(kernel, 4, torch.float32)
+    for s in range(4):
+        for t in bank.slot(s).values():
+            t.fill_(float(s + 1))
+    bank.resize([2, -1, 0])
+    assert bank.num_slots == 3 and bank.bank["gate_up"].shape[0] == 3
+    assert float(bank.slot(0)["down"][0, 0]) == 3.0 and float(bank.slot(2)["gate_up"][0, 0]) == 1.0
+    assert not bank.slot(1)["down"].any()
+    c = LayerCommittee(6, 4)
+    for slot, e in enumerate([4, 1, 5, 2]):
+        c.install(e, slot)
+    assert c.resize(2, [2, 4]) == [0, 3]
+    assert c.slot_to_expert == [4, 2] and c.members() == [4, 2] and int(c.mask.sum()) == 2
+    assert c.slot_list[2] == 1 and int(c.expert_to_slot[1]) == -1
+    with pytest.raises(ValueError):
+        c.resize(1, [2, 4])
+
+
+def test_shrink_and_grow_mid_generation(tiny_lm):
+    with _load(tiny_lm, policy="committee", synchronous=True) as engine:
+        vocab = engine.config.vocab_size
+        full_slots = engine.slots
+        small = engine.plan_budget("30%experts")
+        tokens, seen = _generate(engine, {5: "30%experts", 20: "80%experts"})
+        assert len(tokens) == 40 and all(0 <= t < vocab for t in tokens)
+        after_shrink = seen[6]
+        assert after_shrink["committee_sizes"] == small.committee_sizes
+        assert after_shrink["budget_bytes"] == small.budget
+        assert after_shrink["resident_bytes"] <= small.budget < seen[4]["resident_bytes"]
+        assert [b.experts.num_slots for b in engine.blocks] == engine.slots
+        grown = engine.plan_budget("80%experts")
+        assert seen[21]["resident_bytes"] <= grown.budget and seen[21]["budget_changes"] == 2
+        # the new slots are filled by amortised swaps within one update window (4 tokens, margin 0)
+        members = [len(layer["members"]) for layer in seen[21 + 4]["per_layer"]]
+        assert members == grown.committee_sizes and engine.slots != full_slots
+
+
+def test_async_equals_sync_with_budget_changes(tiny_lm):
+    runs = []
+    for synchronous in (True, False):
+        with _load(tiny_lm, policy="committee", budget="60%experts", synchronous=synchronous) as engine:
+            tokens, seen = _generate(engine, {3: "25%experts", 12: "90%experts", 25: "40%experts"})
+            runs.append((tokens, seen[39]["swaps"], [layer["members"] for layer in seen[39]["per_layer"]]))
+    assert runs[0] == runs[1]
+
+
+def test_below_the_minimum_changes_nothing(tiny_lm):
+    with _load(tiny_lm, policy="committee", budget="60%experts", synchronous=True) as engine:
+        before = (engine.sizing, [c.members() for c in engine.committees], [b.experts.num_slots for b in engine.blocks])
+        for bad in ("1kB", "lots", "0"):
+            with pytest.raises(PcmoeError) as e:
+                engine.set_budget(bad)
+            assert "\n" not in str(e.value) and str(e.value).startswith("budget unchanged")
+        assert "minimum" in str(pytest.raises(PcmoeError, engine.set_budget, "1kB").value)
+        after = (engine.sizing, [c.members() for c in engine.committees], [b.experts.num_slots for b in engine.blocks])
+        assert after == before and engine.budget_changes == 0
+
+
+def test_a_fixed_subset_policy_refuses(tiny_lm):
+    with _load(tiny_lm, policy="magnitude-keep", budget="50%experts") as engine:
+        with pytest.raises(PcmoeError, match="fixed subset"):
+            engine.set_budget("80%experts")
+
+
+def test_on_demand_stays_exact_across_budget_changes(tiny_lm):
+    with _load(tiny_lm, policy="full") as engine:
+        reference, _ = _generate(engine, {})
+    with _load(tiny_lm, policy="on-demand", budget="50%experts") as engine:
+        tokens, seen = _generate(engine, {4: "20%experts", 15: "100%experts", 30: "30%experts"})
+    assert tokens == reference and seen[39]["budget_changes"] == 3
+
+
+def test_a_deferred_change_is_applied_at_the_next_step(tiny_lm):
+    with _load(tiny_lm, policy="committee", synchronous=True) as engine:
+        target = engine.plan_budget("40%experts").budget
+        engine.set_budget("40%experts", now=False)
+        assert engine.budget_target == target and engine.budget != target
+        logits, state = engine.prefill([1, 2, 3])
+        assert engine.budget == target and engine.stats()["budget_target_bytes"] == target
+        assert not engine.apply_budget()  # nothing pending any more
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="the shipped LM is not here")
+def test_a_shrink_returns_its_memory_to_the_os():
+    with _load(SHIPPED, policy="committee", synchronous=True) as engine:
+        engine.generate(engine.encode("def f(x):"), max_new_tokens=4, temperature=0)
+        gc.collect()
+        before, resident = rss_bytes(), engine.stats()["resident_bytes"]
+        engine.set_budget(engine.stats()["nonexpert_bytes"] + 4_000_000)
+        freed = resident - engine.stats()["resident_bytes"]
+        assert freed > 25_000_000
+        assert before - rss_bytes() > 0.7 * freed  # the slot banks were reallocated smaller
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+
+def test_admin_budget_endpoint_and_metrics(tiny_lm, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from pcmoe.server import create_app
+
+    engine = _load(tiny_lm, policy="committee", synchronous=True)
+    try:
+        app = create_app(engine, model_name="tiny", api_key="k", admin_token="secret")
+        with TestClient(app) as client:
+            ok = {"Authorization": "Bearer secret"}
+            assert client.post("/admin/budget", json={"budget": "30%experts"}).status_code == 401
+            assert client.post("/admin/budget", json={"budget": "30%experts"},
+                               headers={"Authorization": "Bearer k"}).status_code == 401
+            r = client.post("/admin/budget", json={"budget": "1kB"}, headers=ok)
+            assert r.status_code == 400 and "minimum" in r.json()["error"]["message"]
+            assert engine.budget_changes == 0
+            assert client.post("/admin/budget", json={"size": 3}, headers=ok).status_code == 400
+            r = client.post("/admin/budget", json={"budget": "30%experts"}, headers=ok)
+            body = r.json()
+            assert r.status_code == 200 and body["applied"] and body["resident_bytes"] <= body["budget_bytes"]
+            assert engine.budget == body["budget_bytes"] and engine.committee_sizes == body["committee_sizes"]
+            r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 5},
+                            headers={"Authorization": "Bearer k"})
+            assert r.status_code == 200
+            metrics = client.get("/metrics").text
+            assert f"pcmoe_budget_bytes {float(body['budget_bytes'])}" in metrics
+            assert f"pcmoe_budget_target_bytes {float(body['budget_bytes'])}" in metrics
+            assert "pcmoe_budget_changes_total 1.0" in metrics
+            assert client.get("/v1/pcmoe/stats", headers={"Authorization": "Bearer k"}).json()["budget_bytes"] \
+                == body["budget_bytes"]
+        off = create_app(engine, model_name="tiny")
+        with TestClient(off) as client:
+            assert client.post("/admin/budget", json={"budget": "50%"}).status_code == 404
+    finally:
+        engine.close()
