@@ -373,6 +373,10 @@ def _native_kernels(opts: LoadOptions, family, dtype: torch.dtype, banks) -> tup
     for bank in banks:
         if bank.native_ok():
             bank.native = kernels
+    if not kernels.vnni and any(b.native is not None and b.quant for b in banks):
+        import warnings
+
+        warnings.warn(native.NO_VNNI, PcmoeWarning, stacklevel=3)
     kernels.set_threads(opts.threads or torch.get_num_threads())
     return kernels, "native"
 

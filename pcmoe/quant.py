@@ -52,6 +52,24 @@ def quantize_into(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, mode: str) 
     s.copy_(torch.stack([scale, zero], dim=-1).transpose(0, 1).to(s.dtype))     # [G, out, 2]
 
 
+def dequantize(q: torch.Tensor, s: torch.Tensor, mode: str) -> torch.Tensor:
+    """The float32 [out, in] weight that q and s stand for (the exact reference of every kernel).
+    int4 is torch's CPU int4pack: q [out/64][in][32] bytes, byte j of (block, column k) holds row
+    64 block + j (low nibble) and row 64 block + 32 + j (high nibble); s [G, out, 2] (scale, zero)."""
+    if mode == "int8":
+        return q.float() * s.float()[:, None]
+    groups, out_f, _ = s.shape
+    in_f = q.numel() * 2 // out_f
+    if out_f % 64:
+        raise ValueError(f"int4 weights need whole blocks of 64 output rows (got {out_f})")
+    packed = q.reshape(out_f // 64, in_f, 32)                                     # [blocks, in, 32]
+    codes = torch.cat([packed & 0x0F, packed >> 4], dim=-1)                       # [blocks, in, 64]
+    codes = codes.permute(0, 2, 1).reshape(out_f, in_f).float()                   # [out, in]
+    scale = s[..., 0].float().t().repeat_interleave(in_f // groups, dim=1)        # [out, in]
+    zero = s[..., 1].float().t().repeat_interleave(in_f // groups, dim=1)
+    return (codes - 8.0) * scale + zero
+
+
 def int8_linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     return torch._weight_int8pack_mm(x.contiguous(), w[name + ".q"], w[name + ".s"])
 

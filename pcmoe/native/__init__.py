@@ -7,7 +7,8 @@ The library is plain C called through ctypes (no torch headers, so it builds in 
 gcc >= 10). It is looked for in $PCMOE_NATIVE_DIR, else pcmoe/native/_build, under a name that
 carries a hash of the source and flags: a changed kernels.c is never loaded stale. Where it is
 missing, cannot load, or the CPU lacks AVX-512 BF16, `kernels()` returns None with the reason and
-pcmoe runs its eager torch path (the slow twin the tests compare against).
+pcmoe runs its eager torch path (the slow twin the tests compare against). Quantised (int8/int4)
+experts use AVX-512 VNNI where the CPU has it (`Kernels.vnni`), else float32 kernels.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
          "-fPIC", "-shared", "-fvisibility=hidden"]
-ABI_VERSION = 1
+ABI_VERSION = 2
 KERNELS = ("auto", "eager", "native")
+NO_VNNI = ("this CPU lacks AVX-512 VNNI/VBMI: int8/int4 experts run the native float32 kernels, slower than "
+           "their bytes allow")
 
 
 def native_dir() -> Path:
@@ -72,6 +75,12 @@ class Kernels:
             "pcmoe_attention_bf16": [p, p, p, p, i, i, i, i, i, f, p],
             "pcmoe_to_bf16": [p, p, i],
             "pcmoe_set_threads": [i],
+            "pcmoe_gemv_quant": [i, i, p, p, i, i, p, p, i, i, p],
+            "pcmoe_gemv_bf16": [p, p, p, i, i],
+            "pcmoe_quantize_activation": [p, i, p, p, p],
+            "pcmoe_use_vnni": [i],
+            "pcmoe_vnni_supported": [],
+            "pcmoe_act_scratch_floats": [i],
             "pcmoe_attention_block": [p, p, p, f, p, p, i, p, p, f, f, p, p, p, p, i, i, p, p, p, f, i, i, i, i,
                                       f, p],
         }
@@ -79,7 +88,13 @@ class Kernels:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
             setattr(self, name.removeprefix("pcmoe_"), fn)
-        lib.pcmoe_set_threads.restype = ctypes.c_int
+        for name in ("pcmoe_set_threads", "pcmoe_use_vnni", "pcmoe_vnni_supported", "pcmoe_act_scratch_floats"):
+            getattr(lib, name).restype = ctypes.c_int
+        # int8/int4 experts: VNNI integer dot products where the CPU has them (AVX-512 VNNI and
+        # VBMI), else the float32 kernels, correct but slower (the loader says so in one line).
+        lib.pcmoe_stream_read.argtypes, lib.pcmoe_stream_read.restype = [p, ctypes.c_longlong], ctypes.c_ulonglong
+        self.stream_read = lib.pcmoe_stream_read
+        self.vnni = bool(lib.pcmoe_use_vnni(1))
 
 
 _loaded: tuple[Kernels | None, str] | None = None

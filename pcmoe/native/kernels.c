@@ -30,7 +30,7 @@
 
 #define EXPORT __attribute__((visibility("default")))
 
-int EXPORT pcmoe_abi_version(void) { return 1; }
+int EXPORT pcmoe_abi_version(void) { return 2; }
 
 int EXPORT pcmoe_cpu_supported(void) {
     __builtin_cpu_init();
@@ -297,35 +297,248 @@ static void gemv_int4(const uint8_t *q, const void *sz, int scale_f32, const flo
     parallel_for(int4_range, &j, out, 64, (size_t)out * in / 2);
 }
 
+/* -- quantised weights with AVX-512 VNNI: int8 activations, integer dot products -------------- */
+
+/* The float32 kernels above convert every weight to float: 3-4 instructions per weight, so they
+ * run at a fraction of the bandwidth their bytes would allow. Here the activation is quantised
+ * once per product, symmetrically per block of 32 (xq = round(x 127 / max|x|), d = max|x| / 127),
+ * and vpdpbusd multiplies 64 weight bytes by 64 activation bytes in one instruction; the block
+ * scales are applied once per block. This approximates the product (the activation is rounded
+ * to 8 bits, as llama.cpp does for its q8/q4 kernels); pcmoe_quantize_activation exposes the
+ * rounding so the tests can check the bound and the exact twin (ops.quantize_activation). */
+
+#define ACT_BLOCK 32
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
+
+int EXPORT pcmoe_vnni_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
+}
+
+static int use_vnni = 0;   /* set by pcmoe_use_vnni once the caller has checked the CPU */
+
+int EXPORT pcmoe_use_vnni(int on) {
+    use_vnni = on && pcmoe_vnni_supported();
+    return use_vnni;
+}
+
+/* Activation x[n] -> xq [ceil(n/64)*64] int8 (zero-padded), d [blocks] (block scales) and
+ * xs [blocks] (d * sum of the block's xq, for the int4 zero points). */
+static void quantize_act(const float *x, int n, int8_t *xq, float *d, float *xs) {
+    int blocks = (n + ACT_BLOCK - 1) / ACT_BLOCK, padded = (n + 63) & ~63;
+    for (int b = 0; b < blocks; b++) {
+        int k0 = b * ACT_BLOCK, k1 = k0 + ACT_BLOCK < n ? k0 + ACT_BLOCK : n;
+        float amax = 0.f;
+        for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(x[k]));
+        float inv = amax > 0.f ? 127.f / amax : 0.f;
+        int sum = 0;
+        for (int k = k0; k < k1; k++) {
+            int q = (int)nearbyintf(x[k] * inv);   /* round half to even, as torch.round */
+            q = q > 127 ? 127 : q < -127 ? -127 : q;
+            xq[k] = (int8_t)q;
+            sum += q;
+        }
+        d[b] = amax / 127.f;
+        xs[b] = d[b] * (float)sum;
+    }
+    for (int k = n; k < padded; k++) xq[k] = 0;
+}
+
+void EXPORT pcmoe_quantize_activation(const float *x, int n, int8_t *xq, float *d, float *xs) {
+    quantize_act(x, n, xq, d, xs);
+}
+
+/* int8 weights [out, in], one scale per row. vpdpbusd takes unsigned x signed bytes: the
+ * activation goes in as xq + 128 and the 128 * sum(w) this adds is taken off per block. */
+typedef struct { const int8_t *q; const void *s; int scale_f32; const uint8_t *xu; const float *dv; float *y; int in; }
+    int8_vnni_job;
+
+VNNI static void int8_vnni_range(void *arg, int r0, int r1) {
+    /* One row at a time: a single sequential stream from memory. Interleaving four rows (as the
+     * bf16 kernel does) ran at half the bandwidth here, and masked loads that miss the cache
+     * stall: only the last, partial chunk is loaded masked. */
+    int8_vnni_job *j = arg;
+    int in = j->in, full = in / 64;
+    __mmask64 tail = ((__mmask64)1 << (in & 63)) - 1;
+    const __m512i zero = _mm512_setzero_si512(), c128 = _mm512_set1_epi8((char)0x80);
+#define DOT(v, c) _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_dpbusd_epi32(zero, _mm512_loadu_si512(j->xu + 64 * (c)), v), \
+                                                      _mm512_dpbusd_epi32(zero, c128, v)))
+    for (int r = r0; r < r1; r++) {
+        const int8_t *w = j->q + (size_t)r * in;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;   /* two chains: the fma latency is not the limit */
+        int c = 0;
+        for (; c + 2 <= full; c += 2) {
+            __m512i v0 = _mm512_loadu_si512(w + 64 * c), v1 = _mm512_loadu_si512(w + 64 * c + 64);
+            a0 = _mm512_fmadd_ps(DOT(v0, c), _mm512_loadu_ps(j->dv + 16 * c), a0);
+            a1 = _mm512_fmadd_ps(DOT(v1, c + 1), _mm512_loadu_ps(j->dv + 16 * c + 16), a1);
+        }
+        if (c < full) {
+            __m512i v = _mm512_loadu_si512(w + 64 * c);
+            a0 = _mm512_fmadd_ps(DOT(v, c), _mm512_loadu_ps(j->dv + 16 * c), a0);
+            c++;
+        }
+        if (in & 63) {
+            __m512i v = _mm512_maskz_loadu_epi8(tail, w + 64 * c);
+            a1 = _mm512_fmadd_ps(DOT(v, c), _mm512_loadu_ps(j->dv + 16 * c), a1);
+        }
+        j->y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale_at(j->s, r, j->scale_f32);
+    }
+#undef DOT
+}
+
+/* int4 weights in torch's int4pack layout (see the top), groups of 32 columns. Four columns of a
+ * 64-row block are 128 bytes; two byte permutes gather each row's four nibble pairs into one
+ * 32-bit lane, the order vpdpbusd sums in (weights 0..15 unsigned, activation signed). */
+typedef struct { const uint8_t *q; const void *sz; int scale_f32; const int8_t *xq; const float *d, *xs; float *y;
+                 int out, in; } int4_vnni_job;
+
+VNNI static void int4_vnni_range(void *arg, int r0, int r1) {
+    int4_vnni_job *j = arg;
+    int in = j->in, out = j->out, groups = in / 32;
+    uint8_t lo_idx[64], hi_idx[64];
+    for (int l = 0; l < 16; l++)
+        for (int t = 0; t < 4; t++) {  /* lane l, byte t: column k+t of row l (A: k, k+1; B: k+2, k+3) */
+            lo_idx[4 * l + t] = (uint8_t)(32 * t + l);
+            hi_idx[4 * l + t] = (uint8_t)(32 * t + 16 + l);
+        }
+    const __m512i idx0 = _mm512_loadu_si512(lo_idx), idx1 = _mm512_loadu_si512(hi_idx);
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    const __m512i pair_lo = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i pair_hi = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    for (int b = r0 / 64; b < r1 / 64; b++) {
+        const uint8_t *blk = j->q + (size_t)b * 64 * (in / 2);
+        __m512 y[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int g = 0; g < groups; g++) {
+            __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                              _mm512_setzero_si512()};   /* rows 0-15, 16-31, 32-47, 48-63 */
+            for (int k = 32 * g; k < 32 * g + 32; k += 4) {
+                const uint8_t *p = blk + (size_t)k * 32;
+                __m512i A = _mm512_loadu_si512(p), B = _mm512_loadu_si512(p + 64);
+                __m512i P0 = _mm512_permutex2var_epi8(A, idx0, B), P1 = _mm512_permutex2var_epi8(A, idx1, B);
+                int32_t x4;
+                memcpy(&x4, j->xq + k, 4);
+                __m512i xv = _mm512_set1_epi32(x4);
+                acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_and_si512(P0, nib), xv);
+                acc[1] = _mm512_dpbusd_epi32(acc[1], _mm512_and_si512(P1, nib), xv);
+                acc[2] = _mm512_dpbusd_epi32(acc[2], _mm512_and_si512(_mm512_srli_epi16(P0, 4), nib), xv);
+                acc[3] = _mm512_dpbusd_epi32(acc[3], _mm512_and_si512(_mm512_srli_epi16(P1, 4), nib), xv);
+            }
+            /* w = (q - 8) s + z:  sum w x = s d (sum q xq) + (z - 8 s) xs */
+            __m512 dg = _mm512_set1_ps(j->d[g]), xsg = _mm512_set1_ps(j->xs[g]);
+            for (int i = 0; i < 4; i++) {
+                size_t at = ((size_t)g * out + 64 * b + 16 * i) * 2;   /* 16 (scale, zero) pairs */
+                __m512 sc, ze;
+                if (j->scale_f32) {
+                    __m512 p0 = _mm512_loadu_ps((const float *)j->sz + at), p1 = _mm512_loadu_ps((const float *)j->sz + at + 16);
+                    sc = _mm512_permutex2var_ps(p0, pair_lo, p1);
+                    ze = _mm512_permutex2var_ps(p0, pair_hi, p1);
+                } else {
+                    __m512i pr = _mm512_loadu_si512((const uint16_t *)j->sz + at);
+                    sc = _mm512_castsi512_ps(_mm512_slli_epi32(pr, 16));
+                    ze = _mm512_castsi512_ps(_mm512_and_si512(pr, _mm512_set1_epi32((int)0xffff0000)));
+                }
+                __m512 zoff = _mm512_fnmadd_ps(sc, _mm512_set1_ps(8.f), ze);
+                y[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), _mm512_mul_ps(sc, dg), y[i]);
+                y[i] = _mm512_fmadd_ps(zoff, xsg, y[i]);
+            }
+        }
+        for (int i = 0; i < 4; i++) _mm512_storeu_ps(j->y + 64 * b + 16 * i, y[i]);
+    }
+}
+
+/* Scratch for one quantised activation of n values (bytes, rounded up; see quantize_act). */
+#define ACT_SCRATCH_FLOATS(n) (((n) + 63) / 64 * 64 / 2 + 2 * (((n) + 31) / 32) + 16 * (((n) + 63) / 64) + 32)
+
+/* y[out] = W x with x quantised here; work: ACT_SCRATCH_FLOATS(in) floats. */
+static void gemv_q_vnni(int quant, const void *q, const void *s, int scale_f32, const float *x, float *y, int out,
+                        int in, float *work) {
+    int padded = (in + 63) & ~63, blocks = (in + 31) / 32, chunks = padded / 64;
+    int8_t *xq = (int8_t *)work;
+    float *d = work + padded / 4, *xs = d + blocks, *dv = xs + blocks;
+    quantize_act(x, in, xq, d, xs);
+    if (quant == 1) {
+        uint8_t *xu = (uint8_t *)xq;  /* in place: xq + 128 (padding becomes 128, against zero weights) */
+        for (int k = 0; k < padded; k++) xu[k] = (uint8_t)(xq[k] ^ 0x80);
+        for (int c = 0; c < chunks; c++)
+            for (int l = 0; l < 16; l++) {
+                int blk = 2 * c + l / 8;
+                dv[16 * c + l] = blk < blocks ? d[blk] : 0.f;
+            }
+        int8_vnni_job j = {.q = q, .s = s, .scale_f32 = scale_f32, .xu = xu, .dv = dv, .y = y, .in = in};
+        parallel_for(int8_vnni_range, &j, out, 4, (size_t)out * in);
+    } else {
+        int4_vnni_job j = {.q = q, .sz = s, .scale_f32 = scale_f32, .xq = xq, .d = d, .xs = xs, .y = y, .out = out,
+                           .in = in};
+        parallel_for(int4_vnni_range, &j, out, 64, (size_t)out * in / 2);
+    }
+}
+
+/* y = W x for one float32 x: the quantised product alone (micro-benchmarks and tests).
+ * quant 1 int8, 2 int4; vnni 0 = the float32 kernels. work: ACT_SCRATCH_FLOATS(in) floats. */
+void EXPORT pcmoe_gemv_quant(int quant, int vnni, const void *q, const void *s, int scale_f32, int group,
+                             const float *x, float *y, int out, int in, float *work) {
+    if (vnni && use_vnni && (quant == 1 || group == 32)) gemv_q_vnni(quant, q, s, scale_f32, x, y, out, in, work);
+    else if (quant == 1) gemv_int8(q, s, scale_f32, x, y, out, in);
+    else gemv_int4(q, s, scale_f32, x, y, out, in, group);
+}
+
+/* y = W x for one bf16 x (micro-benchmarks). */
+void EXPORT pcmoe_gemv_bf16(const uint16_t *W, const uint16_t *x, float *y, int out, int in) {
+    gemv_bf16(W, x, y, out, in);
+}
+
+int EXPORT pcmoe_act_scratch_floats(int n) { return ACT_SCRATCH_FLOATS(n); }
+
+/* Read n bytes (a multiple of 256) with 512-bit loads, rows split over the pool: the memory
+ * bandwidth floor the micro-benchmark compares the products against. Returns a checksum. */
+typedef struct { const uint8_t *p; _Atomic unsigned long long sum; } read_job;
+
+static void read_range(void *arg, int b, int e) {
+    read_job *j = arg;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (size_t i = (size_t)b * 256; i < (size_t)e * 256; i += 256) {
+        a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(j->p + i));
+        a1 = _mm512_xor_si512(a1, _mm512_loadu_si512(j->p + i + 64));
+        a2 = _mm512_xor_si512(a2, _mm512_loadu_si512(j->p + i + 128));
+        a3 = _mm512_xor_si512(a3, _mm512_loadu_si512(j->p + i + 192));
+    }
+    a0 = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
+    atomic_fetch_xor(&j->sum, (unsigned long long)_mm512_reduce_add_epi64(a0));
+}
+
+unsigned long long EXPORT pcmoe_stream_read(const void *p, long long n) {
+    read_job j = {.p = p, .sum = 0};
+    parallel_for(read_range, &j, (int)(n / 256), 64, (size_t)n);
+    return j.sum;
+}
+
 /* -- the GLU expert: act(x Wg^T) * (x Wu^T), then W_down; act = SiLU ------------------------- */
 
 static inline float silu(float v) { return v / (1.f + expf(-v)); }
 
 /* out[H] (float32) = down . (silu(gate) * up), [gate; up] = gate_up . x.
  * quant: 0 bf16, 1 int8, 2 int4; for quantised weights *_s are the scales, else ignored.
- * scratch: 4 * I floats. */
+ * scratch: 4 * I + ACT_SCRATCH_FLOATS(max(H, I)) floats. */
 void EXPORT pcmoe_glu_expert(int quant, const void *gate_up, const void *gate_up_s, const void *down,
                              const void *down_s, int scale_f32, int group, const uint16_t *x, float *out, int H, int I,
                              float *scratch) {
     float *h = scratch;                  /* [2I] */
     float *a = scratch + 2 * I;          /* [I] float32 activations (quantised paths) */
     uint16_t *a16 = (uint16_t *)(scratch + 3 * I);   /* [I] bf16 activations (bf16 path) */
+    float *work = scratch + 4 * I;       /* the quantised activation of the VNNI path */
     if (quant == 0) {
         gemv_bf16((const uint16_t *)gate_up, x, h, 2 * I, H);
     } else {
         float xf[H];
         for (int k = 0; k < H; k++) xf[k] = bf16_to_f32(x[k]);
-        if (quant == 1) gemv_int8((const int8_t *)gate_up, gate_up_s, scale_f32, xf, h, 2 * I, H);
-        else gemv_int4((const uint8_t *)gate_up, gate_up_s, scale_f32, xf, h, 2 * I, H, group);
+        pcmoe_gemv_quant(quant, 1, gate_up, gate_up_s, scale_f32, group, xf, h, 2 * I, H, work);
     }
     for (int i = 0; i < I; i++) a[i] = silu(h[i]) * h[I + i];
     if (quant == 0) {
         f32_to_bf16_n(a, a16, I);
         gemv_bf16((const uint16_t *)down, a16, out, H, I);
-    } else if (quant == 1) {
-        gemv_int8((const int8_t *)down, down_s, scale_f32, a, out, H, I);
     } else {
-        gemv_int4((const uint8_t *)down, down_s, scale_f32, a, out, H, I, group);
+        pcmoe_gemv_quant(quant, 1, down, down_s, scale_f32, group, a, out, H, I, work);
     }
 }
 

@@ -66,7 +66,63 @@ def glu_expert(k, quant: str | None, w: dict[str, torch.Tensor], x: torch.Tensor
                hidden: int, inter: int, args: tuple | None = None) -> None:
     """One GLU expert (SiLU) of a slot `w` on one token x [1, H] into out [H] (float32)."""
     k.glu_expert(*(args or expert_args(quant, w)), x.data_ptr(), out.data_ptr(), hidden, inter,
-                 _scratch(4 * inter).data_ptr())
+                 _scratch(4 * inter + k.act_scratch_floats(max(hidden, inter))).data_ptr())
+
+
+def gemv_quant(k, quant: str, w: dict[str, torch.Tensor], name: str, x: torch.Tensor,
+               vnni: bool = True) -> torch.Tensor:
+    """One quantised product W x of a slot's weight `name`: x [in] float32 -> [out] float32.
+    vnni: the integer kernels (activation rounded to int8 per block of 32), else float32 ones."""
+    q, s = w[name + ".q"], w[name + ".s"]
+    out_f = q.shape[0] if quant == "int8" else s.shape[1]
+    in_f = x.numel()
+    group = in_f // s.shape[0] if quant == "int4" else 0
+    x = x.contiguous().float()
+    y = torch.empty(out_f, dtype=torch.float32)
+    k.gemv_quant(QUANT_CODES[quant], int(vnni), q.data_ptr(), s.data_ptr(), int(s.dtype == torch.float32), group,
+                 x.data_ptr(), y.data_ptr(), out_f, in_f, _scratch(k.act_scratch_floats(in_f)).data_ptr())
+    return y
+
+
+def gemv_bf16(k, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """W [out, in] bf16 . x [in] bf16 -> [out] float32 (no bias, no rounding of the output)."""
+    y = torch.empty(weight.shape[0], dtype=torch.float32)
+    k.gemv_bf16(weight.data_ptr(), x.contiguous().data_ptr(), y.data_ptr(), weight.shape[0], weight.shape[1])
+    return y
+
+
+def quantize_activation_native(k, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernels' activation rounding of x [n] float32: (xq [n] int8, d [blocks], xs [blocks])."""
+    n = x.numel()
+    blocks = (n + ACT_BLOCK - 1) // ACT_BLOCK
+    x = x.contiguous().float()
+    xq = torch.empty((n + 63) // 64 * 64, dtype=torch.int8)
+    d, xs = torch.empty(blocks), torch.empty(blocks)
+    k.quantize_activation(x.data_ptr(), n, xq.data_ptr(), d.data_ptr(), xs.data_ptr())
+    return xq[:n], d, xs
+
+
+# -- the slow twins of the VNNI kernels (torch, float32) ---------------------------------------
+
+ACT_BLOCK = 32   # activation values sharing one int8 scale (kernels.c ACT_BLOCK)
+
+
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [n] float32 -> (xq [n] int8, d [blocks]): symmetric per block of 32, the same float32
+    operations as kernels.c (x * (127 / max|x|), rounded half to even), so the same bits."""
+    n = x.numel()
+    blocks = (n + ACT_BLOCK - 1) // ACT_BLOCK
+    xb = torch.nn.functional.pad(x.float().reshape(-1), (0, blocks * ACT_BLOCK - n)).view(blocks, ACT_BLOCK)
+    amax = xb.abs().amax(dim=1)                                                   # [blocks]
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = torch.round(xb * inv[:, None]).clamp(-127, 127).to(torch.int8)
+    return xq.reshape(-1)[:n], amax / 127.0
+
+
+def dequantize_activation(x: torch.Tensor) -> torch.Tensor:
+    """The activation the VNNI kernels multiply by: x rounded to int8 per block, in float32."""
+    xq, d = quantize_activation(x)
+    return xq.float() * d.repeat_interleave(ACT_BLOCK)[:xq.numel()]
 
 
 def combine(k, ys: torch.Tensor, weights: list[float], present: list[bool], hidden: int) -> torch.Tensor:
