@@ -116,6 +116,8 @@ class Sizing:
     weight_bytes: int            # everything above plus the non-expert weights
     budget: int                  # the budget given, or weight_bytes when none was
     bytes_per_step: int          # swap I/O allowance per forward step
+    shadow_counts: tuple = ()    # shadow experts per MoE layer (pcmoe/shadow.py); () = none
+    shadow_bytes: int = 0        # their bytes (included in weight_bytes)
 
 
 def size_committees(sizes: ModelBytes, budget: int | None, *, policy: str, swapped: bool, all_resident: bool,
@@ -183,3 +185,37 @@ def uniform_sizes(budget: int, sizes: ModelBytes, spare_slots: int, policy: str,
 def slots_for(committee_sizes: list[int], sizes: ModelBytes, spare_slots: int) -> list[int]:
     """A layer that keeps all its experts needs no spare slot."""
     return [n if n >= N else n + spare_slots for n, N in zip(committee_sizes, sizes.num_experts)]
+
+
+def shadow_split(sizes: ModelBytes, budget: int, shadow_bytes: list[int], *, reserved: int = 0,
+                 spare_slots: int = 0, shadows: int | None = None) -> tuple[list[int], list[int]]:
+    """Committee sizes and shadow counts per layer for a load with shadow experts: the largest
+    near-uniform committees whose slots, plus `reserved` bytes (staging buffers), plus a shadow of
+    `shadow_bytes[layer]` for each of `shadows` experts outside the committee (None: all of them)
+    fit the budget. A member costs an expert and frees a shadow."""
+    def counts(committee):
+        return [max(0, N - n) if shadows is None else min(shadows, max(0, N - n))
+                for n, N in zip(committee, sizes.num_experts)]
+
+    def need(committee):
+        return sizes.slots_bytes(slots_for(committee, sizes, spare_slots)) + reserved + sum(
+            c * b for c, b in zip(counts(committee), shadow_bytes))
+
+    L = len(sizes.num_experts)
+    best = [1] * L
+    if need(best) > budget:
+        raise BudgetError(f"budget {format_bytes(budget)} is below the minimum {format_bytes(need(best))} for these "
+                          f"shadow experts (non-expert weights {format_bytes(sizes.nonexpert)} + one member per MoE "
+                          "layer + the shadows of the others); lower --shadow-experts, or raise the budget")
+    for n in range(2, max(sizes.num_experts) + 1):
+        cand = [min(n, N) for N in sizes.num_experts]
+        if need(cand) > budget:
+            break
+        best = cand
+    for layer in range(L):  # spend what is left, one member per layer, in order
+        if best[layer] < sizes.num_experts[layer]:
+            cand = list(best)
+            cand[layer] += 1
+            if need(cand) <= budget:
+                best = cand
+    return best, counts(best)

@@ -31,6 +31,7 @@ from pcmoe.budget import (
     Sizing,
     minima,
     parse_budget,
+    shadow_split,
     size_committees,
 )
 from pcmoe.checkpoint import Checkpoint, CheckpointError, read_config_dict
@@ -38,6 +39,7 @@ from pcmoe.committee import LayerCommittee
 from pcmoe.formats import FormatError, check_plan, check_precisions, profile_path, read_profile
 from pcmoe.importance import ImportanceTracker, top_experts
 from pcmoe.models import load_family
+from pcmoe.models.lean import LeanCausalLM, SparseBlock, lean_supported
 from pcmoe.moe import CommitteeMoE, SlotExperts, expert_buffer, slot_nbytes
 from pcmoe.options import LoadOptions, PcmoeError, PcmoeWarning, resolve_options, validate
 from pcmoe.policies import (
@@ -129,7 +131,7 @@ def _io_bandwidth(value) -> float | None:
 
 
 @contextlib.contextmanager
-def _parameters_on_meta():
+def parameters_on_meta():
     """Parameters are created on the meta device (no memory); buffers stay real, so computed
     non-persistent buffers such as rotary frequencies keep their values."""
     register = nn.Module.register_parameter
@@ -165,9 +167,13 @@ def _layout(folder: Path, ckpt: Checkpoint, family, opts: LoadOptions, plan: dic
     # The weights' dtype: as stored (the commonest floating dtype on disk) unless asked otherwise.
     stored = [t.dtype for t in ckpt.tensors.values() if t.dtype.is_floating_point]
     dtype = _resolve_dtype(opts, max(set(stored), key=stored.count) if stored else torch.float32)
-    with _parameters_on_meta():
-        model = family.build(dtype)  # parameters on meta: no memory
-    block_names = [name for name, m in model.named_modules() if type(m).__name__ in family.block_classes]
+    if _lean_build(family, opts):
+        model = LeanCausalLM(family.config, family, dtype)  # parameters on meta: no memory
+    else:
+        with parameters_on_meta():
+            model = family.build(dtype)
+    block_names = [name for name, m in model.named_modules()
+                   if isinstance(m, SparseBlock) or type(m).__name__ in family.block_classes]
     if not block_names:
         raise PcmoeError(f"{folder}: no MoE blocks found in the {family.config.model_type} model (all layers dense?)")
     N = family.num_experts
@@ -211,6 +217,12 @@ def _layout(folder: Path, ckpt: Checkpoint, family, opts: LoadOptions, plan: dic
     return _Layout(model, dtype, block_names, pieces, meta_state, nonexpert, missing, sizes, quants)
 
 
+def _lean_build(family, opts: LoadOptions) -> bool:
+    """Whether the model is built as pcmoe.models.lean's skeleton (served by the lean decoder, no
+    transformers modeling code) rather than as the transformers model."""
+    return bool(opts.fast and family.lean_decoder and lean_supported(family.config) is None)
+
+
 def _check_expert_shapes(folder: Path, pieces, shapes: dict[str, tuple[int, ...]]) -> None:
     """Every on-disk expert tensor must fill exactly the part of a slot it is read into."""
     for layer_pieces in pieces:
@@ -247,10 +259,89 @@ def _load(folder: Path, budget_spec, policy: str, plan, opts: LoadOptions) -> En
 def _sizing(lay: _Layout, family, budget_spec, policy: str, plan, opts: LoadOptions) -> Sizing:
     sizes = lay.sizes
     plan_sizes = check_plan(plan, family.config.model_type, sizes.num_experts) if plan is not None else None
+    if opts.shadow:
+        return _shadow_sizing(lay, family, budget_spec, policy, plan_sizes, opts)
     return size_committees(sizes, parse_budget(budget_spec, sizes), policy=policy,
                            swapped=policy in DYNAMIC_POLICIES, all_resident=policy in ALL_RESIDENT_POLICIES,
                            spare_slots=opts.spare_slots, bytes_per_step=opts.bytes_per_step,
                            staging_bytes=slot_nbytes(family.kernel(), lay.dtype, None), plan_sizes=plan_sizes)
+
+
+def _shadow_sizing(lay: _Layout, family, budget_spec, policy: str, plan_sizes, opts: LoadOptions) -> Sizing:
+    """Committees and shadows in one budget (pcmoe.budget.shadow_split): staging buffers and the
+    exact-load buffer of --wait-above are reserved first."""
+    from dataclasses import replace
+
+    from pcmoe.budget import default_bytes_per_step, swap_buffer_count
+    from pcmoe.shadow import shadow_nbytes
+
+    sizes = lay.sizes
+    staging = slot_nbytes(family.kernel(), lay.dtype, None)
+    budget = parse_budget(budget_spec, sizes)
+    swapped = policy in DYNAMIC_POLICIES and opts.spare_slots == 0
+    buffers = swap_buffer_count(default_bytes_per_step(sizes, opts.bytes_per_step), sizes.expert) if swapped else 0
+    wait_bytes = staging if opts.wait_above is not None else 0
+    one = shadow_nbytes(family.kernel(), lay.dtype, opts.shadow, opts.shadow_group, opts.shadow_rank)
+    sb = [one] * len(sizes.expert)
+    if plan_sizes is None and budget is not None and budget < sizes.full:
+        spare = opts.spare_slots if policy in DYNAMIC_POLICIES else 0
+        committee, _ = shadow_split(sizes, budget - wait_bytes, sb, reserved=buffers * staging, spare_slots=spare,
+                                    shadows=opts.shadow_experts)
+    else:
+        committee = plan_sizes
+    counts = [0 if committee is None else (N - n if opts.shadow_experts is None else min(opts.shadow_experts, N - n))
+              for n, N in zip(committee or sizes.num_experts, sizes.num_experts)]
+    shadow_total = sum(c * b for c, b in zip(counts, sb)) + wait_bytes
+    inner = None if budget is None else budget - shadow_total
+    sizing = size_committees(sizes, inner, policy=policy, swapped=policy in DYNAMIC_POLICIES,
+                             all_resident=False, spare_slots=opts.spare_slots, bytes_per_step=opts.bytes_per_step,
+                             staging_bytes=staging, plan_sizes=committee)
+    if all(n >= N for n, N in zip(sizing.committee_sizes, sizes.num_experts)):
+        counts, shadow_total = [0] * len(counts), 0
+    return replace(sizing, weight_bytes=sizing.weight_bytes + shadow_total,
+                   budget=budget if budget is not None else sizing.weight_bytes + shadow_total,
+                   shadow_counts=tuple(counts), shadow_bytes=shadow_total)
+
+
+def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, blocks, members, profile, norms):
+    """Shadow banks (made from each expert's full-precision weights, read once) and a MissChooser
+    per layer, with the layer's measured errors (pcmoe_shadow_errors.json / the cache) or, where
+    none were measured, the relative weight error of the shadows."""
+    from pcmoe import shadow as shadows_mod
+    from pcmoe.policies import MissChooser
+
+    errors = shadows_mod.read_errors(folder, ckpt.fingerprint(), opts)
+    buffer = expert_buffer(family.kernel(), lay.dtype)
+    exact = None
+    if opts.wait_above is not None:
+        scratch = expert_buffer(family.kernel(), lay.dtype)
+
+        def exact(layer, expert):
+            return scratch if store.load(layer, expert, scratch) else None
+    bandwidth = (_io_bandwidth(opts.io_bandwidth) or 2000.0) * 1e6  # bytes/s; 2 GB/s (ufs) when not emulated
+    choosers = []
+    for i in range(len(blocks)):
+        n_sh = sizing.shadow_counts[i] if sizing.shadow_counts else 0
+        score = torch.tensor(profile["importance"][i]) if profile else norms[i]
+        order = [e for e in top_experts(score, len(score)) if e not in set(members[i])]
+        bank = shadows_mod.ShadowBank(family.kernel(), len(score), order[:n_sh], lay.dtype, opts.shadow,
+                                      opts.shadow_group, opts.shadow_rank) if n_sh else None
+        if bank is not None:
+            for e in _progress(bank.experts, f"shadows of layer {i}", opts.progress):
+                if not store.load(i, e, buffer):
+                    raise PcmoeError(f"{folder}: cannot read expert {e} of {lay.block_names[i]} (I/O error)")
+                bank.write(e, buffer)
+        measured = errors[i] if errors else {}
+        err = {"shadow": measured.get("shadow", bank.weight_error() if bank is not None else 1.0), "wait": 0.0,
+               "exchange": measured.get("exchange", 1.0), "skip": 1.0}
+        seconds = {"shadow": bank.time_one() if bank is not None else 0.0,
+                   "wait": lay.sizes.expert[i] / bandwidth}
+        choosers.append(MissChooser(i, bank, err, {a: t * 1e3 for a, t in seconds.items()}, opts.strategy,
+                                    time_cost=opts.miss_time_cost,
+                                    force=None if opts.miss_action == "auto" else opts.miss_action,
+                                    wait_above=opts.wait_above, load_exact=exact,
+                                    exact_kernel=family.kernel() if exact else None))
+    return choosers
 
 
 def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Engine:
@@ -295,12 +386,14 @@ def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Eng
     profile = read_profile(profile_file, family.config.model_type, sizes.num_experts) if profile_file else None
 
     layers = []
+    all_members = []
     track = opts.track_importance if opts.track_importance is not None else policy in DYNAMIC_POLICIES
     fill = []
     for i, block in enumerate(blocks):
         committee = LayerCommittee(sizes.num_experts[i], sizing.slots[i])
         members = _initial_members(policy, i, sizing.committee_sizes[i], norms[i], profile, opts)
         fill += [(i, e, slot) for slot, e in enumerate(members)]
+        all_members.append(members)
         prior = torch.tensor(profile["importance"][i], dtype=torch.float64) if profile else None
         tracker = ImportanceTracker(norms[i], opts.importance, opts.ema_decay, prior)
         router = family.bind_router(block, opts.renorm)
@@ -313,6 +406,10 @@ def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Eng
             ctrl = MaskedGatingController(committee, tracker, router, opts.strategy, opts.tau, track)
         block.controller = ctrl
         layers.append(Layer(block, committee, tracker, ctrl))
+    if opts.shadow and any(sizing.shadow_counts):
+        for layer, chooser in zip(layers, _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts,
+                                                         blocks, all_members, profile, norms)):
+            layer.controller.chooser = chooser
     for i, e, slot in _progress(fill, "loading experts", opts.progress):
         if not io.load_slot(i, e, slot):
             raise PcmoeError(f"{folder}: cannot read expert {e} of {lay.block_names[i]} (I/O error after retries)")
@@ -345,6 +442,10 @@ def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Eng
     engine = Engine(model=model, tokenizer=tokenizer, family=family, checkpoint=ckpt, store=store, io=io,
                     layers=layers, scheduler=scheduler, model_bytes=sizes, sizing=sizing, policy=policy,
                     options=opts, expert_norms=norms, load_info=load_info, fast=fast)
+    if opts.routing_trace:  # benchmarks only: the engine's load_info says "replayed routing"
+        from pcmoe.trace import replay
+
+        replay(engine, opts.routing_trace, opts.routing_trace_seed)
     engine.reset_stats()
     return engine
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 POLICIES = ("full", "committee", "random-keep", "magnitude-keep", "static-frequency", "on-demand", "topk-reduce")
 STRATEGIES = ("exchange", "skip", "hybrid")
+SHADOWS = ("int2", "int3", "lowrank")                    # shadow experts (pcmoe/shadow.py)
+MISS_ACTIONS = ("auto", "shadow", "wait", "exchange", "skip")
 UPDATE_UNITS = ("tokens", "inputs")
 
 
@@ -48,6 +50,15 @@ class LoadOptions:
     evict: bool = True             # drop read ranges from the page cache
     cache_dir: str | None = None   # where expert norms are cached
     progress: bool = True
+    shadow: str | None = None      # shadow experts beside the committee: int2 | int3 | lowrank (pcmoe/shadow.py)
+    shadow_group: int | None = None  # int2 / int3: input columns per group (default 128)
+    shadow_rank: int | None = None   # lowrank: rank of the factors (default 32)
+    shadow_experts: int | None = None  # shadows per layer (None: every expert outside the initial committee)
+    miss_action: str = "auto"      # auto (the chooser), or always shadow / wait / exchange / skip where possible
+    miss_time_cost: float = 0.0    # the chooser's price of time: quality cost per millisecond an answer adds
+    wait_above: float | None = None  # wait for an exact load of a missing expert whose router weight reaches this
+    routing_trace: str | None = None  # benchmarks only: replay this pcmoe trace's routing (pcmoe/trace.py)
+    routing_trace_seed: int = 0    # ... through the mapping drawn with this seed
 
 
 # -- sampling and text rules shared by the CLI and the server ------------------------------------
@@ -166,12 +177,18 @@ _OPTION_RULES = {
     "margin": ((int, float), lambda v: v >= 0, "a number >= 0"),
     "ema_decay": ((int, float), lambda v: 0 < v < 1, "a number in (0, 1)"),
     "seed": (int, lambda v: True, "an integer"),
+    "routing_trace_seed": (int, lambda v: True, "an integer"),
     "topk": (int, lambda v: v >= 1, "an integer >= 1"),
     "threads": (int, lambda v: v >= 1, "an integer >= 1"),
     "renorm": (bool, lambda v: True, "true or false"),
     "synchronous": (bool, lambda v: True, "true or false"),
     "evict": (bool, lambda v: True, "true or false"),
     "fast": (bool, lambda v: True, "true or false"),
+    "shadow_group": (int, lambda v: v >= 8 and v % 8 == 0, "a multiple of 8"),
+    "shadow_rank": (int, lambda v: v >= 1, "an integer >= 1"),
+    "shadow_experts": (int, lambda v: v >= 0, "an integer >= 0"),
+    "miss_time_cost": ((int, float), lambda v: v >= 0, "a number >= 0"),
+    "wait_above": ((int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
 }
 
 
@@ -199,6 +216,17 @@ def validate(policy: str, opts: LoadOptions, top_k: int, quantisable: bool, fami
         raise PcmoeError(f"unknown quantize {opts.quantize!r}; use int8 or int4")
     if opts.quantize and not quantisable:
         raise PcmoeError(f"quantised experts are not supported for {family_name}")
+    if opts.shadow not in (None, "none", *SHADOWS):
+        raise PcmoeError(f"unknown shadow {opts.shadow!r}; use {', '.join(SHADOWS)} or none")
+    if opts.shadow == "none":
+        opts.shadow = None
+    if opts.miss_action not in MISS_ACTIONS:
+        raise PcmoeError(f"unknown miss action {opts.miss_action!r}; choose one of {', '.join(MISS_ACTIONS)}")
+    if opts.shadow and not quantisable:
+        raise PcmoeError(f"shadow experts are not supported for {family_name} (its expert weights are not [out, in])")
+    if opts.shadow and policy in ("full", "on-demand", "topk-reduce"):
+        raise PcmoeError(f"shadow experts answer committee misses; policy {policy} has none (use committee or a "
+                         "fixed subset)")
     if policy == "topk-reduce":
         k = top_k
         if opts.topk is None:

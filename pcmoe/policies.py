@@ -23,6 +23,8 @@ from pcmoe.committee import LayerCommittee
 from pcmoe.importance import ImportanceTracker
 from pcmoe.routing import GatingStats, Route, gate, gate_one, route_stats
 
+MISS_ACTIONS = ("shadow", "wait", "exchange", "skip")   # what a (token, expert) miss can get
+COMPUTED = ("shadow", "wait")                            # ... of which computed from the missing expert
 DYNAMIC_POLICIES = ("committee",)       # refreshed by swaps: a scheduler (and staging buffers or spare slots)
 ALL_RESIDENT_POLICIES = ("full", "topk-reduce")
 
@@ -54,13 +56,17 @@ class LayerController:
 
 
 class MaskedGatingController(LayerController):
-    """full, committee and the fixed-subset policies: route only to members (masked gating)."""
+    """full, committee and the fixed-subset policies: route only to members (masked gating).
+    With a `chooser` (shadow experts, pcmoe/shadow.py) each miss is answered by the chooser's action."""
 
-    def __init__(self, committee, tracker, router, strategy="exchange", tau=0.0, track=True):
+    def __init__(self, committee, tracker, router, strategy="exchange", tau=0.0, track=True, chooser=None):
         super().__init__(committee, tracker, router, track)
         self.strategy, self.tau = strategy, tau
+        self.chooser = chooser
 
     def forward(self, x, logits, experts, batch):
+        if self.chooser is not None and not self.committee.complete:
+            return self._forward_chosen(x, logits, experts, batch)
         if x.shape[0] == 1 and self.router.route_one is not None:
             return self._forward_one(x, logits, experts)
         route = lambda lg, mask: self.router.route(lg, mask, batch)  # noqa: E731
@@ -92,6 +98,177 @@ class MaskedGatingController(LayerController):
         self._track_one(x, f_idx, f_w)
         slot_of = committee.slot_list
         return experts.forward_one(x, [slot_of[e] if e >= 0 else -1 for e in idx], weights)
+
+
+    def _forward_chosen(self, x, logits, experts, batch):
+        """Misses answered per (token, expert) by the chooser. Each token is gated under the layer's
+        strategy with its computed misses (shadow / exact load) counted as members: a token without
+        one is gated exactly as without shadows; the misses it does not compute are exchanged or
+        skipped as the strategy says."""
+        chooser, committee = self.chooser, self.committee
+        T = x.shape[0]
+        one = T == 1 and self.router.route_one is not None
+        if one:
+            f_idx, f_w, _ = self.router.route_one(logits[0].tolist(), None)
+            full_idx, full_w = [f_idx], [f_w]
+        else:
+            full = self.router.route(logits, None, batch)
+            full_idx, full_w = full.idx.tolist(), full.weights.float().tolist()
+        slot_of = committee.slot_list
+        plans = [chooser.plan(idx, w, slot_of) for idx, w in zip(full_idx, full_w)]   # per token, per choice
+        # tokens grouped by (their computed misses, strategy): one gating per group
+        groups: dict[tuple, list[int]] = {}
+        for t, (idx, plan) in enumerate(zip(full_idx, plans)):
+            extra = tuple(sorted({e for e, a in zip(idx, plan) if a in COMPUTED}))
+            groups.setdefault((extra, chooser.strategy_of(plan)), []).append(t)
+        exe_idx, exe_w = [None] * T, [None] * T
+        stats = GatingStats()
+        route = lambda lg, m: self.router.route(lg, m, batch)  # noqa: E731
+        for (extra, strategy), rows in groups.items():
+            member = [s >= 0 for s in slot_of]
+            for e in extra:
+                member[e] = True
+            if one:
+                e_idx, e_w, _, _, st = gate_one(logits[0].tolist(), self.router.route_one, member, strategy,
+                                                self.tau)
+                exe_idx[0], exe_w[0] = e_idx, e_w
+            else:
+                # gated over all tokens (a rule may couple them: Switch's per-sequence capacity), the
+                # routes and counts kept for this group's tokens
+                mask = torch.tensor(member)
+                exe, _, _ = gate(route, logits, mask, strategy, self.tau)
+                sub = torch.tensor(rows)
+                _, _, st = gate(lambda lg, m, _s=sub: _take(route(logits, m), _s), logits[sub], mask, strategy,
+                                self.tau)
+                for r in rows:
+                    exe_idx[r], exe_w[r] = exe.idx[r].tolist(), exe.weights[r].float().tolist()
+            stats.exchanged += st.exchanged
+            stats.skipped += st.skipped
+        for idx, w in zip(full_idx, full_w):  # hits and mass against the committee itself
+            stats.choices += sum(e >= 0 for e in idx)
+            stats.hits += sum(1 for e in idx if e >= 0 and slot_of[e] >= 0)
+            stats.mass_total += sum(w)
+            stats.mass_outside += sum(v for e, v in zip(idx, w) if e >= 0 and slot_of[e] < 0)
+        self.stats.add(stats)
+        if T == 1:  # importance follows the unmasked route
+            self._track_one(x, full_idx[0], full_w[0])
+        else:
+            self._track(x, Route(torch.tensor(full_idx), torch.tensor(full_w), None))
+        computed = [{e: a for e, a in zip(idx, plan) if a in COMPUTED} for idx, plan in zip(full_idx, plans)]
+        return chooser.compute(x, exe_idx, exe_w, computed, experts, committee)
+
+
+class MissChooser:
+    """Per (token, expert) miss: compute its shadow, wait for an exact load, or drop it to the
+    layer's strategy (exchange / skip / hybrid), by the smallest expected cost
+
+        cost(action) = router weight x error[action] + time_cost x ms[action]
+
+    error: the layer's measured relative output error of the answer (shadow: measured on profiling
+    tokens, pcmoe.shadow.measure; wait: 0; drop: the measured error of the strategy's answer, 1 for
+    a skip); ms: the milliseconds the answer adds to the step (the shadow's compute, the load).
+    `force` makes one action the answer wherever it is available. `wait_above`: waiting is an
+    option only for choices whose router weight reaches it (None = never wait)."""
+
+    def __init__(self, layer: int, shadows, errors: dict, ms: dict, strategy: str, *, time_cost: float = 0.0,
+                 force: str | None = None, wait_above: float | None = None, load_exact=None, exact_kernel=None):
+        self.layer = layer
+        self.shadows = shadows            # shadow.ShadowBank or None
+        self.errors = dict(errors)        # action -> relative output error (this layer)
+        self.ms = dict(ms)                # action -> milliseconds added per answer
+        self.strategy = strategy
+        self.time_cost = time_cost
+        self.force = force
+        self.wait_above = wait_above
+        self.load_exact = load_exact      # load_exact(layer, expert) -> weights dict or None (failed)
+        self.exact_kernel = exact_kernel
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = dict.fromkeys(MISS_ACTIONS, 0)    # answers given, per action
+        self.stall_s = 0.0                              # waiting for exact loads
+
+    def _drop(self) -> str:
+        return "skip" if self.strategy == "skip" else "exchange"
+
+    def choose(self, expert: int, weight: float) -> str:
+        options = [self._drop()] if self.force in (None, self._drop()) else ["exchange", "skip"]
+        if self.shadows is not None and self.shadows.has(expert):
+            options.append("shadow")
+        if self.load_exact is not None and self.wait_above is not None and weight >= self.wait_above:
+            options.append("wait")
+        if self.force in options:
+            return self.force
+        return min(options, key=self._cost(weight))
+
+    def _cost(self, weight: float):
+        return lambda a: (weight * self.errors.get(a, 1.0) + self.time_cost * self.ms.get(a, 0.0),
+                          MISS_ACTIONS.index(a))
+
+    def plan(self, idx: list[int], weights: list[float], slot_of: list[int]) -> list:
+        """One token: the action for each choice (None = a hit or no expert), counted."""
+        out = []
+        for e, w in zip(idx, weights):
+            if e < 0 or slot_of[e] >= 0:
+                out.append(None)
+                continue
+            a = self.choose(e, w)
+            self.counts[a] += 1
+            out.append(a)
+        return out
+
+    def strategy_of(self, plan: list) -> str:
+        """How a token whose misses are all dropped is gated: skip if every drop chose skip."""
+        if any(a == "exchange" for a in plan):
+            return self.strategy
+        return "skip" if any(a == "skip" for a in plan) else self.strategy
+
+    def _missing_output(self, x: torch.Tensor, expert: int, action: str) -> torch.Tensor | None:
+        """The output [T, H] of a non-member for the rows x [T, H]: its shadow or its exact weights."""
+        if action == "shadow":
+            return self.shadows.forward_one(x, expert)
+        t0 = time.perf_counter()
+        weights = self.load_exact(self.layer, expert)
+        self.stall_s += time.perf_counter() - t0
+        return None if weights is None else self.exact_kernel(x, weights)
+
+    def compute(self, x, exe_idx, exe_w, computed, experts, committee) -> torch.Tensor:
+        """The layer output [T, H]: members from the slot bank, computed misses (computed[t]:
+        expert -> action) from shadows or exact loads, combined in choice order."""
+        slot_of = committee.slot_list
+        if x.shape[0] == 1:
+            idx, w = exe_idx[0], exe_w[0]
+            slots = [slot_of[e] if e >= 0 and slot_of[e] >= 0 else -1 for e in idx]
+            if not computed[0]:  # no miss computed: exactly the path without shadows
+                return experts.forward_one(x, slots, w)
+            ys = experts.outputs_one(x, slots)
+            out = None
+            for j, e in enumerate(idx):
+                if e < 0:
+                    continue
+                y = ys[j] if slots[j] >= 0 else self._missing_output(x, e, computed[0][e])
+                if y is None:
+                    continue
+                term = y.float() * w[j]
+                out = term if out is None else out + term
+            return torch.zeros_like(x) if out is None else out.reshape(x.shape).to(x.dtype)
+        idx = torch.tensor(exe_idx)                                          # [T, k]
+        weights = torch.tensor(exe_w, dtype=torch.float32)                   # [T, k]
+        ys = experts.outputs(x, committee.slots_of(idx))                     # [T, k, H]
+        pairs: dict[tuple[int, str], list[tuple[int, int]]] = {}
+        for t, row in enumerate(exe_idx):
+            for j, e in enumerate(row):
+                if e >= 0 and slot_of[e] < 0:
+                    pairs.setdefault((e, computed[t][e]), []).append((t, j))
+        for (e, a), where in pairs.items():
+            ts = torch.tensor([t for t, _ in where])
+            js = torch.tensor([j for _, j in where])
+            y = self._missing_output(x[ts], e, a)
+            if y is None:
+                weights[ts, js] = 0.0
+            else:
+                ys[ts, js] = y.to(ys.dtype)
+        return experts.combine(ys, weights)
 
 
 class TopkReduceController(LayerController):
@@ -224,6 +401,10 @@ class OnDemandController(LayerController):
             return bool(self.load(self.layer, expert, slot))
         except Exception:  # the store retried I/O errors; anything else is a failed load too
             return False
+
+
+def _take(route: Route, rows: torch.Tensor) -> Route:
+    return Route(route.idx[rows], route.weights[rows], route.gates[rows])
 
 
 def _flat(idx) -> list[int]:

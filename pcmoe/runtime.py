@@ -319,6 +319,8 @@ class Engine:
         for c in self.controllers:
             c.stats = GatingStats()
             c.stall_s = 0.0
+            if getattr(c, "chooser", None) is not None:
+                c.chooser.reset()
         self.store.stats = self.store.new_stats()
         if self.scheduler is not None:
             n = len(self.layers)
@@ -331,7 +333,9 @@ class Engine:
         sched = self.scheduler.stats if self.scheduler else None
         n = len(self.layers)
         return {
-            "layers": [{**{k: getattr(c.stats, k) for k in _GATING}, "stall_s": c.stall_s} for c in self.controllers],
+            "layers": [{**{k: getattr(c.stats, k) for k in _GATING}, **_chooser_counts(c),
+                        "stall_s": c.stall_s + (c.chooser.stall_s if getattr(c, "chooser", None) else 0.0)}
+                       for c in self.controllers],
             "bytes_read": list(st.per_layer_bytes), "read_s": list(st.per_layer_read_s),
             "swaps": list(sched.per_layer_swaps) if sched else [0] * n,
             "swap_stall_s": list(sched.per_layer_stall_s) if sched else [0.0] * n,
@@ -364,9 +368,11 @@ class Engine:
                 "stall_s": row["stall_s"] + d["swap_stall_s"][i],
                 "resident_expert_bytes": sizes.expert[i] * sizing.slots[i],
                 "precision": layer.block.experts.quant or "full",
+                **_shadow_row(layer.controller, row),
             })
         t = d["total"]
-        resident_expert_bytes = sum(b * s for b, s in zip(sizes.expert, sizing.slots)) + sizing.buffer_bytes
+        resident_expert_bytes = sum(b * s for b, s in zip(sizes.expert, sizing.slots)) + sizing.buffer_bytes \
+            + sizing.shadow_bytes  # shadow experts (and the exact-load buffer of --wait-above)
         return {
             "policy": self.policy,
             "budget_bytes": sizing.budget,
@@ -393,6 +399,9 @@ class Engine:
             "read_errors": t["read_errors"],
             "stall_s": sum(row["stall_s"] for row in d["layers"]) + t["swap_stall_s"],
             "swap_buffer_bytes": sizing.buffer_bytes,
+            "shadow_bytes": sizing.shadow_bytes,
+            "shadowed": sum(row["shadowed"] for row in d["layers"]),
+            "waited": sum(row["waited"] for row in d["layers"]),
             "budget_target_bytes": self.budget_target,
             "budget_changes": self.budget_changes,
             "swap_copy_s": t["swap_copy_s"],
@@ -484,6 +493,23 @@ def _staging_bytes(bank) -> int:
     from pcmoe.moe import slot_nbytes
 
     return slot_nbytes(bank.kernel, bank.dtype, None)
+
+
+def _chooser_counts(controller) -> dict:
+    """The miss chooser's answers computed from the missing expert (shadow, exact load)."""
+    chooser = getattr(controller, "chooser", None)
+    counts = chooser.counts if chooser is not None else {}
+    return {"shadowed": counts.get("shadow", 0), "waited": counts.get("wait", 0)}
+
+
+def _shadow_row(controller, row: dict) -> dict:
+    """A layer's shadow experts in stats(): how many, their bytes and measured error, and answers."""
+    chooser = getattr(controller, "chooser", None)
+    bank = chooser.shadows if chooser is not None else None
+    return {"shadow_experts": len(bank.experts) if bank is not None else 0,
+            "shadow_bytes": bank.nbytes if bank is not None else 0,
+            "shadow_error": chooser.errors.get("shadow") if bank is not None else None,
+            "shadowed": row["shadowed"], "waited": row["waited"]}
 
 
 def _minus(now, before):

@@ -1,0 +1,430 @@
+"""Shadow experts: small stand-ins for the experts outside the committee (issue 13).
+
+Dimension legend:  T tokens, H hidden size, I expert intermediate size, N experts in the layer,
+                   G groups of `group` input columns, r rank, b bits.
+
+Two compact forms of an expert's [out, in] linear weights:
+
+  int2 / int3   asymmetric group quantisation (groups of `group` input columns, a bf16 scale and
+                minimum per group, the clipping range searched per group for the least squared
+                error), codes stored as b bit-planes of 8 weights per byte: b bits per weight
+                exactly, plus 32 bits per group.
+  lowrank       W ~ A B with A [out, r] and B [r, in] from the SVD (2 r (out + in) bytes).
+
+A `ShadowBank` holds the shadows of one layer's experts (a fixed set, chosen at load) stacked over
+experts. `forward_one` is the fast path (codes unpacked by shifts of whole planes; low rank as two
+thin products); `reference_one` is its slow twin: a dequantisation written weight by weight from
+the definition, then the ordinary expert kernel on the dequantised weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+SHADOW_MODES = ("int2", "int3", "lowrank")
+DEFAULT_GROUP = {"int2": 128, "int3": 128}   # per byte the best of 32/64/128 on the shipped LM
+DEFAULT_RANK = 32
+_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # shrink of the group's range
+
+
+def bits_of(mode: str) -> int:
+    return {"int2": 2, "int3": 3}[mode]
+
+
+def shadow_shapes(shape: tuple[int, int], mode: str, group: int | None = None,
+                  rank: int | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """Tensors of one [out, in] weight's shadow: suffix -> (shape, dtype; None = activation dtype)."""
+    out_f, in_f = shape
+    if mode == "lowrank":
+        r = min(rank or DEFAULT_RANK, out_f, in_f)
+        return {".a": ((out_f, r), None), ".b": ((r, in_f), None)}
+    if mode not in ("int2", "int3"):
+        raise ValueError(f"unknown shadow {mode!r}; choose one of {', '.join(SHADOW_MODES)}")
+    group = fit_group(in_f, group or DEFAULT_GROUP[mode])
+    return {".p": ((bits_of(mode), out_f, in_f // 8), torch.uint8), ".s": ((out_f, in_f // group, 2), None)}
+
+
+def fit_group(in_features: int, group: int) -> int:
+    """The group for weights of `in_features` input columns: `group`, or (small experts) the
+    largest multiple of 8 below it that divides the input size."""
+    fitted = math.gcd(in_features, group)
+    if fitted % 8:
+        raise ValueError(f"int2 / int3 shadows need an input size that is a multiple of 8 (got {in_features})")
+    return fitted
+
+
+def shadow_tensors(kernel, dtype: torch.dtype, mode: str, group=None, rank=None) -> dict:
+    """One expert's shadow: name -> (shape, dtype). Non-linear tensors (biases) are kept as they are."""
+    if not kernel.linear_weights:
+        raise ValueError(f"{type(kernel).__name__} experts have no shadow form")
+    out = {}
+    for name, shape in kernel.tensors.items():
+        if name in kernel.linear_weights:
+            for suffix, (s, dt) in shadow_shapes(shape, mode, group, rank).items():
+                out[name + suffix] = (s, dt or dtype)
+        else:
+            out[name] = (shape, dtype)
+    return out
+
+
+def shadow_nbytes(kernel, dtype: torch.dtype, mode: str, group=None, rank=None) -> int:
+    """Bytes of one expert's shadow."""
+    return sum(math.prod(s) * dt.itemsize for s, dt in shadow_tensors(kernel, dtype, mode, group, rank).values())
+
+
+# -- group quantisation -----------------------------------------------------------------------------
+
+
+def quantize_group(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (codes [out, in] uint8 in 0..2^b-1, scale_min [out, G, 2] float32); the
+    clipping range of each group is the shrink of [min, max] with the least squared error."""
+    w = w.float()
+    out_f, in_f = w.shape
+    wg = w.view(out_f, in_f // group, group)                                     # [out, G, group]
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)                                    # [out, G]
+    mid, half = (hi + lo) / 2, (hi - lo) / 2
+    levels = 2 ** bits - 1
+    best_err = best_scale = best_lo = None
+    for shrink in _CLIP_GRID:
+        c_lo = mid - half * shrink
+        scale = (2 * half * shrink).clamp(min=1e-12) / levels
+        q = torch.round((wg - c_lo[..., None]) / scale[..., None]).clamp(0, levels)
+        err = ((q * scale[..., None] + c_lo[..., None] - wg) ** 2).sum(dim=-1)  # [out, G]
+        if best_err is None:
+            best_err, best_scale, best_lo = err, scale, c_lo
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_lo = torch.where(better, c_lo, best_lo)
+    codes = torch.round((wg - best_lo[..., None]) / best_scale[..., None]).clamp(0, levels)
+    return codes.to(torch.uint8).view(out_f, in_f), torch.stack([best_scale, best_lo], dim=-1)
+
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)                                    # bit j of a byte = weight j
+
+
+def pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [out, in] (0..2^b-1) -> bit-planes [b, out, in/8] uint8 (weight 8c+j is bit j of byte c)."""
+    out_f, in_f = codes.shape
+    planes = []
+    for b in range(bits):
+        bit = ((codes >> b) & 1).view(out_f, in_f // 8, 8)                      # [out, in/8, 8]
+        planes.append((bit << _SHIFTS).sum(dim=-1, dtype=torch.int32).to(torch.uint8))
+    return torch.stack(planes)
+
+
+def unpack_planes(planes: torch.Tensor) -> torch.Tensor:
+    """bit-planes [b, out, in/8] -> codes [out, in] uint8 (whole-plane shifts: the fast path)."""
+    bits, out_f, cols = planes.shape
+    bit = (planes[..., None] >> _SHIFTS) & 1                                     # [b, out, in/8, 8]
+    codes = bit[0]
+    for b in range(1, bits):
+        codes = codes | (bit[b] << b)
+    return codes.view(out_f, cols * 8)
+
+
+def dequantize(planes: torch.Tensor, scale_min: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Fast: [out, in] weights in `dtype` from bit-planes and per-group (scale, minimum)."""
+    codes = unpack_planes(planes)
+    out_f, in_f = codes.shape
+    groups = scale_min.shape[1]
+    sm = scale_min.float()
+    w = codes.view(out_f, groups, in_f // groups).float() * sm[..., :1] + sm[..., 1:]
+    return w.view(out_f, in_f).to(dtype)
+
+
+def dequantize_reference(planes: torch.Tensor, scale_min: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Slow twin of dequantize: each weight's code read bit by bit from its byte, by the definition."""
+    bits, out_f, cols = planes.shape
+    in_f = cols * 8
+    group = in_f // scale_min.shape[1]
+    p = planes.tolist()
+    sm = scale_min.float().tolist()
+    w = torch.empty(out_f, in_f, dtype=torch.float32)
+    for o in range(out_f):
+        row = []
+        for i in range(in_f):
+            code = sum(((p[b][o][i // 8] >> (i % 8)) & 1) << b for b in range(bits))
+            scale, minimum = sm[o][i // group]
+            row.append(code * scale + minimum)
+        w[o] = torch.tensor(row)
+    return w.to(dtype)
+
+
+def lowrank_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] ~ A [out, r] @ B [r, in], the best rank-r approximation (SVD, singular values
+    split evenly between the factors)."""
+    u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    return u[:, :r] * root, root[:, None] * vh[:r]
+
+
+# -- the bank -------------------------------------------------------------------------------------
+
+
+class ShadowBank:
+    """The shadows of one layer: `experts` (a fixed set) stacked in rows, `row_of[e]` = its row or -1.
+
+    write(e, weights) makes expert e's shadow from its full-precision weights (a staging buffer)."""
+
+    def __init__(self, kernel, num_experts: int, experts: list[int], dtype: torch.dtype, mode: str,
+                 group: int | None = None, rank: int | None = None):
+        self.kernel = kernel          # a full-precision kernel (its own object: quantised banks change theirs)
+        self.mode, self.dtype = mode, dtype
+        self.group = group or DEFAULT_GROUP.get(mode)
+        self.rank = rank or DEFAULT_RANK
+        self.experts = list(experts)
+        self.row_of = [-1] * num_experts
+        for row, e in enumerate(self.experts):
+            self.row_of[e] = row
+        spec = shadow_tensors(kernel, dtype, mode, self.group, self.rank)
+        self.bank = {name: torch.zeros((len(self.experts), *shape), dtype=dt) for name, (shape, dt) in spec.items()}
+        self.ready = [False] * num_experts
+        self._dense = None            # one expert's dequantised weights, reused (int2 / int3)
+        self._err = [0.0, 0.0]        # sum over written shadows of ||W - W'||^2 and ||W||^2
+        if mode == "lowrank":
+            kernel.linear = lowrank_linear
+
+    def weight_error(self) -> float:
+        """Relative Frobenius error of the shadows written so far (the chooser's error where no
+        output error was measured on profiling tokens)."""
+        return math.sqrt(self._err[0] / self._err[1]) if self._err[1] else 1.0
+
+    def time_one(self, repeats: int = 5) -> float:
+        """Seconds of one token through one shadow (the fastest of a few runs; for the chooser's
+        time cost)."""
+        if not self.experts:
+            return 0.0
+        x = torch.randn(1, next(iter(self.kernel.tensors.values()))[-1]).to(self.dtype)
+        best = float("inf")
+        with torch.inference_mode():
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self.forward_one(x, self.experts[0])
+                best = min(best, time.perf_counter() - t0)
+        return best
+
+    @property
+    def shadow_nbytes(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in self.bank.values())
+
+    @property
+    def nbytes(self) -> int:
+        return self.shadow_nbytes * len(self.experts)
+
+    def has(self, expert: int) -> bool:
+        return self.ready[expert]
+
+    def write(self, expert: int, weights: dict[str, torch.Tensor]) -> None:
+        row = self.row_of[expert]
+        if row < 0:
+            raise ValueError(f"expert {expert} has no shadow row in this layer")
+        for name, w in weights.items():
+            if name not in self.kernel.linear_weights:
+                self.bank[name][row].copy_(w)
+            elif self.mode == "lowrank":
+                a, b = lowrank_factors(w, self.rank)
+                self.bank[name + ".a"][row].copy_(a)
+                self.bank[name + ".b"][row].copy_(b)
+            else:
+                groups = self.bank[name + ".s"].shape[-2]
+                codes, sm = quantize_group(w, bits_of(self.mode), w.shape[-1] // groups)
+                self.bank[name + ".p"][row].copy_(pack_planes(codes, bits_of(self.mode)))
+                self.bank[name + ".s"][row].copy_(sm)
+        self.ready[expert] = True
+        approx = self.dense(expert)
+        for name in self.kernel.linear_weights:
+            w = weights[name].float()
+            self._err[0] += float(((approx[name].float() - w) ** 2).sum())
+            self._err[1] += float((w ** 2).sum())
+
+    def dense(self, expert: int, reference: bool = False) -> dict[str, torch.Tensor]:
+        """Expert `expert`'s shadow as ordinary full-precision weights (name -> [out, in])."""
+        row = self.row_of[expert]
+        out = {}
+        for name in self.kernel.tensors:
+            if name not in self.kernel.linear_weights:
+                out[name] = self.bank[name][row]
+            elif self.mode == "lowrank":
+                a, b = self.bank[name + ".a"][row], self.bank[name + ".b"][row]
+                out[name] = (a.float() @ b.float()).to(self.dtype) if reference else a @ b
+            else:
+                deq = dequantize_reference if reference else dequantize
+                out[name] = deq(self.bank[name + ".p"][row], self.bank[name + ".s"][row], self.dtype)
+        return out
+
+    def forward_one(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """x [T, H] -> the shadow's output [T, H] (fast path)."""
+        row = self.row_of[expert]
+        if self.mode == "lowrank":
+            return self.kernel(x, _LowRankView(self.bank, row))
+        if self._dense is None:
+            self._dense = {name: torch.empty(shape, dtype=self.dtype) for name, shape in self.kernel.tensors.items()}
+        for name in self.kernel.tensors:
+            if name in self.kernel.linear_weights:
+                self._dense[name].copy_(dequantize(self.bank[name + ".p"][row], self.bank[name + ".s"][row],
+                                                   self.dtype))
+            else:
+                self._dense[name] = self.bank[name][row]
+        return self.kernel(x, self._dense)
+
+    def reference_one(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """Slow twin: dequantise by the definition (or multiply the factors out), then the ordinary expert."""
+        return self.kernel(x, self.dense(expert, reference=True))
+
+
+class _LowRankView(dict):
+    """A kernel's weight dict whose linear weights are (A, B) factors: the kernel's `linear` sees
+    the name and multiplies x by B^T then A^T (never forming A B)."""
+
+    def __init__(self, bank, row):
+        super().__init__()
+        self.bank, self.row = bank, row
+
+    def __getitem__(self, name):
+        return self.bank[name][self.row]
+
+
+def lowrank_linear(x: torch.Tensor, w, name: str) -> torch.Tensor:
+    if isinstance(w, _LowRankView):
+        a, b = w.bank[name + ".a"][w.row], w.bank[name + ".b"][w.row]
+        return (x @ b.T) @ a.T
+    return torch.nn.functional.linear(x, w[name])
+
+
+# -- measured errors --------------------------------------------------------------------------------
+
+ERRORS_FORMAT = "pcmoe-shadow-errors/1"
+ERRORS_FILE = "pcmoe_shadow_errors.json"
+
+
+def spec_key(mode: str, group: int | None = None, rank: int | None = None) -> str:
+    if mode == "lowrank":
+        return f"lowrank/r{rank or DEFAULT_RANK}"
+    return f"{mode}/g{group or DEFAULT_GROUP[mode]}"
+
+
+def _errors_paths(folder, fingerprint: str, cache_dir=None):
+    import os
+    from pathlib import Path
+
+    root = Path(cache_dir or os.environ.get("PCMOE_CACHE") or Path.home() / ".cache" / "pcmoe")
+    return [Path(folder) / ERRORS_FILE, root / fingerprint / "shadow_errors.json"]
+
+
+def read_errors(folder, fingerprint: str, opts) -> list[dict] | None:
+    """Per-layer measured errors ({"shadow": e, "exchange": e}) of this shadow form, from the file
+    beside the checkpoint or the cache; None where none were measured for this checkpoint."""
+    import json
+
+    key = spec_key(opts.shadow, opts.shadow_group, opts.shadow_rank)
+    for path in _errors_paths(folder, fingerprint, opts.cache_dir):
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") == ERRORS_FORMAT and data.get("fingerprint") == fingerprint \
+                    and key in data.get("shadows", {}):
+                return data["shadows"][key]
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
+def write_errors(path, fingerprint: str, measured: dict[str, list[dict]], tokens: int, source: str) -> None:
+    """Merge measured errors (spec key -> per-layer errors) into the file at `path` (atomic)."""
+    import json
+    from pathlib import Path
+
+    from pcmoe.system import atomic_write_text
+
+    path = Path(path)
+    data = {"format": ERRORS_FORMAT, "fingerprint": fingerprint, "shadows": {}}
+    try:
+        old = json.loads(path.read_text())
+        if old.get("format") == ERRORS_FORMAT and old.get("fingerprint") == fingerprint:
+            data = old
+    except (OSError, ValueError, AttributeError):
+        pass
+    data["shadows"].update(measured)
+    data["tokens"], data["source"] = tokens, source
+    atomic_write_text(path, json.dumps(data, indent=1))
+
+
+def lm_feed(engine, ids: list[int], chunk: int = 256):
+    """feed() for measure: the token ids in chunks of `chunk`, each from an empty cache."""
+    def feed():
+        for start in range(0, len(ids), chunk):
+            engine.forward(torch.tensor([ids[start:start + chunk]]), engine.new_state())
+    return feed
+
+
+@torch.inference_mode()
+def measure(engine, feed, specs: list[tuple[str, int | None, int | None]]) -> dict:
+    """Each layer's relative output error of each shadow form and of an exchange, on the profiling
+    inputs that `feed()` runs through an all-resident engine (policy full; `lm_feed` for text).
+    A choice's error is weighted by its router weight:
+    sqrt(sum_choices ||w (E'(x) - E(x))||^2 / sum ||w E(x)||^2). The exchange's
+    stand-in for a choice is the token's next-best expert outside its top-k, at the same weight
+    (an optimistic proxy: a committee holds fewer experts to choose from). Returns
+    {spec key: [per layer {"shadow": e, "exchange": e}]}."""
+    if not all(layer.committee.complete for layer in engine.layers):
+        raise ValueError("measure needs every expert resident (policy full)")
+    seen: dict[int, list] = {}
+    wrapped = []
+    for layer in engine.layers:
+        ctrl = layer.controller
+        original = ctrl.forward
+
+        def capture(x, logits, experts, batch, _orig=original, _i=layer.block.layer):
+            seen.setdefault(_i, []).append((x.clone(), logits.clone()))
+            return _orig(x, logits, experts, batch)
+
+        ctrl.forward = capture
+        wrapped.append((ctrl, original))
+    try:
+        feed()
+    finally:
+        for ctrl, original in wrapped:
+            ctrl.forward = original
+    out: dict[str, list[dict]] = {}
+    for i, layer in enumerate(engine.layers):
+        x = torch.cat([c[0] for c in seen[i]])                                   # [T, H]
+        logits = torch.cat([c[1] for c in seen[i]])                              # [T, N]
+        route = layer.controller.router.route(logits, None, (1, x.shape[0]))
+        bank, slot_of = layer.block.experts, layer.committee.slot_list
+        N = layer.committee.num_experts
+        exact = [bank.kernel(x, bank.slot(slot_of[e])).float() for e in range(N)]   # [T, H] each
+        weight = torch.zeros(x.shape[0], N)                                       # [T, N] combine weights
+        weight.scatter_add_(1, route.idx.clamp(min=0), route.weights.float() * (route.idx >= 0))
+        chosen = weight > 0
+        # exchange stand-in: the best expert (by unmasked gate) the token did not choose
+        sub = route.gates.float().masked_fill(chosen, float("-inf")).argmax(dim=1)    # [T]
+        ex_num = ex_den = 0.0
+        for e in range(N):
+            rows = chosen[:, e]
+            if rows.any():
+                w = weight[rows, e][:, None]
+                y = exact[e][rows]
+                ys = torch.stack([exact[s][t] for s, t in zip(sub[rows].tolist(), rows.nonzero().squeeze(1).tolist())])
+                ex_num += float(((w * (ys - y)) ** 2).sum())
+                ex_den += float(((w * y) ** 2).sum())
+        exchange = math.sqrt(ex_num / ex_den) if ex_den else 1.0
+        for mode, group, rank in specs:
+            shadows = ShadowBank(engine.family.kernel(), N, list(range(N)), bank.dtype, mode, group, rank)
+            num = den = 0.0
+            for e in range(N):
+                shadows.write(e, bank.slot(slot_of[e]))
+                rows = chosen[:, e]
+                if rows.any():
+                    w = weight[rows, e][:, None]
+                    y = exact[e][rows]
+                    num += float(((w * (shadows.forward_one(x[rows], e).float() - y)) ** 2).sum())
+                    den += float(((w * y) ** 2).sum())
+            out.setdefault(spec_key(mode, group, rank), []).append(
+                {"shadow": math.sqrt(num / den) if den else 1.0, "exchange": exchange,
+                 "weight_error": shadows.weight_error()})
+    return out

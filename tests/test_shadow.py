@@ -1,0 +1,171 @@
+"""Shadow experts and the per-miss chooser (issue 13): packing, the slow twins, the budget, exactness
+with every expert resident, every family, the chooser's actions and statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pcmoe
+from pcmoe import shadow as S
+from pcmoe.budget import ModelBytes, shadow_split
+from pcmoe.models import REGISTRY
+from pcmoe.moe import GluKernel
+from pcmoe.options import PcmoeError
+from pcmoe.testing import ALL_FAMILIES, make_checkpoint
+
+QUANTISABLE = [f for f in ALL_FAMILIES if REGISTRY[f].tiny_config is not None and f != "gpt_oss"]
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_planes_round_trip_and_dequantize_twin(bits):
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    codes, sm = S.quantize_group(w, bits, 32)
+    assert int(codes.max()) <= 2 ** bits - 1
+    planes = S.pack_planes(codes, bits)
+    assert planes.shape == (bits, 16, 8) and planes.dtype == torch.uint8
+    assert torch.equal(S.unpack_planes(planes), codes)
+    fast = S.dequantize(planes, sm, torch.float32)
+    assert torch.allclose(fast, S.dequantize_reference(planes, sm, torch.float32), atol=1e-6)
+    # the clipping search never does worse than the plain min/max range
+    err = (fast - w).pow(2).sum()
+    lo, hi = w.view(16, 2, 32).amin(-1), w.view(16, 2, 32).amax(-1)
+    scale = (hi - lo) / (2 ** bits - 1)
+    plain = torch.round((w.view(16, 2, 32) - lo[..., None]) / scale[..., None]) * scale[..., None] + lo[..., None]
+    assert err <= (plain.view(16, 64) - w).pow(2).sum() + 1e-6
+
+
+@pytest.mark.parametrize("mode", ["int2", "int3", "lowrank"])
+def test_shadow_fast_path_agrees_with_its_reference(mode):
+    torch.manual_seed(1)
+    kernel = GluKernel(64, 32, torch.nn.functional.silu)
+    bank = S.ShadowBank(kernel, 4, [1, 3], torch.float32, mode, group=32, rank=8)
+    for e in (1, 3):
+        bank.write(e, {name: torch.randn(shape) for name, shape in kernel.tensors.items()})
+    assert bank.has(1) and not bank.has(0)
+    x = torch.randn(5, 64)
+    for e in (1, 3):
+        assert torch.allclose(bank.forward_one(x, e), bank.reference_one(x, e), atol=1e-4)
+    assert bank.shadow_nbytes == S.shadow_nbytes(kernel, torch.float32, mode, 32, 8)
+    assert 0 < bank.weight_error() < 1
+
+
+def test_shadow_bytes_are_the_bits_they_claim():
+    kernel = GluKernel(256, 256, torch.nn.functional.silu)   # the shipped LM's expert: 196608 weights
+    weights = 3 * 256 * 256
+    assert S.shadow_nbytes(kernel, torch.bfloat16, "int2") == weights * 2 // 8 + weights // 128 * 4
+    assert S.shadow_nbytes(kernel, torch.bfloat16, "int3") == weights * 3 // 8 + weights // 128 * 4
+    assert S.shadow_nbytes(kernel, torch.bfloat16, "lowrank", rank=8) == 8 * 2 * (512 + 256 + 256 + 256)
+
+
+def test_shadow_split_fits_the_budget_and_trades_members_for_shadows():
+    sizes = ModelBytes(1000, [100, 100], [8, 8])
+    committee, shadows = shadow_split(sizes, 1000 + 2 * (3 * 100 + 5 * 20), [20, 20])
+    assert committee == [3, 3] and shadows == [5, 5]
+    committee, shadows = shadow_split(sizes, 1000 + 2 * (3 * 100 + 5 * 20) + 80, [20, 20])
+    assert committee == [4, 3] and shadows == [4, 5]          # one more member costs 100 and frees 20
+    committee, shadows = shadow_split(sizes, 1000 + 2 * (4 * 100 + 2 * 20), [20, 20], shadows=2)
+    assert committee == [4, 4] and shadows == [2, 2]
+    with pytest.raises(ValueError, match="below the minimum"):
+        shadow_split(sizes, 1100, [20, 20])
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shadow") / "qwen3"
+    make_checkpoint("qwen3_moe", folder)
+    return folder
+
+
+def _logits(engine, ids):
+    state = engine.new_state()
+    with torch.inference_mode():
+        prompt = engine.forward(torch.tensor([ids[:-2]]), state)
+        steps = [engine.forward(torch.tensor([[t]]), state) for t in ids[-2:]]  # the one-token path too
+    return torch.cat([prompt, *steps])
+
+
+IDS = [3, 17, 5, 90, 41, 7, 64, 2, 11, 30, 8, 51]
+
+
+def test_all_experts_resident_is_bit_identical_with_shadows_on(qwen):
+    plain = pcmoe.load(qwen, policy="committee", progress=False)
+    shadowed = pcmoe.load(qwen, policy="committee", progress=False, shadow="int2")
+    assert torch.equal(_logits(plain, IDS), _logits(shadowed, IDS))
+    assert shadowed.stats()["shadow_bytes"] == 0 and shadowed.controllers[0].chooser is None
+
+
+def _budget(folder, members, shadows, mode="int2"):
+    """Non-expert bytes + `members` experts and `shadows` shadows per layer (fixed subset)."""
+    engine = pcmoe.load(folder, policy="full", progress=False)
+    one = S.shadow_nbytes(engine.family.kernel(), engine.blocks[0].experts.dtype, mode)
+    sizes = engine.model_bytes
+    return sizes.nonexpert + len(sizes.expert) * (members * sizes.expert[0] + shadows * one)
+
+
+@pytest.mark.parametrize("family", QUANTISABLE)
+def test_every_family_serves_misses_from_shadows(family, tmp_path):
+    folder = tmp_path / family
+    make_checkpoint(family, folder)
+    budget = _budget(folder, 2, 6)
+    engine = pcmoe.load(folder, budget=budget, policy="magnitude-keep",
+                        progress=False, shadow="int2", miss_action="shadow", kernel="eager")
+    assert engine.stats()["resident_bytes"] <= budget
+    layers = len(engine.layers)
+    assert engine.committee_sizes == [2] * layers and engine.sizing.shadow_counts == (6,) * layers
+    _run(engine, family)
+    st = engine.stats()
+    assert st["shadowed"] > 0 and st["exchanged"] == 0 and st["skipped"] == 0
+    assert sum(row["shadowed"] for row in st["per_layer"]) == st["shadowed"]
+    assert all(row["shadow_experts"] == 6 and row["shadow_bytes"] > 0 for row in st["per_layer"])
+    # the fast shadow path against its slow twin (dequantise by the definition + the ordinary expert)
+    out = _run(engine, family)
+    for layer in engine.layers:
+        bank = layer.controller.chooser.shadows
+        bank.forward_one = bank.reference_one
+    assert torch.allclose(out, _run(engine, family), atol=1e-4)
+
+
+def _run(engine, family):
+    with torch.inference_mode():
+        if family == "pcmoe_vit_moe":
+            return engine.model(torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))).logits
+        if engine.family.seq2seq:
+            return engine.prefill(IDS)[0]
+        return _logits(engine, IDS)
+
+
+def test_chooser_actions_and_exact_wait(qwen):
+    budget = _budget(qwen, 2, 6)
+    full = pcmoe.load(qwen, policy="full", progress=False, kernel="eager")
+    # waiting for an exact load of every miss gives the full model's output
+    waited = pcmoe.load(qwen, budget=budget + full.model_bytes.expert[0], policy="magnitude-keep", progress=False, shadow="int2",
+                        shadow_experts=6, wait_above=0.0, miss_action="wait", kernel="eager")
+    assert torch.allclose(_logits(full, IDS), _logits(waited, IDS), atol=1e-4)
+    st = waited.stats()
+    assert waited.committee_sizes == [2] * len(waited.layers)
+    assert st["waited"] > 0 and st["shadowed"] == 0 and st["stall_s"] > 0
+    # a high price of time makes skipping the cheapest answer
+    cheap = pcmoe.load(qwen, budget=budget, policy="magnitude-keep", progress=False, shadow="int2",
+                       miss_time_cost=1e6, strategy="skip", kernel="eager")
+    _logits(cheap, IDS)
+    st = cheap.stats()
+    assert st["shadowed"] == 0 and st["skipped"] > 0
+    # auto with no price of time: the measured errors decide (shadow error < 1 = a skip's)
+    auto = pcmoe.load(qwen, budget=budget, policy="magnitude-keep", progress=False, shadow="int2", kernel="eager")
+    _logits(auto, IDS)
+    st = auto.stats()
+    assert st["shadowed"] == st["misses"] > 0
+    counters = auto.counters()
+    _logits(auto, IDS)
+    assert auto.stats(since=counters)["shadowed"] == st["shadowed"]
+
+
+def test_shadow_options_are_checked(qwen):
+    with pytest.raises(PcmoeError, match="unknown shadow"):
+        pcmoe.load(qwen, budget="50%experts", shadow="int1", progress=False)
+    with pytest.raises(PcmoeError, match="unknown miss action"):
+        pcmoe.load(qwen, budget="50%experts", shadow="int2", miss_action="pray", progress=False)
+    with pytest.raises(PcmoeError, match="policy on-demand"):
+        pcmoe.load(qwen, budget="50%experts", policy="on-demand", shadow="int2", progress=False)
