@@ -55,6 +55,18 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
                                      "(default: profile.json beside the model if any; 'none' for no profile)")
     g.add_argument("--topk", type=int, help="topk-reduce: experts kept per token")
     g.add_argument("--seed", type=int, default=0, help="random-keep seed")
+    g = p.add_argument_group("shadow experts (misses computed by small stand-ins, pcmoe/shadow.py)")
+    g.add_argument("--quantize", choices=("int8", "int4"), help="committee members held as int8 / int4 (default: "
+                                                               "as stored, or the plan's precisions)")
+    g.add_argument("--shadow", choices=("int2", "int3", "lowrank", "none"),
+                   help="shadows of the experts outside the committee, counted in the budget (default none)")
+    g.add_argument("--shadow-experts", type=int, help="shadows per layer (default: every expert outside the committee)")
+    g.add_argument("--miss-action", choices=("auto", "shadow", "wait", "exchange", "skip"),
+                   help="a miss: the chooser's cheapest answer (auto, default), or always this one where possible")
+    g.add_argument("--miss-time-cost", type=float,
+                   help="the chooser's price of time: quality cost per millisecond an answer adds (default 0)")
+    g.add_argument("--wait-above", type=float,
+                   help="wait for an exact load of a missing expert whose router weight reaches this (default never)")
     g = p.add_argument_group("runtime")
     g.add_argument("--io-bandwidth", help="emulate storage: MB/s, or emmc (300), ufs (2000), nvme (3000)")
     g.add_argument("--no-evict", action="store_true", help="leave read ranges in the page cache")
@@ -168,7 +180,9 @@ def engine_from_args(args):
 
     plan = plan_from_memory(args) if getattr(args, "memory", None) is not None else args.plan
     knobs = {"update_every": args.update_every, "update_unit": args.update_unit, "importance": args.importance,
-             "ema_decay": args.ema_decay, "margin": args.margin, "spare_slots": args.spare_slots}
+             "ema_decay": args.ema_decay, "margin": args.margin, "spare_slots": args.spare_slots,
+             **{k: getattr(args, k, None) for k in ("quantize", "shadow", "shadow_experts", "miss_action",
+                                                     "miss_time_cost", "wait_above")}}
     engine = pcmoe.load(
         args.model, budget=args.budget, policy=args.policy, plan=plan, dtype=args.dtype,
         strategy=args.strategy, renorm=args.gate_weights == "renorm", tau=args.tau, bytes_per_step=args.swap_bytes,
