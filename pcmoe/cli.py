@@ -366,6 +366,12 @@ def _fill_profile(p) -> None:
     p.set_defaults(func=cmd_profile, check=check_profile)
 
 
+def _fill_trace(p) -> None:
+    from pcmoe.trace import fill_trace
+
+    fill_trace(p)
+
+
 def _fill_calibrate(p) -> None:
     from pcmoe.planner.commands import fill_calibrate
 
@@ -405,6 +411,8 @@ COMMANDS = {
     "generate": ("generate text from a prompt under a memory budget, then a statistics table", _fill_generate),
     "eval": ("perplexity (LM) or frame-stream accuracy (vision) under a budget; JSON last line", _fill_eval),
     "profile": ("record which experts a text uses (for static-frequency and warm starts)", _fill_profile),
+    "trace": ("record a model's per-layer routing on a text (replayed onto larger checkpoints in benchmarks)",
+              _fill_trace),
     "calibrate": ("measure this machine and the model for the planner (writes <model>/device_profile.json)",
                   _fill_calibrate),
     "plan": ("choose per-layer committee sizes and precisions for a memory and latency limit", _fill_plan),

@@ -443,7 +443,7 @@ def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Eng
                     layers=layers, scheduler=scheduler, model_bytes=sizes, sizing=sizing, policy=policy,
                     options=opts, expert_norms=norms, load_info=load_info, fast=fast)
     if opts.routing_trace:  # benchmarks only: the engine's load_info says "replayed routing"
-        from pcmoe.trace import replay
+        from pcmoe.replay import replay
 
         replay(engine, opts.routing_trace, opts.routing_trace_seed)
     engine.reset_stats()
