@@ -97,6 +97,44 @@ def test_derive_recovers_the_planted_machine(lm_with_profile):
     assert planner.full_memory() == pytest.approx(planner.memory(planner.space.full())[0])
 
 
+def test_derive_divides_out_the_machine_speed_of_each_run(lm_with_profile):
+    """Runs timed on a machine that drifts (each run 0.7 .. 1.4x slower, seen by its speed probe):
+    the derived latency model is the median machine's, as if nothing drifted."""
+    facts = calibrate.model_facts(str(lm_with_profile))
+    steady = synthetic_measurements(facts)
+    rng = np.random.default_rng(1)
+    drifting = {}
+    for key, r in steady.items():
+        if r.get("latency_s"):
+            k = float(rng.uniform(0.7, 1.4))
+            r = {**r, "latency_s": r["latency_s"] * k, "layer_s": [t * k for t in r["layer_s"]], "probe_s": 0.01 * k}
+        drifting[key] = r
+    median = np.median([r["probe_s"] for r in drifting.values() if "probe_s" in r]) / 0.01
+    want, got = calibrate.derive(facts, steady), calibrate.derive(facts, drifting)
+    assert got["latency_fit"]["speed"]["source"] == "probe"
+    assert got["latency"]["nonexpert_s"]["full"] == pytest.approx(want["latency"]["nonexpert_s"]["full"] * median)
+    assert got["latency_fit"]["heldout"]["mae"] < 0.02 < got["latency_fit"]["raw"]["heldout"]["mae"]
+    assert got["latency"]["probe_s"] == pytest.approx(0.01 * median)
+
+
+def test_derive_only_rewrites_the_profile_from_its_measurements(lm_with_profile, tmp_path, capsys):
+    folder = tmp_path / "lm"
+    shutil.copytree(lm_with_profile, folder)
+    facts = calibrate.model_facts(str(folder))
+    data = json.loads((folder / PROFILE_FILE).read_text())
+    data["measurements"] = synthetic_measurements(facts)
+    data["runtime_bytes"] = 1                                  # stale: derive-only puts the measured one back
+    (folder / PROFILE_FILE).write_text(json.dumps(data))
+    assert main(["calibrate", "--model", str(folder), "--derive-only"]) == 0
+    assert json.loads((folder / PROFILE_FILE).read_text())["runtime_bytes"] == RUNTIME
+    assert "rewrote" in capsys.readouterr().out
+    del data["measurements"]
+    (folder / PROFILE_FILE).write_text(json.dumps(data))
+    assert main(["calibrate", "--model", str(folder), "--derive-only"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stores no measurements" in err and len(err.splitlines()) == 1
+
+
 def test_measurement_specs_are_unique_valid_and_seeded(lm_with_profile):
     facts = calibrate.model_facts(str(lm_with_profile))
     stream = {"kind": "text", "data": "x.txt"}
@@ -327,6 +365,7 @@ def test_worker_measures_loss_latency_and_memory(lm_with_profile):
     assert out["latency_s"] > 0 and len(out["layer_s"]) == 2 and all(t > 0 for t in out["layer_s"])
     assert out["decode_steps"] == 2 * 5 and out["peak_rss_bytes"] >= out["rss_after_load_bytes"]
     assert math.isfinite(out["heldout"]["loss"]) and out["heldout"]["tokens"] > 0
+    assert out["probe_s"] > 0 and out["probe_before_s"] > 0 and out["probe_after_s"] > 0
 
 
 @pytest.mark.slow

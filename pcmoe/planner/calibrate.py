@@ -208,6 +208,29 @@ def run_calibration(model_dir: str, out: str, data: str | None = None, samples: 
     return profile
 
 
+def rederive(model_dir: str, out: str) -> dict:
+    """Recompute a profile's tables and fits from the measurements it stores, measuring nothing
+    (`pcmoe calibrate --derive-only`): for a new version of the predictors. A changed runtime (its
+    memory, its speed) needs new measurements: `pcmoe calibrate` again."""
+    from pcmoe.system import atomic_write_text
+
+    path = Path(out)
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PlanError(f"cannot read the device profile {out} ({e})") from None
+    if not isinstance(old, dict) or not old.get("measurements"):
+        raise PlanError(f"{out} stores no measurements to derive a profile from; run `pcmoe calibrate`")
+    calibration = old.get("calibration") or {}
+    if calibration.get("ident", {}).get("fingerprint") not in (None, model_fingerprint(model_dir)):
+        raise PlanError(f"{out} was measured on other weights than {model_dir}; run `pcmoe calibrate` again")
+    profile = derive(model_facts(model_dir), old["measurements"], fit=bool(calibration.get("complete", True)))
+    profile["calibration"] = calibration
+    profile["measurements"] = old["measurements"]
+    atomic_write_text(path, json.dumps(profile, indent=None, separators=(",", ":")))
+    return profile
+
+
 def _compact(rec: dict) -> dict:
     drop = ("read_s_all",)
     if "expert_load" in rec:
@@ -299,7 +322,12 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
         profile["frontend_bytes"] = {"serve": int(done["imports:serve"]["import_rss_bytes"])}
     if _ok(done.get("load")):
         profile["expert_load"] = done["load"]["expert_load"]
-    profile["latency"] = _latency(facts, done, configs, space, profile)
+    speed, speed_source = _speed_factors(space, configs)
+    timed = {k: _at_speed(r, speed.get(k, 1.0)) for k, r in configs.items()}
+    profile["latency"] = _latency(facts, timed, timed, space, profile)
+    probes = [r["probe_s"] for r in configs.values() if r.get("probe_s")]
+    if speed_source == "probe" and profile["latency"]:   # the speed the latency model predicts (validate.py)
+        profile["latency"]["probe_s"] = float(np.median(probes))
     if configs:
         profile["quality_samples"] = [{"config": r["config"], "loss": r["loss"], "latency_s": r.get("latency_s"),
                                        "peak_rss_bytes": r["peak_rss_bytes"], "key": k} for k, r in configs.items()]
@@ -311,7 +339,9 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
             q = fit_quality(space, samples)
             profile["quality"].update(model=q.name, heldout=q.heldout, n_train=q.n_train, n_heldout=q.n_heldout)
             if "latency" in profile and profile["latency"].get("layer_points"):
-                profile["latency_fit"] = _latency_errors(space, profile, configs)
+                profile["latency_fit"] = {**_latency_errors(space, profile, timed),
+                                          "raw": _latency_errors(space, profile, configs),
+                                          "speed": _speed_summary(speed, speed_source)}
     return profile
 
 
@@ -333,6 +363,69 @@ def _latency(facts: dict, done: dict, configs: dict, space: SearchSpace, profile
     if set(space.precisions) <= {p["precision"] for p in points}:
         lat["update_s"] = _update_costs(space, {**profile, "latency": lat}, _sample_rows(space, configs))
     return lat
+
+
+def _speed_features(space: SearchSpace, r: dict) -> list[float]:
+    """What a run's time depends on in its configuration: layers by precision, full or not, the
+    members of the non-full ones, and the non-full layers by F (a linear model's features)."""
+    c = Config.from_dict(r["config"], space)
+    N = space.num_experts
+    f = [1.0]
+    for p in space.precisions:
+        full = [n == N[i] and q == p for i, (n, q) in enumerate(zip(c.sizes, c.precisions))]
+        part = [n < N[i] and q == p for i, (n, q) in enumerate(zip(c.sizes, c.precisions))]
+        f += [sum(full), sum(part), sum(n / N[i] for i, (n, ok) in enumerate(zip(c.sizes, part)) if ok)]
+    nonfull = sum(n < N[i] for i, n in enumerate(c.sizes))
+    return f + [nonfull * (c.interval == F) for F in space.intervals]
+
+
+def _speed_factors(space: SearchSpace, configs: dict) -> tuple[dict[str, float], str | None]:
+    """How much slower than usual the machine ran during each measurement (1.0 = the median run).
+
+    The machine's speed drifts between measurements by more than the configurations differ (on the
+    shipped LM's committed profile, prefill time / its prediction from the configuration spans 0.76 ..
+    1.31, p5 .. p95, while the worker saw other processes use ~0 % of the CPU: the drift is invisible
+    to cpu_other_share, e.g. a shared host). A run's own reference work tells its speed: the worker's
+    speed probe (a fixed matrix-vector loop timed around the decode trials) when every run has one,
+    else the run's prefill time over what the configuration predicts for it (text only). Decode times
+    are divided by the factor before anything is fitted, so the latency model predicts the median
+    machine; a plan's validation applies its own run's factor (validate.py)."""
+    keys = [k for k, r in configs.items() if r.get("latency_s")]
+    if len(keys) < 8:
+        return {}, None
+    probes = [configs[k].get("probe_s") for k in keys]
+    if all(p for p in probes):
+        ref = float(np.median(probes))
+        return {k: p / ref for k, p in zip(keys, probes)}, "probe"
+    pre = [configs[k].get("prefill_tokens_per_s") for k in keys]
+    if not all(pre):
+        return {}, None
+    x = np.array([_speed_features(space, configs[k]) for k in keys])                          # [R, D]
+    y = 1.0 / np.array(pre)                                                                  # [R] s per token
+    fit = x @ np.linalg.lstsq(x, y, rcond=None)[0]
+    ratio = y / np.where(fit > 0, fit, np.nan)
+    ratio = np.where(np.isfinite(ratio) & (ratio > 0), ratio, 1.0)
+    return {k: float(v) for k, v in zip(keys, ratio / np.median(ratio))}, "prefill"
+
+
+def _at_speed(r: dict, factor: float) -> dict:
+    """A measurement's decode times as on the median machine (see _speed_factors)."""
+    if factor == 1.0 or not r.get("latency_s"):
+        return r
+    out = {**r, "latency_s": r["latency_s"] / factor, "speed_factor": factor}
+    if r.get("layer_s"):
+        out["layer_s"] = [t / factor for t in r["layer_s"]]
+    if r.get("step_s") is not None:
+        out["step_s"] = r["step_s"] / factor
+    return out
+
+
+def _speed_summary(speed: dict[str, float], source: str | None) -> dict:
+    if not speed:
+        return {"source": None}
+    v = np.array(list(speed.values()))
+    return {"source": source, "runs": len(v), "p5": float(np.percentile(v, 5)), "p95": float(np.percentile(v, 95)),
+            "min": float(v.min()), "max": float(v.max())}
 
 
 QUIET = 0.15   # a latency sample counts when other processes used at most this share of the CPU while it was timed
@@ -410,6 +503,11 @@ def summary(profile: dict) -> list[str]:
     if lf:
         lines.append(f"latency model: mean abs error {lf['heldout']['mae']:.1%} on {lf['n_heldout']} held-out samples "
                      f"(max {lf['heldout']['max']:.1%})")
+        speed = lf.get("speed") or {}
+        if speed.get("source"):
+            lines.append(f"  at the median machine speed: runs' speed by {speed['source']} spans {speed['p5']:.2f} .. "
+                         f"{speed['p95']:.2f}x (p5 .. p95); without that correction the error is "
+                         f"{lf['raw']['heldout']['mae']:.1%}")
     mf = profile.get("memory_fit", {})
     if mf:
         lines.append(f"runtime bytes over {mf['samples']} runs: {format_bytes(mf['runtime_bytes_min'])} .. "

@@ -35,6 +35,8 @@ def fill_calibrate(p) -> None:
                                        "one with the same settings is resumed")
     p.add_argument("--no-cgroup", action="store_true", help="do not run measurements in a memory cgroup")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--derive-only", action="store_true", help="measure nothing: recompute the profile's tables and "
+                                                               "fits from the measurements it stores")
     p.set_defaults(func=cmd_calibrate, check=check_calibrate)
 
 
@@ -42,6 +44,10 @@ def check_calibrate(args) -> None:
     from pcmoe.system import check_writable
 
     config = read_model_config(args.model)
+    if args.derive_only:   # measures nothing: only the profile must be there
+        args.out = args.out or str(Path(args.model) / PROFILE_FILE)
+        check_input_file(args.out, "device profile", "; --derive-only rewrites an existing one")
+        return
     if config.get("model_type") != VISION_TYPE and args.data is not None:
         check_input_file(args.data, "data file", " of documents (text, UTF-8)")
     if config.get("model_type") != VISION_TYPE and args.data is None:
@@ -59,6 +65,17 @@ def check_calibrate(args) -> None:
 def cmd_calibrate(args) -> int:
     from pcmoe.planner.calibrate import run_calibration, summary
 
+    if args.derive_only:
+        from pcmoe.planner.calibrate import rederive
+
+        try:
+            profile = rederive(args.model, args.out)
+        except PlanError as e:
+            raise PcmoeError(str(e)) from None
+        for line in summary(profile):
+            print(line)
+        print(f"rewrote {args.out} from its {len(profile['measurements'])} stored measurements")
+        return 0
     vision = read_model_config(args.model).get("model_type") == VISION_TYPE
     samples = args.samples if args.samples is not None else DEFAULT_SAMPLES["frames" if vision else "text"]
     try:

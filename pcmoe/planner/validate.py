@@ -64,16 +64,23 @@ def compare(planner: Planner, plan: dict, rec: dict, limit: int | None) -> dict:
     measured = {"memory_bytes": rec.get("peak_rss_bytes"), "cgroup_peak_bytes": rec.get("cgroup_max_usage_bytes"),
                 "latency_s": rec.get("latency_s"), "loss": rec.get("loss"), "returncode": rec.get("returncode"),
                 "error": rec.get("error"), "oom_killed": rec.get("oom_killed"),
-                "cgroup_failcnt": rec.get("cgroup_failcnt")}
+                "cgroup_failcnt": rec.get("cgroup_failcnt"), "cpu_other_share": rec.get("cpu_other_share")}
     if rec.get("loss") is not None:
         measured["quality"] = planner.quality_value(rec["loss"])
     if rec.get("heldout"):
         measured["heldout_loss"] = rec["heldout"]["loss"]
         measured["heldout_quality"] = planner.quality_value(rec["heldout"]["loss"])
+    reference = ((planner.data.get("latency") or {}).get("probe_s"))
+    if reference and rec.get("probe_s") and rec.get("latency_s"):
+        # The machine's speed during this run relative to the calibration's median (worker.speed_probe).
+        measured["speed_factor"] = rec["probe_s"] / reference
+        measured["latency_at_calibration_speed_s"] = rec["latency_s"] / measured["speed_factor"]
     errors = {}
     for key in ("memory_bytes", "latency_s"):
         if predicted.get(key) and measured.get(key):
             errors[key] = measured[key] / predicted[key] - 1
+    if predicted.get("latency_s") and measured.get("latency_at_calibration_speed_s"):
+        errors["latency_at_calibration_speed"] = measured["latency_at_calibration_speed_s"] / predicted["latency_s"] - 1
     if measured.get("loss") is not None:
         q_pred, q_meas = planner.quality_value(predicted["loss"]), measured["quality"]
         errors["quality"] = q_meas / q_pred - 1 if q_pred else None
@@ -111,10 +118,17 @@ def report_lines(planner: Planner, result: dict) -> list[str]:
                  f"under a limit of {format_bytes(result.get('cgroup_limit_bytes'))}")
     lines.append(f"{'latency':10}{format_latency(p.get('latency_s')):>16}{format_latency(m.get('latency_s')):>16}"
                  f"{pct('latency_s')}  per {'token' if planner.metric == 'log_ppl' else 'frame'}")
+    if m.get("speed_factor"):
+        lines.append(f"{'':10}{'':>16}{format_latency(m['latency_at_calibration_speed_s']):>16}"
+                     f"{pct('latency_at_calibration_speed')}  at the calibration's machine speed (this run: "
+                     f"{m['speed_factor']:.2f}x slower by the speed probe)")
     if m.get("loss") is not None:
         q = planner.quality_text
         lines.append(f"{'quality':10}{q(p['loss']):>16}{q(m['loss']):>16}{pct('quality')}  on the profiling stream")
     if m.get("heldout_loss") is not None:
         lines.append(f"{'':10}{'':>16}{planner.quality_text(m['heldout_loss']):>16}  on the held-out stream")
+    if m.get("cpu_other_share") is not None and m["cpu_other_share"] > 0.15:
+        lines.append(f"warning: other processes used {m['cpu_other_share']:.0%} of the CPU while this run was timed; "
+                     "its latency is not a quiet machine's")
     lines.append("violations: " + ("; ".join(result["violations"]) if result["violations"] else "none"))
     return lines

@@ -14,7 +14,8 @@ spec: {"model": DIR, "plan": {plan JSON} | null (everything resident), "policy":
 
 Measured: the loss on the stream (mean NLL per token, or the error rate on frames), the latency
 (seconds per decoded token, median round; or per frame), the time inside each MoE block and in the
-committee's step boundary per decoded token / frame, and the process's peak RSS (VmHWM) with the
+committee's step boundary per decoded token / frame, a speed probe around the timing (probe_s, see
+speed_probe), and the process's peak RSS (VmHWM) with the
 engine's resident weight bytes. The profiling stream is the same for every configuration, so
 measured differences between configurations are paired (no sampling noise between them).
 """
@@ -103,6 +104,28 @@ def score_text(engine, stream: dict) -> dict:
             "window": window}
 
 
+def speed_probe(blocks: int = 5, iterations: int = 40) -> list[float]:
+    """Seconds of a fixed reference work (one-token fp32 matrix-vector products, about the decode's
+    size), per block: how fast this machine runs right now, whatever the configuration. Timed around
+    the decode trials; calibration divides decode times by it (the machine's speed drifts between
+    runs by more than the configurations differ, unseen by cpu_other_share)."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(1024, 1024, generator=g), torch.randn(1, 1024, generator=g)   # [D, D], [1, D]
+    times = []
+    with torch.inference_mode():
+        for _ in range(blocks):
+            t0 = time.perf_counter()
+            for _ in range(iterations):
+                x = torch.tanh(x @ w)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _probe_result(before: list[float], after: list[float]) -> dict:
+    both = sorted(before + after)
+    return {"probe_s": both[len(both) // 2], "probe_before_s": min(before), "probe_after_s": min(after)}
+
+
 def measure_text(engine, spec: dict, out: dict) -> None:
     stream = spec["stream"]
     out.update(score_text(engine, stream))
@@ -131,9 +154,11 @@ def measure_text(engine, spec: dict, out: dict) -> None:
         engine.reset_stats()
 
     meter = CpuMeter()   # other processes' CPU share while timed: contention makes latencies longer
+    before = speed_probe()
     with torch.inference_mode():
         r = protocol.decode_trials(prefill, step, prompts, d.get("tokens", 64), trials=d.get("trials", 2),
                                    warmup=d.get("warmup", 1), after_warmup=after_warmup)
+    out.update(_probe_result(before, speed_probe()))
     out.update(meter.stop())
     engine.end_input()
     steps = r["trials"] * len(prompts) * (d.get("tokens", 64) - 1)    # decode steps timed (prefills excluded)
@@ -170,7 +195,9 @@ def score_frames(engine, stream: dict, timer: BlockTimer | None = None) -> dict:
 def measure_frames(engine, spec: dict, out: dict) -> None:
     timer = BlockTimer(engine)
     meter = CpuMeter()
+    before = speed_probe()
     out.update(score_frames(engine, spec["stream"], timer))
+    out.update(_probe_result(before, speed_probe()))
     out.update(meter.stop())
     frames = out["frames"]
     out.update(layer_s=[t / frames for t in timer.layer_s], step_s=timer.step_s / frames)
