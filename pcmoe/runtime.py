@@ -149,6 +149,9 @@ class Engine:
         if self.policy not in LIVE_BUDGET_POLICIES:
             raise PcmoeError(f"budget unchanged: policy {self.policy} keeps a fixed subset; live budget changes "
                              f"need one of {', '.join(LIVE_BUDGET_POLICIES)}")
+        if getattr(self.options, "shadow", None):
+            raise PcmoeError("budget unchanged: live budget changes do not size shadow experts yet; load without "
+                             "--shadow to change the budget while serving")
         sizes = self.model_bytes
         block = self.layers[0].block.experts
         try:
