@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pcmoe import qcache
 from pcmoe.budget import (
     BudgetError,
     ModelBytes,
@@ -39,6 +40,7 @@ from pcmoe.committee import LayerCommittee
 from pcmoe.formats import FormatError, check_plan, check_precisions, profile_path, read_profile
 from pcmoe.importance import ImportanceTracker, top_experts
 from pcmoe.models import load_family
+from pcmoe.models.base import parameters_on_meta
 from pcmoe.models.lean import LeanCausalLM, SparseBlock, lean_supported
 from pcmoe.moe import CommitteeMoE, SlotExperts, expert_buffer, slot_nbytes
 from pcmoe.options import LoadOptions, PcmoeError, PcmoeWarning, resolve_options, validate
@@ -128,24 +130,6 @@ def _io_bandwidth(value) -> float | None:
 
 
 # -- layout: headers and the meta skeleton ----------------------------------------------------------
-
-
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Parameters are created on the meta device (no memory); buffers stay real, so computed
-    non-persistent buffers such as rotary frequencies keep their values."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=False)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
 
 
 @dataclass
@@ -317,7 +301,7 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
         scratch = expert_buffer(family.kernel(), lay.dtype)
 
         def exact(layer, expert):
-            return scratch if store.load(layer, expert, scratch) else None
+            return scratch if _read_full(store, layer, expert, scratch) else None
     bandwidth = (_io_bandwidth(opts.io_bandwidth) or 2000.0) * 1e6  # bytes/s; 2 GB/s (ufs) when not emulated
     choosers = []
     for i in range(len(blocks)):
@@ -328,7 +312,7 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
                                       opts.shadow_group, opts.shadow_rank) if n_sh else None
         if bank is not None:
             for e in _progress(bank.experts, f"shadows of layer {i}", opts.progress):
-                if not store.load(i, e, buffer):
+                if not _read_full(store, i, e, buffer):
                     raise PcmoeError(f"{folder}: cannot read expert {e} of {lay.block_names[i]} (I/O error)")
                 bank.write(e, buffer)
         measured = errors[i] if errors else {}
@@ -342,6 +326,18 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
                                     wait_above=opts.wait_above, load_exact=exact,
                                     exact_kernel=family.kernel() if exact else None))
     return choosers
+
+
+def _read_full(store, layer: int, expert: int, buffer: dict) -> bool:
+    """An expert at full precision as the checkpoint holds it (loads may read quantised copies)."""
+    read_source = getattr(store, "read_source", None)
+    if read_source is None:
+        return store.load(layer, expert, buffer)
+    try:
+        read_source(layer, expert, buffer)
+    except OSError:
+        return False
+    return True
 
 
 def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Engine:
@@ -379,6 +375,8 @@ def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Eng
             block.bound = family.bind(block, partial(ops.linear, native))
 
     store = ExpertStore(ckpt, lay.pieces, io_bandwidth_mbps=_io_bandwidth(opts.io_bandwidth), evict=opts.evict)
+    copies = qcache.attach(ckpt, store, [b.experts for b in blocks], family.kernel(), lay.dtype, lay.quants,
+                           cache_dir=opts.cache_dir, progress=lambda it, desc: _progress(it, desc, opts.progress))
     io = ExpertIO(store, [b.experts for b in blocks],
                   [expert_buffer(family.kernel(), lay.dtype) for _ in range(sizing.swap_buffers)])
     norms = _expert_norms(ckpt, store, sizes.num_experts, opts)
@@ -433,7 +431,7 @@ def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Eng
     load_info = {"seconds": time.perf_counter() - t_load, "bytes_read": store.stats.bytes_read,
                  "dtype": str(lay.dtype).replace("torch.", ""), "profile": profile_file,
                  "swap_buffers": sizing.swap_buffers, "swap_buffer_bytes": sizing.buffer_bytes,
-                 "kernel": kernel_path}
+                 "kernel": kernel_path, "quant_copy": copies.describe()}
     fast = None
     if opts.fast and family.lean_decoder:
         from pcmoe import fast as fast_path

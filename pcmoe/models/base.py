@@ -10,14 +10,16 @@ controllers receive a plain `route(logits, mask)` and never call back into the b
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
+from torch import nn
 
 from pcmoe.checkpoint import Checkpoint, CheckpointError
+from pcmoe.models.activations import activation
 from pcmoe.moe import GluKernel
 from pcmoe.routing import Route, softmax_topk, softmax_topk_one
 from pcmoe.store import Piece
@@ -26,6 +28,24 @@ from pcmoe.store import Piece
 # layers, top-k > 1, GQA).
 TINY_COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
                    max_position_embeddings=256, tie_word_embeddings=False)
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Parameters are created on the meta device (no memory); buffers stay real, so computed
+    non-persistent buffers such as rotary frequencies keep their values."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=False)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 @dataclass(frozen=True)
@@ -109,7 +129,7 @@ class Family:
         return self.config.moe_intermediate_size
 
     def kernel(self):
-        return GluKernel(self.config.hidden_size, self.intermediate, ACT2FN[self.config.hidden_act])
+        return GluKernel(self.config.hidden_size, self.intermediate, activation(self.config.hidden_act))
 
     # -- keys -------------------------------------------------------------------------------
 

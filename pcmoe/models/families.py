@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
 
 from pcmoe.checkpoint import CheckpointError
+from pcmoe.models.activations import activation
 from pcmoe.models.base import TINY_COMMON, BoundRouter, Family
 from pcmoe.moe import GptOssKernel, MlpKernel
 from pcmoe.routing import (
@@ -216,7 +216,7 @@ class SwitchTransformers(Family):
         return False
 
     def kernel(self):
-        return MlpKernel(self.config.d_model, self.intermediate, ACT2FN[self.config.dense_act_fn])
+        return MlpKernel(self.config.d_model, self.intermediate, activation(self.config.dense_act_fn))
 
     def expert_pieces(self, ckpt, block_name, expert):
         pre = f"{block_name}.experts.expert_{expert}."

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
+from pcmoe.models.activations import activation
 from pcmoe.models.base import Family
 
 MODEL_TYPE = "pcmoe_vit_moe"
@@ -98,7 +98,7 @@ class VitMoeExperts(nn.Module):
         N, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.randn(N, 2 * I, H) * H**-0.5)
         self.down_proj = nn.Parameter(torch.randn(N, H, I) * I**-0.5 / config.num_layers**0.5)
-        self.act = ACT2FN[config.hidden_act]
+        self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], idx [T, k], weights [T, k] -> [T, H]; the same gather/index_add as SlotExperts."""
