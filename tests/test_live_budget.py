@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,79 @@ def test_admin_budget_endpoint_and_metrics(tiny_lm, tmp_path):
             assert client.post("/admin/budget", json={"budget": "50%"}).status_code == 404
     finally:
         engine.close()
+
+
+def test_a_budget_change_during_a_request_loses_nothing(tiny_lm):
+    pytest.importorskip("fastapi")
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from pcmoe.server import create_app
+
+    engine = _load(tiny_lm, policy="committee", synchronous=False)
+    generate, started, release = engine.generate, threading.Event(), threading.Event()
+
+    def held(*args, **kwargs):  # no EOS, and the request waits after its first token until told
+        kwargs["stop_on_eos"] = False
+        for step in generate(*args, **kwargs):
+            started.set()
+            release.wait(30)
+            yield step
+
+    engine.generate = held
+    try:
+        app = create_app(engine, model_name="tiny", admin_token="secret")
+        with TestClient(app) as client:
+            reply = {}
+            request = threading.Thread(target=lambda: reply.update(client.post(
+                "/v1/completions", json={"prompt": "hello", "max_tokens": 30, "temperature": 0}).json()))
+            request.start()
+            assert started.wait(30)
+            r = client.post("/admin/budget", json={"budget": "30%experts"}, headers={"Authorization": "Bearer secret"})
+            target = r.json()["budget_bytes"]
+            assert r.status_code == 200 and not r.json()["applied"]        # busy: applied at the next token
+            assert f"pcmoe_budget_target_bytes {float(target)}" in client.get("/metrics").text
+            release.set()
+            request.join(60)
+            assert reply["usage"]["completion_tokens"] == 30 and reply["choices"][0]["finish_reason"] == "length"
+            assert engine.budget == target
+            stats = client.get("/v1/pcmoe/stats").json()
+            assert stats["budget_bytes"] == target and stats["resident_bytes"] <= target
+            assert f"pcmoe_budget_bytes {float(target)}" in client.get("/metrics").text
+    finally:
+        release.set()
+        engine.close()
+
+
+def test_sigusr1_reads_the_budget_file(tmp_path, capsys):
+    import signal
+    import time
+
+    from pcmoe.server.command import watch_budget_file
+
+    asked = []
+
+    class Worker:
+        def set_budget(self, budget):
+            asked.append(budget)
+            if budget == "1kB":
+                raise PcmoeError("budget unchanged: below the minimum")
+            return {"budget": budget, "committee_sizes": [3, 3]}, None
+
+    path = tmp_path / "budget"
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        watch_budget_file(str(path), Worker())
+        for text in ("20MB\n", "1kB"):
+            path.write_text(text)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            deadline = time.monotonic() + 10
+            while len(asked) < ("20MB\n", "1kB").index(text) + 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        time.sleep(0.1)
+        err = capsys.readouterr().err
+        assert asked == ["20MB", "1kB"]
+        assert "budget changed to 20MB" in err and "error: budget unchanged" in err
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
