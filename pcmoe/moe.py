@@ -141,6 +141,7 @@ class SlotExperts(nn.Module):
         self.bank = {name: torch.zeros((num_slots, *shape), dtype=dt)
                      for name, (shape, dt) in bank_tensors(kernel, dtype, quant).items()}
         self._staging = threading.local()
+        self.stored_quantised = False  # slots are read already quantised (pcmoe.qcache; set by the loader)
         self.native = None          # pcmoe.native kernels for one-token outputs (set by the loader)
         self._ys = None             # [k, H] float32 outputs of the native path
         self._slots = [{name: t[s] for name, t in self.bank.items()} for s in range(num_slots)]  # fixed views
@@ -185,15 +186,16 @@ class SlotExperts(nn.Module):
     def staging(self, s: int) -> dict[str, torch.Tensor]:
         """Where a load writes an expert's weights as stored: the slot itself, or (quantised banks)
         a per-thread full-precision buffer that commit() quantises into the slot."""
-        if self.quant is None:
+        if self.quant is None or self.stored_quantised:
             return self.slot(s)
         if not hasattr(self._staging, "buffers"):
             self._staging.buffers = expert_buffer(self.kernel, self.dtype)
         return self._staging.buffers
 
     def write(self, s: int, weights: dict[str, torch.Tensor]) -> None:
-        """Overwrite slot s with one expert's full-precision weights (a staging buffer)."""
-        if self.quant is not None:
+        """Overwrite slot s with one expert's weights as staged: full precision (quantised here
+        for a quantised bank), or already quantised where the bank is read from a copy."""
+        if self.quant is not None and not self.stored_quantised:
             self.commit(s, weights)
             return
         slot = self.slot(s)
@@ -201,7 +203,7 @@ class SlotExperts(nn.Module):
             slot[name].copy_(w)
 
     def commit(self, s: int, staged: dict[str, torch.Tensor]) -> None:
-        if self.quant is None:
+        if self.quant is None or self.stored_quantised:
             return
         slot = self.slot(s)
         for name, w in staged.items():

@@ -44,7 +44,8 @@ class ExpertStore:
                  io_bandwidth_mbps: float | None = None, retries: int = 2, evict: bool = True):
         """pieces[layer][expert] lists the pieces of that expert."""
         self.checkpoint = checkpoint
-        self.pieces = pieces
+        self.pieces = pieces          # what loads read: the checkpoint's, or a quantised copy's
+        self.source_pieces = pieces   # the checkpoint's (norms, building copies)
         self.io_bandwidth = io_bandwidth_mbps * 1e6 if io_bandwidth_mbps else None
         self.retries = retries
         self.evict = evict
@@ -55,19 +56,33 @@ class ExpertStore:
         n = len(self.pieces)
         return StoreStats(per_layer_bytes=[0] * n, per_layer_read_s=[0.0] * n)
 
+    def use_copies(self, copies: dict[int, list[list[Piece]]]) -> None:
+        """Read these layers' experts from quantised copies (pcmoe.qcache): [expert] -> pieces
+        named as the slots of a quantised bank ("gate_up.q", ...)."""
+        self.pieces = [copies.get(layer, p) for layer, p in enumerate(self.source_pieces)]
+
     def expert_nbytes(self, layer: int, expert: int = 0) -> int:
         return sum(p.info.nbytes for p in self.pieces[layer][expert])
 
-    def read_expert(self, layer: int, expert: int, slot: dict[str, torch.Tensor]) -> None:
-        """Fill `slot` (dest name -> that slot's tensor) with the expert's weights; raises on error."""
-        t0 = time.perf_counter()
+    def _fill(self, pieces: list[Piece], slot: dict[str, torch.Tensor]) -> int:
         nbytes = 0
-        for piece in self.pieces[layer][expert]:
+        for piece in pieces:
             dest = slot[piece.dest]
             if piece.rows is not None:
                 dest = dest[piece.rows[0]:piece.rows[1]]
             self._read_piece(piece, dest)
             nbytes += piece.info.nbytes
+        return nbytes
+
+    def read_source(self, layer: int, expert: int, buffer: dict[str, torch.Tensor]) -> None:
+        """The expert as the checkpoint holds it, into a full-precision buffer (not counted in the
+        stats: building a quantised copy is not serving)."""
+        self._fill(self.source_pieces[layer][expert], buffer)
+
+    def read_expert(self, layer: int, expert: int, slot: dict[str, torch.Tensor]) -> None:
+        """Fill `slot` (dest name -> that slot's tensor) with the expert's weights; raises on error."""
+        t0 = time.perf_counter()
+        nbytes = self._fill(self.pieces[layer][expert], slot)
         if self.io_bandwidth:
             # Emulated storage: a read takes at least nbytes / bandwidth.
             time.sleep(max(0.0, nbytes / self.io_bandwidth - (time.perf_counter() - t0)))
@@ -104,7 +119,7 @@ class ExpertStore:
         squares runs over chunks in float32 with a float64 total, so the temporary memory is one
         chunk, not a float64 copy of the tensor."""
         total = 0.0
-        for piece in self.pieces[layer][expert]:
+        for piece in self.source_pieces[layer][expert]:
             flat = self.checkpoint.read(piece.info, evict=self.evict).reshape(-1)
             for start in range(0, flat.numel(), chunk_elements):
                 part = flat[start:start + chunk_elements].float()
@@ -121,7 +136,8 @@ class ExpertIO:
     def __init__(self, store: ExpertStore, banks: list, buffers: list[dict[str, torch.Tensor]]):
         self.store = store
         self.banks = banks          # per MoE layer, a moe.SlotExperts
-        self.buffers = buffers      # staging buffers: name -> tensor, an expert as stored on disk
+        self.buffers = buffers      # staging buffers: name -> tensor, an expert at full precision
+        self._views: dict = {}      # (buffer, layout) -> (that buffer, its quantised views)
 
     def load_slot(self, layer: int, expert: int, slot: int) -> bool:
         bank = self.banks[layer]
@@ -131,8 +147,40 @@ class ExpertIO:
             bank.commit(slot, staged)
         return ok
 
+    def buffer_for(self, layer: int, buffer: int) -> dict[str, torch.Tensor]:
+        """Staging buffer `buffer` as this layer's store pieces fill it: the full-precision buffer,
+        or (a layer read from a quantised copy) views of its memory shaped as one of the bank's
+        slots. A quantised expert is smaller, so the buffers are sized for full precision only."""
+        buf, bank = self.buffers[buffer], self.banks[layer]
+        if not getattr(bank, "stored_quantised", False):
+            return buf
+        like = bank.slot(0)
+        key = (buffer, tuple((n, tuple(t.shape), t.dtype) for n, t in like.items()))
+        hit = self._views.get(key)
+        if hit is None or hit[0] is not buf:        # the runtime may replace buffers (live budget)
+            hit = self._views[key] = (buf, carve(buf, like))
+        return hit[1]
+
     def load_buffer(self, layer: int, expert: int, buffer: int) -> bool:
-        return self.store.load(layer, expert, self.buffers[buffer])
+        return self.store.load(layer, expert, self.buffer_for(layer, buffer))
 
     def commit_buffer(self, layer: int, buffer: int, slot: int) -> None:
-        self.banks[layer].write(slot, self.buffers[buffer])
+        self.banks[layer].write(slot, self.buffer_for(layer, buffer))
+
+
+def carve(storage: dict[str, torch.Tensor], like: dict[str, torch.Tensor], align: int = 64) -> dict[str, torch.Tensor]:
+    """Tensors shaped as `like` (name -> tensor), placed in the memory of `storage`'s tensors
+    (first fit, `align`-byte aligned); raises ValueError if they do not fit."""
+    free = [[t.view(-1).view(torch.uint8), 0] for t in storage.values()]
+    out = {}
+    for name, t in like.items():
+        n = t.numel() * t.element_size()
+        for room in free:
+            start = -(-room[1] // align) * align
+            if start + n <= room[0].numel():
+                out[name] = room[0][start:start + n].view(t.dtype).view(t.shape)
+                room[1] = start + n
+                break
+        else:
+            raise ValueError(f"staging buffer too small for {name} ({n} bytes)")
+    return out

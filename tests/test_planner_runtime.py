@@ -313,7 +313,9 @@ def test_memory_excludes_budget_plan_and_other_policies(lm_with_profile, tmp_pat
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_memory_model_equals_the_runtime_accounting(tiny_checkpoint, seed):
+def test_memory_model_equals_the_runtime_accounting(tiny_checkpoint, seed, monkeypatch):
+    # quantising on the fly (the model's quant_staging term); banks read from pcmoe.qcache copies hold no staging
+    monkeypatch.setenv("PCMOE_QUANT_COPY", "0")
     folder, _ = tiny_checkpoint("qwen3_moe")
     facts = calibrate.model_facts(str(folder))
     data = calibrate.derive(facts, {}, fit=False)
