@@ -23,6 +23,14 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels.c")
+# Further C files compiled into the same library, each its own translation unit (static names do
+# not clash); listed here by name, so a file being written beside kernels.c changes nothing until
+# it is added. (pcmoe/native/shadow.c builds its own library today: pcmoe.shadow.)
+EXTRA_SOURCES: tuple[str, ...] = ()
+
+
+def sources() -> list[Path]:
+    return [SOURCE] + [SOURCE.with_name(name) for name in EXTRA_SOURCES]
 FLAGS = ["-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
          "-fPIC", "-shared", "-fvisibility=hidden"]
 ABI_VERSION = 2
@@ -36,12 +44,13 @@ def native_dir() -> Path:
 
 
 def library_path() -> Path:
-    digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in sources()) + " ".join(FLAGS).encode()).hexdigest()[:12]
     return native_dir() / f"libpcmoe_kernels-{digest}.so"
 
 
 def build(verbose: bool = True) -> Path:
-    """Compile kernels.c into library_path() (atomically: a temporary file, then a rename)."""
+    """Compile kernels.c (and EXTRA_SOURCES) into library_path() (atomically: a temporary file,
+    then a rename)."""
     out = library_path()
     if out.exists():
         return out
@@ -51,7 +60,7 @@ def build(verbose: bool = True) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_lib = Path(tmp) / out.name
-        cmd = [cc, *FLAGS, str(SOURCE), "-o", str(tmp_lib), "-lm"]
+        cmd = [cc, *FLAGS, *map(str, sources()), "-o", str(tmp_lib), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
