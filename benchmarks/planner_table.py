@@ -13,8 +13,10 @@ memory limits with the ablations, all measured in one run:
     python benchmarks/planner_table.py --model models/pcmoe-lm --out runs/planner/table_lm.json \
         --pair 400MB: --pair 420MB:1.2ms ... [--ablations] [--cli]
 
-Results are appended to --out as they finish (atomic rewrite) and a rerun skips what is there.
-The last stdout line is the JSON of all rows.
+Results are appended to --out as they finish (atomic rewrite; a Markdown table beside it, same name
+with .md) and a rerun skips what is there. The last stdout line is the JSON of all rows. Latency
+rows timed while other processes used more than 15 % of the CPU are flagged "busy"; memory and
+quality do not depend on contention.
 """
 
 from __future__ import annotations
@@ -57,6 +59,49 @@ def cli_run(model: str, memory: int, planner: Planner, threads: int) -> dict:
     return out
 
 
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:+.1%}"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def markdown(meta: dict, rows: list[dict], quality_name: str) -> str:
+    """The docs table: one line per measured row (variants at the same limits next to each other)."""
+    head = ("| limits (memory : latency) | variant | sizes / precisions / F | memory pred -> peak RSS (err) | "
+            "cgroup peak | latency pred -> meas (err; at calib. speed) | "
+            f"{quality_name} pred -> meas (err) | held-out | violations |")
+    lines = [f"Model {meta['model']}, commit {meta['commit']}, quality model {meta['quality_model']}, "
+             f"threads {meta['threads']}, {meta.get('started', '')} .. {meta.get('finished', '')}.", "",
+             head, "|" + "---|" * 9]
+    for r in rows:
+        violations = "; ".join(r["violations"]) or "none"
+        if r.get("variant") == "cli":
+            rec = r["record"]
+            lines.append(f"| {r['key'].split('/')[0]} | `pcmoe eval --memory` | {(rec.get('planned') or [''])[0]} | "
+                         f"- -> {format_bytes(rec.get('peak_rss_bytes'))} | "
+                         f"{format_bytes(rec.get('cgroup_max_usage_bytes'))} | | | | {violations} |")
+            continue
+        p, m, e, c = r["predicted"], r["measured"], r["errors"], r["config"]
+        opts = c.get("options") or {}
+        cfg = (f"{' '.join(map(str, c['committee_sizes']))} / {' '.join(c.get('precisions') or [])} / "
+               f"F {opts.get('update_every', '-')}")
+        busy = (r.get("record") or {}).get("cpu_other_share")
+        flag = f" (busy {busy:.0%})" if busy is not None and busy > 0.15 else ""
+        at_speed = e.get("latency_at_calibration_speed")
+        variant = r["variant"] + (f" ({r['policy']})" if r["policy"] != "committee" else "")
+        memory = (f"{format_bytes(p.get('memory_bytes'))} -> {format_bytes(m.get('memory_bytes'))} "
+                  f"({_pct(e.get('memory_bytes'))})")
+        latency = (f"{format_latency(p.get('latency_s'))} -> {format_latency(m.get('latency_s'))} "
+                   f"({_pct(e.get('latency_s'))}{'; ' + _pct(at_speed) if at_speed is not None else ''}){flag}")
+        quality = f"{_num(p.get('quality'))} -> {_num(m.get('quality'))} ({_pct(e.get('quality'))})"
+        lines.append(f"| {r['key'].rsplit('/', 1)[0]} | {variant} | {cfg} | {memory} | "
+                     f"{format_bytes(m.get('cgroup_peak_bytes'))} | {latency} | {quality} | "
+                     f"{_num(m.get('heldout_quality'))} | {violations} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -77,6 +122,8 @@ def main(argv=None) -> int:
 
     def save():
         atomic_write_text(out, json.dumps({"meta": meta, "rows": rows}, indent=1))
+        name = {"log_ppl": "ppl", "error_rate": "accuracy"}.get(planner.metric, "quality")
+        atomic_write_text(out.with_suffix(".md"), markdown(meta, rows, name))
 
     def measure(key, variant, plan_data, limits, policy="committee"):
         if key in done:

@@ -371,23 +371,26 @@ def test_worker_measures_loss_latency_and_memory(lm_with_profile):
 
 
 @pytest.mark.slow
-def test_memory_run_survives_a_cgroup_of_exactly_that_limit(tmp_path):
-    """The shipped LM with its committed profile: `pcmoe eval --memory X` inside a cgroup limit of X."""
-    from pcmoe.bench.cgroup import available, run_limited
+@pytest.mark.parametrize("command", ["eval", "generate", "serve"])
+@pytest.mark.parametrize("where", [0.0, 0.5, 1.0])
+def test_memory_run_survives_a_cgroup_of_exactly_that_limit(command, where):
+    """The shipped LM with its committed profile: `pcmoe eval|generate|serve --memory X` inside a cgroup
+    limit of exactly X, for X from the least memory any plan needs (where 0) to the full model's
+    (where 1): the process survives, and its peak RSS stays within X."""
+    from pcmoe.bench.cgroup import available
+    from pcmoe.planner.memcheck import check, run_command
 
     model = Path(__file__).resolve().parents[1] / "models" / "pcmoe-lm"
     if not available() or not (model / PROFILE_FILE).exists():
         pytest.skip("needs cgroup v1 (root) and the committed device profile")
-    planner = Planner.from_file(model / PROFILE_FILE)
-    limit = int(planner.memory.least()[0] * 0.5 + planner.full_memory() * 0.5)
-    import sys
-
-    run = run_limited([sys.executable, "-m", "pcmoe", "eval", "--model", str(model), "--memory", str(limit),
-                       "--data", str(model / "eval" / "heldout.txt"), "--max-tokens", "2000", "--threads", "1",
-                       "--quiet"], limit, timeout=600)
-    assert run.returncode == 0 and not run.oom_killed, run.stderr[-500:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["peak_rss_bytes"] <= limit and run.max_usage_bytes <= limit
+    data = json.loads((model / PROFILE_FILE).read_text())
+    planner = Planner.from_data(data, extra_bytes=(data.get("frontend_bytes") or {}).get(command, 0))
+    least, full = planner.memory.least()[0], planner.full_memory()
+    limit = int(math.ceil(least + where * (full - least)))
+    row = check(run_command(command, str(model), str(limit), limit, str(model / "eval" / "heldout.txt")),
+                int(planner.plan(limit).memory))
+    assert row["survived"], row
+    assert row["peak_rss_bytes"] <= limit and row["cgroup_max_usage_bytes"] <= limit
 
 
 def test_profile_command_refuses_memory(lm_with_profile, capsys):
@@ -438,3 +441,16 @@ def test_bench_plans_a_planned_curve(lm_with_profile):
         assert r["policy"] == "committee" and r["section"] == "quant"
     args = build_parser("bench").parse_args(["bench", "--model", str(lm_with_profile), "--skip", "planned"])
     assert not [r for r in suite.plan_runs(args, [[1]], sizes) if r["curve"] == "planned"]
+
+
+def test_memcheck_counts_a_run_over_its_limit_or_killed_as_failed():
+    from pcmoe.planner.memcheck import check, markdown
+
+    ok = check({"command": "eval", "memory": "450MB", "limit_bytes": 450, "returncode": 0, "peak_rss_bytes": 440,
+                "cgroup_max_usage_bytes": 300, "cgroup_failcnt": 0, "oom_killed": False}, 445)
+    over = check({**ok, "peak_rss_bytes": 451}, 445)
+    killed = check({**ok, "returncode": -9, "oom_killed": True, "error": "Killed"}, 445)
+    assert ok["survived"] and not over["survived"] and not killed["survived"]
+    assert ok["rss_over_predicted"] == pytest.approx(440 / 445 - 1)
+    table = markdown([ok, over, killed])
+    assert table.count("\n") == 5 and "NO: Killed" in table and "NO: over the limit" in table
