@@ -315,6 +315,8 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
                 if not _read_full(store, i, e, buffer):
                     raise PcmoeError(f"{folder}: cannot read expert {e} of {lay.block_names[i]} (I/O error)")
                 bank.write(e, buffer)
+            if opts.kernel != "eager" and any(b.experts.native is not None for b in blocks):
+                bank.use_native()
         measured = errors[i] if errors else {}
         err = {"shadow": measured.get("shadow", bank.weight_error() if bank is not None else 1.0), "wait": 0.0,
                "exchange": measured.get("exchange", 1.0), "skip": 1.0}

@@ -100,6 +100,33 @@ class MaskedGatingController(LayerController):
         return experts.forward_one(x, [slot_of[e] if e >= 0 else -1 for e in idx], weights)
 
 
+    def _forward_chosen_one(self, x, logits, experts):
+        """_forward_chosen for one token, in Python numbers (the same decisions)."""
+        chooser, committee = self.chooser, self.committee
+        slot_of = committee.slot_list
+        values = logits[0].tolist()
+        f_idx, f_w, _ = self.router.route_one(values, None)
+        plan = chooser.plan(f_idx, f_w, slot_of)
+        extra = [e for e, a in zip(f_idx, plan) if a in COMPUTED]
+        if extra and all(a is None or a in COMPUTED for a in plan):   # every miss computed: the own route
+            idx, weights = f_idx, f_w
+            stats = GatingStats(choices=sum(e >= 0 for e in f_idx), mass_total=sum(f_w),
+                                mass_outside=sum(w for e, w in zip(f_idx, f_w) if e >= 0 and slot_of[e] < 0))
+            stats.hits = stats.choices - sum(1 for e in f_idx if e >= 0 and slot_of[e] < 0)
+        else:
+            member = [s >= 0 for s in slot_of]
+            for e in extra:
+                member[e] = True
+            idx, weights, _, _, stats = gate_one(values, self.router.route_one, member, chooser.strategy_of(plan),
+                                                 self.tau)
+            n_extra = len(set(extra))  # computed misses counted as hits by the extended gating
+            stats.hits -= n_extra
+            stats.mass_outside += sum(w for e, w in zip(f_idx, f_w) if e in extra)
+        self.stats.add(stats)
+        self._track_one(x, f_idx, f_w)
+        computed = {e: a for e, a in zip(f_idx, plan) if a in COMPUTED}
+        return chooser.compute(x, [idx], [weights], [computed], experts, committee)
+
     def _forward_chosen(self, x, logits, experts, batch):
         """Misses answered per (token, expert) by the chooser. Each token is gated under the layer's
         strategy with its computed misses (shadow / exact load) counted as members: a token without
@@ -109,8 +136,7 @@ class MaskedGatingController(LayerController):
         T = x.shape[0]
         one = T == 1 and self.router.route_one is not None
         if one:
-            f_idx, f_w, _ = self.router.route_one(logits[0].tolist(), None)
-            full_idx, full_w = [f_idx], [f_w]
+            return self._forward_chosen_one(x, logits, experts)
         else:
             full = self.router.route(logits, None, batch)
             full_idx, full_w = full.idx.tolist(), full.weights.float().tolist()
@@ -118,32 +144,27 @@ class MaskedGatingController(LayerController):
         plans = [chooser.plan(idx, w, slot_of) for idx, w in zip(full_idx, full_w)]   # per token, per choice
         # tokens grouped by (their computed misses, strategy): one gating per group
         groups: dict[tuple, list[int]] = {}
+        exe_idx, exe_w = [None] * T, [None] * T
         for t, (idx, plan) in enumerate(zip(full_idx, plans)):
             extra = tuple(sorted({e for e, a in zip(idx, plan) if a in COMPUTED}))
+            if extra and all(a is None or a in COMPUTED for a in plan):   # every miss computed: own route
+                exe_idx[t], exe_w[t] = full_idx[t], full_w[t]
+                continue
             groups.setdefault((extra, chooser.strategy_of(plan)), []).append(t)
-        exe_idx, exe_w = [None] * T, [None] * T
         stats = GatingStats()
         route = lambda lg, m: self.router.route(lg, m, batch)  # noqa: E731
         for (extra, strategy), rows in groups.items():
             member = [s >= 0 for s in slot_of]
             for e in extra:
                 member[e] = True
-            if one:
-                e_idx, e_w, _, _, st = gate_one(logits[0].tolist(), self.router.route_one, member, strategy,
-                                                self.tau)
-                exe_idx[0], exe_w[0] = e_idx, e_w
-            else:
-                # gated over all tokens (a rule may couple them: Switch's per-sequence capacity), the
-                # routes and counts kept for this group's tokens
-                mask = torch.tensor(member)
-                exe, _, _ = gate(route, logits, mask, strategy, self.tau)
-                sub = torch.tensor(rows)
-                _, _, st = gate(lambda lg, m, _s=sub: _take(route(logits, m), _s), logits[sub], mask, strategy,
-                                self.tau)
-                for r in rows:
-                    exe_idx[r], exe_w[r] = exe.idx[r].tolist(), exe.weights[r].float().tolist()
-            stats.exchanged += st.exchanged
-            stats.skipped += st.skipped
+            # gated over all tokens (a rule may couple them: Switch's per-sequence capacity), the
+            # routes kept for this group's tokens and counted as gate() counts them
+            exe, _, _ = gate(route, logits, torch.tensor(member), strategy, self.tau)
+            for r in rows:
+                exe_idx[r], exe_w[r] = exe.idx[r].tolist(), exe.weights[r].float().tolist()
+                chosen = set(full_idx[r])
+                stats.exchanged += sum(1 for e in exe_idx[r] if e >= 0 and e not in chosen)
+                stats.skipped += max(0, sum(e >= 0 for e in full_idx[r]) - sum(e >= 0 for e in exe_idx[r]))
         for idx, w in zip(full_idx, full_w):  # hits and mass against the committee itself
             stats.choices += sum(e >= 0 for e in idx)
             stats.hits += sum(1 for e in idx if e >= 0 and slot_of[e] >= 0)
@@ -249,8 +270,8 @@ class MissChooser:
                 y = ys[j] if slots[j] >= 0 else self._missing_output(x, e, computed[0][e])
                 if y is None:
                     continue
-                term = y.float() * w[j]
-                out = term if out is None else out + term
+                y = y.reshape(-1)
+                out = y.float().mul(w[j]) if out is None else out.add_(y, alpha=w[j])
             return torch.zeros_like(x) if out is None else out.reshape(x.shape).to(x.dtype)
         idx = torch.tensor(exe_idx)                                          # [T, k]
         weights = torch.tensor(exe_w, dtype=torch.float32)                   # [T, k]
@@ -401,10 +422,6 @@ class OnDemandController(LayerController):
             return bool(self.load(self.layer, expert, slot))
         except Exception:  # the store retried I/O errors; anything else is a failed load too
             return False
-
-
-def _take(route: Route, rows: torch.Tensor) -> Route:
-    return Route(route.idx[rows], route.weights[rows], route.gates[rows])
 
 
 def _flat(idx) -> list[int]:

@@ -187,6 +187,8 @@ class ShadowBank:
         self.ready = [False] * num_experts
         self._dense = None            # one expert's dequantised weights, reused (int2 / int3)
         self._err = [0.0, 0.0]        # sum over written shadows of ||W - W'||^2 and ||W||^2
+        self.native = None            # the native kernel library (use_native), one-token calls only
+        self._scratch = self._args = None
         if mode == "lowrank":
             kernel.linear = lowrank_linear
 
@@ -258,8 +260,16 @@ class ShadowBank:
                 out[name] = deq(self.bank[name + ".p"][row], self.bank[name + ".s"][row], self.dtype)
         return out
 
+    def use_native(self) -> bool:
+        """Compute one-token shadows with pcmoe/native/shadow.c where it fits and builds."""
+        lib = native_kernels() if native_fits(self) else None
+        self.native = lib
+        return lib is not None
+
     def forward_one(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        """x [T, H] -> the shadow's output [T, H] (fast path)."""
+        """x [T, H] -> the shadow's output [T, H] (fast path; one token native where set: float32)."""
+        if self.native is not None and x.shape[0] == 1:
+            return _native_one(self, x, expert)
         row = self.row_of[expert]
         if self.mode == "lowrank":
             return self.kernel(x, _LowRankView(self.bank, row))
@@ -276,6 +286,92 @@ class ShadowBank:
     def reference_one(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """Slow twin: dequantise by the definition (or multiply the factors out), then the ordinary expert."""
         return self.kernel(x, self.dense(expert, reference=True))
+
+
+# -- native one-token kernel (pcmoe/native/shadow.c) ----------------------------------------------
+
+NATIVE_SOURCE = __import__("pathlib").Path(__file__).with_name("native") / "shadow.c"
+_native_state: list = []     # [library or None, why]
+
+
+def native_kernels():
+    """The compiled shadow kernel (ctypes library), built on first use beside pcmoe's native
+    kernels with their flags; None where pcmoe's native kernels do not run here or gcc fails."""
+    if not _native_state:
+        _native_state.extend(_load_native())
+    return _native_state[0]
+
+
+def _load_native():
+    import ctypes
+    import hashlib
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    from pcmoe import native
+
+    if native.kernels() is None:
+        return None, native.why()
+    digest = hashlib.sha1(NATIVE_SOURCE.read_bytes() + " ".join(native.FLAGS).encode()).hexdigest()[:12]
+    path = native.native_dir() / f"libpcmoe_shadow-{digest}.so"
+    if not path.exists():
+        cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+        if cc is None:
+            return None, "no C compiler for the shadow kernel"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            tmp_lib = os.path.join(tmp, path.name)
+            done = subprocess.run([cc, *native.FLAGS, str(NATIVE_SOURCE), "-o", tmp_lib, "-lm"], capture_output=True,
+                                  text=True)
+            if done.returncode != 0:
+                return None, f"the shadow kernel does not build: {done.stderr.strip()[:200]}"
+            os.replace(tmp_lib, path)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"the shadow kernel does not load ({e})"
+    if lib.pcmoe_shadow_abi() != 1:
+        return None, "the shadow kernel is from another pcmoe version"
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.pcmoe_shadow_glu.argtypes = [i, p, p, i, p, p, i, p, p, i, i, p]
+    lib.pcmoe_shadow_glu.restype = None
+    return lib, "native"
+
+
+def native_fits(bank: ShadowBank) -> bool:
+    """Whether the native kernel computes this bank: int2/int3 SiLU GLU experts in bf16, groups of
+    whole 16-weight masks."""
+    from pcmoe.moe import GluKernel
+
+    k = bank.kernel
+    silu = getattr(k, "act", None) is torch.nn.functional.silu or \
+        type(getattr(k, "act", None)).__name__ in ("SiLUActivation", "SiLU")
+    if bank.mode not in ("int2", "int3") or not isinstance(k, GluKernel) or bank.dtype != torch.bfloat16 or not silu:
+        return False
+    for name in k.linear_weights:
+        in_features, groups = bank.bank[name + ".p"].shape[-1] * 8, bank.bank[name + ".s"].shape[-2]
+        if (in_features // groups) % 16:
+            return False
+    return True
+
+
+def _native_one(bank: ShadowBank, x: torch.Tensor, expert: int) -> torch.Tensor:
+    """One token [1, H] through expert's shadow with the native kernel -> [1, H] float32."""
+    if bank._args is None:  # the bank is never reallocated: each row's addresses are fixed
+        gu_p, gu_s, dn_p, dn_s = (bank.bank[n] for n in ("gate_up.p", "gate_up.s", "down.p", "down.s"))
+        hidden, inter = gu_p.shape[-1] * 8, dn_p.shape[-1] * 8
+        bank._scratch = torch.empty(3 * inter + hidden + inter + 16, dtype=torch.float32)
+        bank._args = [(bits_of(bank.mode), gu_p[r].data_ptr(), gu_s[r].data_ptr(), hidden // gu_s.shape[-2],
+                       dn_p[r].data_ptr(), dn_s[r].data_ptr(), inter // dn_s.shape[-2]) for r in range(gu_p.shape[0])]
+        bank._dims = (hidden, inter)
+    hidden, inter = bank._dims
+    xf = x.reshape(-1).float().contiguous()
+    y = torch.empty((1, hidden), dtype=torch.float32)
+    bank.native.pcmoe_shadow_glu(*bank._args[bank.row_of[expert]], xf.data_ptr(), y.data_ptr(), hidden, inter,
+                                 bank._scratch.data_ptr())
+    return y
 
 
 class _LowRankView(dict):

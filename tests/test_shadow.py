@@ -140,8 +140,8 @@ def test_chooser_actions_and_exact_wait(qwen):
     budget = _budget(qwen, 2, 6)
     full = pcmoe.load(qwen, policy="full", progress=False, kernel="eager")
     # waiting for an exact load of every miss gives the full model's output
-    waited = pcmoe.load(qwen, budget=budget + full.model_bytes.expert[0], policy="magnitude-keep", progress=False, shadow="int2",
-                        shadow_experts=6, wait_above=0.0, miss_action="wait", kernel="eager")
+    waited = pcmoe.load(qwen, budget=budget + full.model_bytes.expert[0], policy="magnitude-keep", progress=False,
+                        shadow="int2", shadow_experts=6, wait_above=0.0, miss_action="wait", kernel="eager")
     assert torch.allclose(_logits(full, IDS), _logits(waited, IDS), atol=1e-4)
     st = waited.stats()
     assert waited.committee_sizes == [2] * len(waited.layers)
@@ -169,3 +169,38 @@ def test_shadow_options_are_checked(qwen):
         pcmoe.load(qwen, budget="50%experts", shadow="int2", miss_action="pray", progress=False)
     with pytest.raises(PcmoeError, match="policy on-demand"):
         pcmoe.load(qwen, budget="50%experts", policy="on-demand", shadow="int2", progress=False)
+
+
+@pytest.mark.parametrize("mode", ["int2", "int3"])
+def test_native_shadow_kernel_agrees_with_the_eager_path(mode):
+    if S.native_kernels() is None:
+        pytest.skip(f"native kernels not available: {S._native_state[1]}")
+    torch.manual_seed(2)
+    kernel = GluKernel(256, 128, torch.nn.functional.silu)
+    bank = S.ShadowBank(kernel, 3, [0, 2], torch.bfloat16, mode)
+    for e in (0, 2):
+        bank.write(e, {n: (torch.randn(s) * 0.05).to(torch.bfloat16) for n, s in kernel.tensors.items()})
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    eager = [bank.forward_one(x, e).float() for e in (0, 2)]
+    assert bank.use_native()
+    for e, ref in zip((0, 2), eager):
+        native = bank.forward_one(x, e)
+        assert native.dtype == torch.float32
+        # the eager path rounds its intermediates to bf16; the kernel keeps float32
+        assert (native - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def test_native_decode_with_shadows_agrees_with_eager(tmp_path):
+    if S.native_kernels() is None:
+        pytest.skip(f"native kernels not available: {S._native_state[1]}")
+    folder = tmp_path / "qwen3-bf16"
+    make_checkpoint("qwen3_moe", folder, dtype=torch.bfloat16)
+    budget = _budget(folder, 2, 6)
+    runs = {}
+    for kernel in ("eager", "auto"):
+        engine = pcmoe.load(folder, budget=budget, policy="magnitude-keep", progress=False, shadow="int2",
+                            kernel=kernel)
+        runs[kernel] = _logits(engine, IDS)[-2:].float()     # the two one-token steps
+        assert engine.stats()["shadowed"] > 0
+    assert engine.controllers[0].chooser.shadows.native is not None
+    assert (runs["auto"] - runs["eager"]).abs().max() <= 0.05 * runs["eager"].abs().max()
