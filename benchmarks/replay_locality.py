@@ -50,10 +50,11 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(ROOT / "models" / "pcmoe-lm" / "eval" / "heldout.txt"))
     ap.add_argument("--trace", default=str(ROOT / "data" / "traces" / "pcmoe-lm-heldout.npz"),
                     help="routing trace (recorded first when missing)")
-    ap.add_argument("--target", help="large checkpoint folder (default: data/scaling/<shape>-<experts>, built "
-                                     "when missing)")
+    ap.add_argument("--target", help="large checkpoint folder (default: pcmoe.bench.scaling's "
+                                     "data/bench/scaling/qwen3-moe[-tiny]-e<experts>, built when missing)")
     ap.add_argument("--experts", type=int, default=32)
-    ap.add_argument("--shape", default="tiny", choices=("tiny", "mid"))
+    ap.add_argument("--shape", default="mid", choices=("tiny", "mid"),
+                    help="mid: the 1.2 GB study checkpoint at 32 experts (top-4); tiny: seconds")
     ap.add_argument("--tokens", type=int, default=8192, help="trace tokens compared (default 8192)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
     part = trace_path.with_name(f"{trace_path.stem}-first{T}.npz")
     tr.save(trace, part)
 
-    target = Path(args.target) if args.target else ROOT / "data" / "scaling" / f"{args.shape}-{args.experts}"
+    name = f"qwen3-moe-e{args.experts}" if args.shape == "mid" else f"qwen3-moe-{args.shape}-e{args.experts}"
+    target = Path(args.target) if args.target else ROOT / "data" / "bench" / "scaling" / name
     scaling.build(target, args.experts, args.shape)
     tokens = trace.tokens.tolist()
     replayed, mark = _record(target, tokens, routing_trace=str(part), routing_trace_seed=args.seed)
@@ -121,6 +123,12 @@ def markdown(r: dict) -> str:
                      f"({row['window_entropy_bits']:.2f} bits) | "
                      f"{row['consecutive_overlap']:.3f} | {row['experts_for_90pct_traffic_share']:.0%} | "
                      + " | ".join(f"{row['lru_hit_rate'][x]:.3f}" for x in shares) + " |")
+    per_k = list(r["rows"]["trained"]["lru_hit_rate_per_k"])
+    lines += ["", "LRU hit rate by capacity in units of k (a cache of m x k experts; the curve to compare "
+              "when the sparsity k/N differs):", "",
+              "| routing | " + " | ".join(f"{m} x k" for m in per_k) + " |", "|---|" + "---|" * len(per_k)]
+    for name, row in r["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{row['lru_hit_rate_per_k'][m]:.3f}" for m in per_k) + " |")
     lines += ["", "Window: 32 tokens. LRU x %: hit rate of a per-layer LRU cache holding x % of the layer's experts.",
               "Command: `python benchmarks/replay_locality.py --out docs/results --experts "
               f"{t['experts']} --shape {'tiny' if 'tiny' in t['model'] else 'mid'} --tokens {r['tokens']}`", ""]

@@ -92,7 +92,8 @@ def locality(idx: np.ndarray, num_experts: int, window: int = 32,
              cache_shares: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)) -> dict:
     """Locality of a routing stream idx [L, T, k]: mean per-layer entropy of the experts used within
     windows of `window` tokens (bits, and as a share of log2 N), mean overlap of consecutive tokens'
-    expert sets (share of k), and the hit rate of a per-layer LRU cache of each share of N experts."""
+    expert sets (share of k), and the hit rate of a per-layer LRU cache of each share of N experts
+    and of m * k experts (m = 1, 2, 3, 4, 6: the curve to compare where k/N differs)."""
     L, T, k = idx.shape
     ent = []
     for j in range(L):
@@ -108,6 +109,9 @@ def locality(idx: np.ndarray, num_experts: int, window: int = 32,
     for share in cache_shares:
         cap = max(1, round(share * num_experts))
         curve[f"{share:g}"] = float(np.mean([_lru_hits(idx[j], cap) for j in range(L)]))
+    # the same per slot of capacity per choice (capacity = m * k): equal when the sparsity k/N differs
+    per_k = {str(m): float(np.mean([_lru_hits(idx[j], min(m * k, num_experts)) for j in range(L)]))
+             for m in (1, 2, 3, 4, 6)}
     usage = [np.bincount(idx[j].reshape(-1).clip(min=0), minlength=num_experts) for j in range(L)]
     carried = [int(np.searchsorted(np.cumsum(np.sort(u)[::-1]) / u.sum(), 0.9) + 1) for u in usage]
     return {"tokens": T, "layers": L, "experts": num_experts, "top_k": k, "window": window,
@@ -115,7 +119,7 @@ def locality(idx: np.ndarray, num_experts: int, window: int = 32,
             "window_entropy_share": float(np.mean(ent) / math.log2(num_experts)) if ent else 0.0,
             "consecutive_overlap": float(np.mean(overlap)),
             "experts_for_90pct_traffic_share": float(np.mean(carried) / num_experts),
-            "lru_hit_rate": curve}
+            "lru_hit_rate": curve, "lru_hit_rate_per_k": per_k}
 
 
 def _lru_hits(idx: np.ndarray, capacity: int) -> float:
