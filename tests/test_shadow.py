@@ -204,3 +204,21 @@ def test_native_decode_with_shadows_agrees_with_eager(tmp_path):
         assert engine.stats()["shadowed"] > 0
     assert engine.controllers[0].chooser.shadows.native is not None
     assert (runs["auto"] - runs["eager"]).abs().max() <= 0.05 * runs["eager"].abs().max()
+
+
+def test_metrics_count_every_miss_answer_per_layer(qwen):
+    from pcmoe.server.metrics import EngineCollector
+
+    engine = pcmoe.load(qwen, budget=_budget(qwen, 2, 3), policy="magnitude-keep", progress=False, shadow="int2",
+                        shadow_experts=3, kernel="eager")
+    _logits(engine, IDS)
+    stats = engine.stats()
+    families = {f.name: f for f in EngineCollector(lambda: stats).collect()}
+    answers = {(s.labels["layer"], s.labels["action"]): s.value for s in families["pcmoe_miss_answers"].samples}
+    for row in stats["per_layer"]:
+        layer = str(row["layer"])
+        for action, key in (("exchange", "exchanged"), ("skip", "skipped"), ("shadow", "shadowed"),
+                            ("wait", "waited")):
+            assert answers[(layer, action)] == row[key]
+    assert stats["shadowed"] > 0 and stats["exchanged"] > 0      # 3 shadows of 6 non-members: both answers
+    assert families["pcmoe_shadow_bytes"].samples[0].value == stats["shadow_bytes"] > 0

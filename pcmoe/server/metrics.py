@@ -43,6 +43,15 @@ class EngineCollector:
         yield counter("pcmoe_layer_swaps", "Expert swaps into the committee", per_layer="swaps")
         yield gauge("pcmoe_layer_router_mass_outside", "Share of router weight on absent experts",
                     per_layer="router_mass_outside")
+        answers = CounterMetricFamily("pcmoe_miss_answers", "Router choices outside the committee, by how they were "
+                                      "answered (exchange, skip, shadow expert, wait for an exact load)",
+                                      labels=["layer", "action"])
+        for layer in layers:
+            for action, key in (("exchange", "exchanged"), ("skip", "skipped"), ("shadow", "shadowed"),
+                                ("wait", "waited")):
+                answers.add_metric([str(layer["layer"]), action], layer.get(key, 0))
+        yield answers
+        yield gauge("pcmoe_shadow_bytes", "Bytes of shadow experts resident", s.get("shadow_bytes", 0))
         yield gauge("pcmoe_committee_size", "Committee members per layer", per_layer="committee_size")
         yield gauge("pcmoe_layer_slots", "Expert slots per layer", per_layer="slots")
         yield gauge("pcmoe_hit_rate", "Share of router choices served by resident experts", s["hit_rate"])
