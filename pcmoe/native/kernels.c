@@ -420,11 +420,12 @@ VNNI static void int4_vnni_range(void *arg, int r0, int r1) {
                 __m512i xv = _mm512_set1_epi32(x4);
                 acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_and_si512(P0, nib), xv);
                 acc[1] = _mm512_dpbusd_epi32(acc[1], _mm512_and_si512(P1, nib), xv);
-                acc[2] = _mm512_dpbusd_epi32(acc[2], _mm512_and_si512(_mm512_srli_epi16(P0, 4), nib), xv);
-                acc[3] = _mm512_dpbusd_epi32(acc[3], _mm512_and_si512(_mm512_srli_epi16(P1, 4), nib), xv);
+                /* high nibbles in place (16 q): the factor 16 comes off with the scale, exactly */
+                acc[2] = _mm512_dpbusd_epi32(acc[2], _mm512_andnot_si512(nib, P0), xv);
+                acc[3] = _mm512_dpbusd_epi32(acc[3], _mm512_andnot_si512(nib, P1), xv);
             }
             /* w = (q - 8) s + z:  sum w x = s d (sum q xq) + (z - 8 s) xs */
-            __m512 dg = _mm512_set1_ps(j->d[g]), xsg = _mm512_set1_ps(j->xs[g]);
+            __m512 dg = _mm512_set1_ps(j->d[g]), dg16 = _mm512_set1_ps(j->d[g] * 0.0625f), xsg = _mm512_set1_ps(j->xs[g]);
             for (int i = 0; i < 4; i++) {
                 size_t at = ((size_t)g * out + 64 * b + 16 * i) * 2;   /* 16 (scale, zero) pairs */
                 __m512 sc, ze;
@@ -438,7 +439,7 @@ VNNI static void int4_vnni_range(void *arg, int r0, int r1) {
                     ze = _mm512_castsi512_ps(_mm512_and_si512(pr, _mm512_set1_epi32((int)0xffff0000)));
                 }
                 __m512 zoff = _mm512_fnmadd_ps(sc, _mm512_set1_ps(8.f), ze);
-                y[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), _mm512_mul_ps(sc, dg), y[i]);
+                y[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), _mm512_mul_ps(sc, i < 2 ? dg : dg16), y[i]);
                 y[i] = _mm512_fmadd_ps(zoff, xsg, y[i]);
             }
         }
