@@ -124,7 +124,7 @@ def write_layer(path: Path, store: ExpertStore, layer: int, kernel, dtype: torch
     """Quantise every expert of `layer` as a bank's commit() would and write them to `path`
     (atomically). Streams one expert at a time: memory is one expert at full and quantised size."""
     layout = bank_tensors(kernel, dtype, mode)
-    num_experts = len(store.pieces[layer])
+    num_experts = len(store.source_pieces[layer])
     header, offset = {"__metadata__": metadata}, 0
     for e in range(num_experts):
         for name, (shape, dt) in layout.items():
@@ -173,7 +173,7 @@ def ensure(ckpt: Checkpoint, store: ExpertStore, kernel, dtype: torch.dtype, qua
     for layer in layers:
         mode = quants[layer]
         layout = bank_tensors(kernel, dtype, mode)
-        num_experts = len(store.pieces[layer])
+        num_experts = len(store.source_pieces[layer])
         meta = expected_metadata(source, mode, dtype, layer, num_experts, layout)
         name = file_name(mode, dtype, layer)
         stale = False
