@@ -143,38 +143,40 @@ class Engine:
         pending = self._pending_sizing
         return (pending or self.sizing).budget
 
-    def plan_budget(self, budget) -> Sizing:
+    def plan_budget(self, budget, sizes: list[int] | None = None) -> Sizing:
         """What set_budget(budget) would keep resident; a PcmoeError (one line, nothing changed)
-        when it cannot be served, e.g. below the minimum budget. Safe from any thread."""
+        when it cannot be served, e.g. below the minimum budget. `sizes`: committee sizes per layer
+        (a plan's; default uniform). Safe from any thread."""
         if self.policy not in LIVE_BUDGET_POLICIES:
             raise PcmoeError(f"budget unchanged: policy {self.policy} keeps a fixed subset; live budget changes "
                              f"need one of {', '.join(LIVE_BUDGET_POLICIES)}")
         if getattr(self.options, "shadow", None):
             raise PcmoeError("budget unchanged: live budget changes do not size shadow experts yet; load without "
                              "--shadow to change the budget while serving")
-        sizes = self.model_bytes
+        model_bytes = self.model_bytes
         block = self.layers[0].block.experts
         try:
-            value = parse_budget(budget, sizes)
+            value = parse_budget(budget, model_bytes)
             if value is None:
                 raise BudgetError("give a budget (bytes with a unit, 50%, 50%experts)")
             # the one budget arithmetic (pcmoe.budget), as the loader asks it, with uniform sizes
-            return size_committees(sizes, value, policy=self.policy, swapped=self.policy == "committee",
+            return size_committees(model_bytes, value, policy=self.policy, swapped=self.policy == "committee",
                                    all_resident=self.policy in ("full", "topk-reduce"),
                                    spare_slots=self.options.spare_slots, bytes_per_step=self.sizing.bytes_per_step,
-                                   staging_bytes=_staging_bytes(block))
+                                   staging_bytes=_staging_bytes(block), plan_sizes=sizes)
         except BudgetError as e:
             raise PcmoeError(f"budget unchanged: {e}") from None
 
-    def set_budget(self, budget, now: bool = True) -> dict:
+    def set_budget(self, budget, now: bool = True, sizes: list[int] | None = None) -> dict:
         """A new weight budget without a restart: shrinking frees the slots of each layer's least
         important members (the banks are reallocated smaller, so the memory returns to the OS);
         growing adds empty slots that the swap scheduler fills, amortised, with the most important
         non-members. now=True applies it at once (call it between forward passes, on the thread
         that runs them); now=False only records it, to be applied at the next step boundary or by
         apply_budget() (a server's admin thread does that). Raises PcmoeError, changing nothing,
-        for a budget that cannot be served. Returns what it will keep (budget_summary)."""
-        sizing = self.plan_budget(budget)
+        for a budget that cannot be served. `sizes`: committee sizes per layer (e.g. in the planner's
+        order, pcmoe.server.live), default uniform. Returns what it will keep (budget_summary)."""
+        sizing = self.plan_budget(budget, sizes)
         with self._budget_lock:
             self._pending_sizing = sizing
         if now:
@@ -227,7 +229,8 @@ class Engine:
 
     def _importance_order(self, layer: int) -> list[int]:
         """The layer's experts, most important first: on-demand by recency, else by the last
-        update's score, then the open window's importance, then the expert norm (ties: lower id)."""
+        update's score, then the open window's importance, then the routing profile's share (the
+        load's warm start), then the expert norm (ties: lower id)."""
         ctrl, tracker = self.layers[layer].controller, self.layers[layer].tracker
         n = self.layers[layer].committee.num_experts
         lru = getattr(ctrl, "lru", None)
@@ -236,7 +239,8 @@ class Engine:
             return recent + [e for e in range(n) if e not in lru]
         score, window, norms = tracker.score.tolist(), (tracker.window * tracker.expert_norms).tolist(), \
             tracker.expert_norms.tolist()
-        return sorted(range(n), key=lambda e: (-score[e], -window[e], -norms[e], e))
+        prior = tracker.prior.tolist() if tracker.prior is not None else [0.0] * n  # the routing profile's shares
+        return sorted(range(n), key=lambda e: (-score[e], -window[e], -prior[e], -norms[e], e))
 
     def _new_scheduler(self, sizing: Sizing):
         from pcmoe.scheduler import SwapScheduler

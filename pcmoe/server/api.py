@@ -78,7 +78,7 @@ class Service:
             raise APIError(400, "'budget' must be a string (300MB, 40%experts) or a number of bytes", param="budget",
                            code="invalid_value")
         try:
-            summary, applying = self.worker.set_budget(budget)
+            summary, applying = await asyncio.to_thread(self.worker.set_budget, budget)  # the planner: ~0.5 s
         except PcmoeError as e:
             raise APIError(400, str(e), param="budget", code="invalid_budget") from None
         applied = False

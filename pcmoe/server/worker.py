@@ -123,7 +123,10 @@ class EngineWorker:
         """Give the engine a new budget (PcmoeError, nothing changed, when it cannot be served).
         A running generation applies it at its next token; an idle engine applies it now on the
         engine thread (the future, done once applied and the statistics refreshed)."""
-        summary = self.engine.set_budget(budget, now=False)
+        from pcmoe.server.live import planned_sizes
+
+        sizes, order = planned_sizes(self.engine, budget)
+        summary = {**self.engine.set_budget(budget, now=False, sizes=sizes), "order": order}
         with self._lock:
             idle = self.waiting + self.running == 0
         log.info("budget change to %s: committee sizes %s", summary["budget"], summary["committee_sizes"])
