@@ -155,11 +155,16 @@ class Engine:
                              "--shadow to change the budget while serving")
         model_bytes = self.model_bytes
         block = self.layers[0].block.experts
+        if sizes is not None and (len(sizes) != len(self.layers) or any(
+                isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= c.num_experts
+                for n, c in zip(sizes, self.committees))):
+            raise PcmoeError(f"budget unchanged: committee sizes must be {len(self.layers)} integers, each from 1 to "
+                             "the layer's experts")
         try:
             value = parse_budget(budget, model_bytes)
             if value is None:
                 raise BudgetError("give a budget (bytes with a unit, 50%, 50%experts)")
-            # the one budget arithmetic (pcmoe.budget), as the loader asks it, with uniform sizes
+            # the one budget arithmetic (pcmoe.budget), as the loader asks it (uniform sizes unless given)
             return size_committees(model_bytes, value, policy=self.policy, swapped=self.policy == "committee",
                                    all_resident=self.policy in ("full", "topk-reduce"),
                                    spare_slots=self.options.spare_slots, bytes_per_step=self.sizing.bytes_per_step,

@@ -279,3 +279,16 @@ def test_live_sizes_follow_the_planner_where_a_profile_exists(tiny_lm):
         planner = Planner.from_data(read_profile_data(profile_file(SHIPPED)), weights_only=True)
         loss = planner.quality(planner.space.encode([Config(tuple(c), ("full",) * 6, 16) for c in (sizes, uniform)]))
         assert loss[0] < loss[1]  # measured too: held-out ppl 32.2 (planner order) vs 40.0 (uniform), 4096 tokens
+
+
+def test_bad_committee_sizes_change_nothing(tiny_lm):
+    with _load(tiny_lm, policy="committee", synchronous=True) as engine:
+        before = engine.sizing
+        for sizes in ([0, 3], [3], [3, 99], [2.5, 3]):
+            with pytest.raises(PcmoeError, match="budget unchanged"):
+                engine.set_budget("60%experts", sizes=sizes)
+        with pytest.raises(PcmoeError, match="budget unchanged"):
+            engine.set_budget("1kB", sizes=[1, 1])
+        assert engine.sizing == before
+        engine.set_budget("60%experts", sizes=[1, 4])
+        assert engine.committee_sizes == [1, 4] and [b.experts.num_slots for b in engine.blocks] == [1, 4]
