@@ -295,6 +295,7 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
     from pcmoe.policies import MissChooser
 
     errors = shadows_mod.read_errors(folder, ckpt.fingerprint(), opts)
+    cache = shadows_mod.ShadowCache.for_checkpoint(ckpt.fingerprint(), opts)
     buffer = expert_buffer(family.kernel(), lay.dtype)
     exact = None
     if opts.wait_above is not None:
@@ -312,9 +313,14 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
                                       opts.shadow_group, opts.shadow_rank) if n_sh else None
         if bank is not None:
             for e in _progress(bank.experts, f"shadows of layer {i}", opts.progress):
+                made = cache.get(i, e, bank.bank)
+                if made is not None:
+                    bank.load_row(e, made)
+                    continue
                 if not _read_full(store, i, e, buffer):
                     raise PcmoeError(f"{folder}: cannot read expert {e} of {lay.block_names[i]} (I/O error)")
                 bank.write(e, buffer)
+                cache.put(i, e, bank.row_state(e))
             if opts.kernel != "eager" and any(b.experts.native is not None for b in blocks):
                 bank.use_native()
         measured = errors[i] if errors else {}
@@ -327,6 +333,8 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
                                     force=None if opts.miss_action == "auto" else opts.miss_action,
                                     wait_above=opts.wait_above, load_exact=exact,
                                     exact_kernel=family.kernel() if exact else None))
+    with contextlib.suppress(OSError):
+        cache.flush()
     return choosers
 
 

@@ -187,6 +187,7 @@ class ShadowBank:
         self.ready = [False] * num_experts
         self._dense = None            # one expert's dequantised weights, reused (int2 / int3)
         self._err = [0.0, 0.0]        # sum over written shadows of ||W - W'||^2 and ||W||^2
+        self._row_err: dict[int, tuple[float, float]] = {}
         self.native = None            # the native kernel library (use_native), one-token calls only
         self._scratch = self._args = None
         if mode == "lowrank":
@@ -240,10 +241,32 @@ class ShadowBank:
                 self.bank[name + ".s"][row].copy_(sm)
         self.ready[expert] = True
         approx = self.dense(expert)
+        num = den = 0.0
         for name in self.kernel.linear_weights:
             w = weights[name].float()
-            self._err[0] += float(((approx[name].float() - w) ** 2).sum())
-            self._err[1] += float((w ** 2).sum())
+            num += float(((approx[name].float() - w) ** 2).sum())
+            den += float((w ** 2).sum())
+        self._row_err[expert] = (num, den)
+        self._err[0] += num
+        self._err[1] += den
+
+    def row_state(self, expert: int) -> dict[str, torch.Tensor]:
+        """Expert's shadow as tensors (with its weight-error sums): what ShadowCache stores."""
+        row = self.row_of[expert]
+        state = {name: t[row].clone() for name, t in self.bank.items()}
+        state["err"] = torch.tensor(self._row_err[expert], dtype=torch.float64)
+        return state
+
+    def load_row(self, expert: int, state: dict[str, torch.Tensor]) -> None:
+        """Install a shadow made earlier (row_state) instead of making it from the weights."""
+        row = self.row_of[expert]
+        for name, t in self.bank.items():
+            t[row].copy_(state[name])
+        num, den = state["err"].tolist()
+        self._row_err[expert] = (num, den)
+        self._err[0] += num
+        self._err[1] += den
+        self.ready[expert] = True
 
     def dense(self, expert: int, reference: bool = False) -> dict[str, torch.Tensor]:
         """Expert `expert`'s shadow as ordinary full-precision weights (name -> [out, in])."""
@@ -286,6 +309,68 @@ class ShadowBank:
     def reference_one(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """Slow twin: dequantise by the definition (or multiply the factors out), then the ordinary expert."""
         return self.kernel(x, self.dense(expert, reference=True))
+
+
+class ShadowCache:
+    """Shadows made once and kept in `<cache>/<fingerprint>/shadows-<form>.safetensors` (tensors
+    "<layer>.<expert>.<name>"): a later load reads the shadows it needs instead of reading each
+    expert and quantising it. New shadows are merged in by flush() (atomic)."""
+
+    def __init__(self, path):
+        from pathlib import Path
+
+        self.path = Path(path)
+        self.new: dict[str, torch.Tensor] = {}
+        self._file = None
+        self._keys: set[str] = set()
+        try:
+            from safetensors import safe_open
+
+            self._file = safe_open(str(self.path), framework="pt")
+            self._keys = set(self._file.keys())
+        except Exception:  # absent or unreadable: made again
+            self._file = None
+
+    @staticmethod
+    def for_checkpoint(fingerprint: str, opts) -> ShadowCache:
+        import os
+        from pathlib import Path
+
+        root = Path(opts.cache_dir or os.environ.get("PCMOE_CACHE") or Path.home() / ".cache" / "pcmoe")
+        key = spec_key(opts.shadow, opts.shadow_group, opts.shadow_rank).replace("/", "-")
+        return ShadowCache(root / fingerprint / f"shadows-{key}.safetensors")
+
+    def get(self, layer: int, expert: int, names) -> dict[str, torch.Tensor] | None:
+        keys = [f"{layer}.{expert}.{n}" for n in (*names, "err")]
+        if self._file is None or not all(k in self._keys for k in keys):
+            return None
+        return {k.split(".", 2)[2]: self._file.get_tensor(k) for k in keys}
+
+    def put(self, layer: int, expert: int, state: dict[str, torch.Tensor]) -> None:
+        for name, t in state.items():
+            self.new[f"{layer}.{expert}.{name}"] = t.contiguous()
+
+    def flush(self) -> None:
+        """Write the old and new shadows to the file (a temporary file, then a rename)."""
+        if not self.new:
+            return
+        import os
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        merged = {k: self._file.get_tensor(k) for k in self._keys} if self._file is not None else {}
+        merged.update(self.new)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(merged, tmp)
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self.new = {}
 
 
 # -- native one-token kernel (pcmoe/native/shadow.c) ----------------------------------------------

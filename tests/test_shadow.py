@@ -222,3 +222,22 @@ def test_metrics_count_every_miss_answer_per_layer(qwen):
             assert answers[(layer, action)] == row[key]
     assert stats["shadowed"] > 0 and stats["exchanged"] > 0      # 3 shadows of 6 non-members: both answers
     assert families["pcmoe_shadow_bytes"].samples[0].value == stats["shadow_bytes"] > 0
+
+
+def test_shadows_are_made_once_and_read_from_the_cache(qwen, tmp_path, monkeypatch):
+    from pcmoe import loader
+
+    budget = _budget(qwen, 2, 6)
+    first = pcmoe.load(qwen, budget=budget, policy="magnitude-keep", progress=False, shadow="int3",
+                       cache_dir=str(tmp_path), kernel="eager")
+    assert len(list(tmp_path.rglob("shadows-int3-g128.safetensors"))) == 1
+
+    def no_reads(*args):
+        raise AssertionError("a cached shadow was made again")
+
+    monkeypatch.setattr(loader, "_read_full", no_reads)
+    again = pcmoe.load(qwen, budget=budget, policy="magnitude-keep", progress=False, shadow="int3",
+                       cache_dir=str(tmp_path), kernel="eager")
+    assert torch.equal(_logits(first, IDS), _logits(again, IDS))
+    a, b = first.controllers[0].chooser, again.controllers[0].chooser
+    assert a.errors == b.errors and a.shadows.experts == b.shadows.experts
