@@ -454,3 +454,27 @@ def test_memcheck_counts_a_run_over_its_limit_or_killed_as_failed():
     assert ok["rss_over_predicted"] == pytest.approx(440 / 445 - 1)
     table = markdown([ok, over, killed])
     assert table.count("\n") == 5 and "NO: Killed" in table and "NO: over the limit" in table
+
+
+def test_validation_compares_and_flags_violations_and_busy_timing(lm_with_profile):
+    from pcmoe.planner.validate import compare, report_lines
+
+    data = json.loads((lm_with_profile / PROFILE_FILE).read_text())
+    data["latency"]["probe_s"] = 0.01
+    planner = Planner.from_data(data)
+    plan = planner.plan_dict(planner.plan(planner.full_memory()), {"memory_bytes": 10**9, "latency_s": 1e-3})
+    plan["predicted"].update(memory_bytes=500_000_000, latency_s=1e-3, loss=2.0)
+    rec = {"returncode": 0, "peak_rss_bytes": 510_000_000, "cgroup_max_usage_bytes": 400_000_000,
+           "latency_s": 2e-3, "probe_s": 0.02, "loss": 2.0, "cpu_other_share": 0.5}
+    result = compare(planner, plan, rec, 10**9)
+    assert result["errors"]["memory_bytes"] == pytest.approx(0.02)
+    assert result["errors"]["latency_s"] == pytest.approx(1.0)
+    assert result["errors"]["latency_at_calibration_speed"] == pytest.approx(0.0)   # the run was 2x slow
+    assert result["errors"]["quality"] == pytest.approx(0.0)
+    assert result["violations"] == ["latency 2 ms > limit 1 ms"]
+    text = "\n".join(report_lines(planner, result))
+    assert "at the calibration's machine speed" in text and "warning: other processes used 50%" in text
+    over = compare(planner, plan, {**rec, "peak_rss_bytes": 10**9 + 1, "latency_s": 5e-4}, 10**9)
+    assert len(over["violations"]) == 1 and over["violations"][0].startswith("peak RSS")
+    killed = compare(planner, plan, {**rec, "returncode": -9, "oom_killed": True}, 10**9)
+    assert "killed (out of memory)" in killed["violations"]
