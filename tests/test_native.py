@@ -309,3 +309,18 @@ def test_vnni_decoding_keeps_the_shipped_lms_perplexity(quant):
 
     eager, fast = _decode_nll(quant, "eager"), _decode_nll(quant, "native")
     assert abs(math.exp(fast - eager) - 1) < 0.01, (math.exp(eager), math.exp(fast))
+
+
+@needs_native
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantised_native_decode_stays_close_to_the_eager_quantised_decode(tmp_path, quant):
+    """Whole decode steps: the VNNI experts (activations rounded to int8) against torch's int8/int4
+    kernels on the same quantised slots."""
+    from pcmoe.testing import make_checkpoint
+
+    make_checkpoint("qwen3_moe", tmp_path, dtype=torch.bfloat16, hidden_size=64, moe_intermediate_size=64)
+    eager, _, _ = _steps(tmp_path, "eager", quantize=quant)
+    fast, path, _ = _steps(tmp_path, "native", quantize=quant)
+    assert path == "native"
+    _close(fast, eager, 3e-2)
+    assert (fast.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.85
