@@ -326,7 +326,24 @@ int EXPORT pcmoe_use_vnni(int on) {
  * xs [blocks] (d * sum of the block's xq, for the int4 zero points). */
 static void quantize_act(const float *x, int n, int8_t *xq, float *d, float *xs) {
     int blocks = (n + ACT_BLOCK - 1) / ACT_BLOCK, padded = (n + 63) & ~63;
-    for (int b = 0; b < blocks; b++) {
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    for (int b = 0; b < n / ACT_BLOCK; b++) {   /* whole blocks, 16 lanes at a time: the same float ops */
+        const float *p = x + b * ACT_BLOCK;
+        __m512 v0 = _mm512_loadu_ps(p), v1 = _mm512_loadu_ps(p + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1)));
+        float inv = amax > 0.f ? 127.f / amax : 0.f;
+        __m512 vi = _mm512_set1_ps(inv);
+        /* round to nearest even (the default rounding mode), as nearbyintf below and torch.round */
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vi)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vi));
+        __m512i lim = _mm512_set1_epi32(127), nlim = _mm512_set1_epi32(-127);
+        q0 = _mm512_max_epi32(_mm512_min_epi32(q0, lim), nlim);
+        q1 = _mm512_max_epi32(_mm512_min_epi32(q1, lim), nlim);
+        _mm_storeu_si128((__m128i *)(xq + b * ACT_BLOCK), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(xq + b * ACT_BLOCK + 16), _mm512_cvtepi32_epi8(q1));
+        d[b] = amax / 127.f;
+        xs[b] = d[b] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+    for (int b = n / ACT_BLOCK; b < blocks; b++) {   /* the last, partial block */
         int k0 = b * ACT_BLOCK, k1 = k0 + ACT_BLOCK < n ? k0 + ACT_BLOCK : n;
         float amax = 0.f;
         for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(x[k]));
