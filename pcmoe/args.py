@@ -207,6 +207,8 @@ def print_stats(stats: dict, out=None) -> None:
         ("hit rate", f"{stats['hit_rate']:.3f} ({stats['hits']}/{stats['choices']})"),
         ("router mass outside", f"{stats['router_mass_outside']:.3f}"),
         ("exchanged / skipped", f"{stats['exchanged']} / {stats['skipped']}"),
+        *([("shadowed / waited", f"{stats['shadowed']} / {stats['waited']} ({format_bytes(stats['shadow_bytes'])} "
+                                 "of shadow experts)")] if stats.get("shadow_bytes") else []),
         ("swaps (failed)", f"{stats['swaps']} ({stats['swap_failures']}) in {stats['updates']} updates"),
         ("bytes read", f"{format_bytes(stats['bytes_read'])} in {stats['reads']} reads, {stats['read_s']:.3f} s"),
         ("stall", f"{stats['stall_s']:.3f} s"),
