@@ -143,7 +143,19 @@ def markdown(results, meta, target_rows) -> str:
     for note in notes(results, meta):
         lines += [note, ""]
     lines += ["### Targets at 50 % of expert memory", ""] + targets_table(target_rows) + [""]
+    lines += _decode_targets_section(results, meta, "###")
     return "\n".join(lines + tables(results))
+
+
+def _decode_targets_section(results, meta, level: str) -> list[str]:
+    """The fast-decode targets (pcmoe.bench.scale), where either section measured one."""
+    from pcmoe.bench import scale
+
+    rows = scale.decode_targets(results, meta)
+    if all(t["value"] is None for t in rows):
+        return []
+    return [f"{level} Fast decode targets (shipped LM and, with `--scale`, the 1.3 GB checkpoint)", ""] \
+        + scale.targets_table(rows) + [""]
 
 
 def tables(results) -> list[str]:
@@ -151,12 +163,14 @@ def tables(results) -> list[str]:
     full = by_label(results).get("full", {})
     lines = []
     sections = [("lm", "Language model: policies x budgets"), ("quant", "Quantisation on the same memory axis"),
-                ("peers", "External peers")]
+                ("peers", "External peers"),
+                ("scale", "Second language model: 1.3 GB random-weight Qwen3-MoE (`--scale`; / full = / `scale full`)")]
     for section, title in sections:
         rows = [r for r in results if r.get("section") == section]
         if not rows:
             continue
-        lines += [f"### {title}", ""] + LM_HEADER + [_lm_row(r, full) for r in rows] + [""]
+        base = by_label(results).get("scale full", {}) if section == "scale" else full
+        lines += [f"### {title}", ""] + LM_HEADER + [_lm_row(r, base) for r in rows] + [""]
         if section == "quant":
             comp = quant_comparison(results)
             if comp:
@@ -210,7 +224,10 @@ def write_report(out: Path, results: list[dict], meta: dict, markdown_to: str | 
     out = Path(out)
     meta = {k: v for k, v in meta.items() if k != "plots"}  # a note from an earlier rebuild
     rows = targets(results, meta)
-    payload = {"meta": meta, "targets": rows, "quant_comparison": quant_comparison(results),
+    from pcmoe.bench import scale
+
+    payload = {"meta": meta, "targets": rows, "decode_targets": scale.decode_targets(results, meta),
+               "quant_comparison": quant_comparison(results),
                "read_bandwidth": read_bandwidth(results), "runs": results}
     written: list[tuple[str, str]] = []
     why = missing("matplotlib")
@@ -219,6 +236,9 @@ def write_report(out: Path, results: list[dict], meta: dict, markdown_to: str | 
         meta["plots"] = f"plots {why}"
     else:
         written = write_plots(out, results)
+        extra = scale.plot(out, results)
+        if extra:
+            written.append(extra)
     payload["plots"] = [name for name, _ in written]
     atomic_write_text(out / "bench.json", json.dumps(payload, indent=1, default=str))
     md = markdown(results, meta, rows)
@@ -283,7 +303,8 @@ def benchmarks_md(results, meta, target_rows, links, reading_text, scaling_text=
     for note in notes(results, meta):
         lines += ["", note]
     lines += ["", "## Reading", "", READING_BEGIN, reading_text, READING_END, "",
-              "## Headline targets", ""] + targets_table(target_rows) + ["", "## Results", ""] + tables(results)
+              "## Headline targets", ""] + targets_table(target_rows) + [""] \
+        + _decode_targets_section(results, meta, "##") + ["## Results", ""] + tables(results)
     if links:
         lines += ["## Plots", ""]
         for rel, caption in links:

@@ -75,6 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "--markdown from <out>/bench.json")
     p.add_argument("--scaling", action="store_true", help="also run the scaling study (pcmoe.bench.scaling, "
                    "random-weight 0.6-2.4 GB models built under data/bench/scaling) into <out>/scaling")
+    p.add_argument("--scale", action="store_true", help="also run the second LM section: a 1.3 GB random-weight "
+                   "Qwen3-MoE (built once under data/bench/scale) with llama.cpp on it, and the fast-decode "
+                   "target table (pcmoe.bench.scale)")
+    p.add_argument("--scale-model", help="the --scale checkpoint (default: data/bench/scale/qwen3-moe-e32, built "
+                   "on first use)")
     p.add_argument("--llamacpp-src", help="llama.cpp converter source: a llama.cpp tree, an extracted llama-cpp-python "
                    "sdist (or a folder holding one) or its .tar.gz (default: $PCMOE_LLAMACPP_SRC, else the sdist "
                    "of the installed version is fetched with pip into the pcmoe cache)")
@@ -375,7 +380,15 @@ def cmd_bench(args) -> int:
         from pcmoe.bench import llamacpp
 
         results.extend(llamacpp.run_all(args, sizes, overheads.get(str(args.model)), use_cgroup, log, done))
+    scale_info = None
+    if args.scale:
+        from pcmoe.bench import scale
+
+        scale_results, scale_info = scale.run_section(args, prompts, log, done, use_cgroup, run_one, limit_for)
+        results.extend(scale_results)
     meta = _meta(args, command, sizes, vision_sizes, overheads, use_cgroup)
+    if scale_info:
+        meta["scale"] = scale_info
     if args.scaling:
         from pcmoe.bench import scaling
 

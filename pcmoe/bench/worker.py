@@ -60,7 +60,8 @@ def run_pcmoe(spec):
     t0 = time.perf_counter()
     engine = pcmoe.load(spec["model"], budget=spec.get("budget"), policy=spec.get("policy", "committee"),
                         plan=spec.get("plan"), progress=False, threads=spec.get("threads"), **spec.get("options", {}))
-    out = {"load_s": time.perf_counter() - t0}
+    out = {"load_s": time.perf_counter() - t0, "kernel": engine.load_info.get("kernel"),
+           "model_class": type(engine.model).__name__}
     try:
         if spec.get("vision"):
             out.update(_vision(engine, spec))
