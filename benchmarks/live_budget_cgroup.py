@@ -95,6 +95,15 @@ class Client(threading.Thread):
                 i += 1
 
 
+def _set_limit(group: Path, limit: int) -> str | None:
+    """Lower the group's limit; the kernel's refusal (EBUSY: it could not reclaim enough), if any."""
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        return None
+    except OSError as e:
+        return e.strerror
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "models" / "pcmoe-lm"))
@@ -103,6 +112,11 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=float, default=900e6, help="cgroup limit at start, bytes (default 900 MB)")
     ap.add_argument("--headroom", type=float, default=24e6,
                     help="the lowered cgroup limit: usage after the shrink + this (default 24 MB)")
+    ap.add_argument("--follow", action="store_true",
+                    help="no admin call: the server runs with --follow-cgroup and the limit is lowered to the "
+                         "usage + --follow-margin; the engine must shrink by itself")
+    ap.add_argument("--follow-margin", type=float, default=8e6,
+                    help="--follow: the lowered limit is the usage + this (default 8 MB; the server keeps 32 MB free)")
     ap.add_argument("--tokens", type=int, default=48, help="tokens per request")
     ap.add_argument("--phase-s", type=float, default=20.0, help="seconds of streaming per phase")
     ap.add_argument("--threads", type=int, default=1)
@@ -126,6 +140,7 @@ def main(argv=None) -> int:
     cmd = [sys.executable, "-m", "pcmoe", "serve", "--model", args.model, "--policy", "committee", "--port",
            str(port), "--admin-token", TOKEN, "--no-user-state", "--threads", str(args.threads), "--log-level",
            "warning"] + (["--budget", args.budget] if args.budget else [])
+    cmd += ["--follow-cgroup"] if args.follow else []
     log = open("/tmp/live_budget_server.log", "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=enter_group, cwd=str(ROOT),
                               env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
@@ -159,22 +174,34 @@ def main(argv=None) -> int:
         client.start()
         time.sleep(args.phase_s)
         before = snapshot("before the budget change")
-        r = httpx.post(url + "/admin/budget", json={"budget": args.low}, headers={"Authorization": f"Bearer {TOKEN}"},
-                       timeout=120)
-        told, t_told = r.json(), time.monotonic()
+        if args.follow:  # the engine follows the group's limit by itself (--follow-cgroup)
+            new_limit = int(before["cgroup_usage"] + args.follow_margin)
+            limit_error = _set_limit(group, new_limit)
+            t_told = time.monotonic()
+            events.append({"event": "cgroup limit lowered", "t_s": t_told - t_start, "to": new_limit,
+                           "error": limit_error})
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                told = httpx.get(url + "/v1/pcmoe/stats", timeout=30).json()
+                if told["budget_bytes"] < before["budget_bytes"]:
+                    break
+                time.sleep(0.5)
+            status = None
+            told = {"budget_bytes": told["budget_bytes"], "committee_sizes": told["committee_sizes"]}
+            shrunk = snapshot("after the engine followed")
+        else:
+            r = httpx.post(url + "/admin/budget", json={"budget": args.low},
+                           headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
+            told, t_told, status = r.json(), time.monotonic(), r.status_code
+            events.append({"event": "engine told", "t_s": time.monotonic() - t_start, "status": status,
+                           "reply": told})
+            time.sleep(2.0)  # the running request applies it at its next token; its reply refreshes the stats
+            shrunk = snapshot("after the budget change")
+            new_limit = int(_read(group, "memory.usage_in_bytes") + args.headroom)
+            limit_error = _set_limit(group, new_limit)
+            events.append({"event": "cgroup limit lowered", "t_s": time.monotonic() - t_start, "to": new_limit,
+                           "error": limit_error})
         in_flight = [x["index"] for x in client.results if x["start_s"] <= t_told] or [-1]
-        events.append({"event": "engine told", "t_s": time.monotonic() - t_start, "status": r.status_code,
-                       "reply": told})
-        time.sleep(2.0)  # the running request applies it at its next token; its reply refreshes the stats
-        shrunk = snapshot("after the budget change")
-        new_limit = int(_read(group, "memory.usage_in_bytes") + args.headroom)
-        try:
-            (group / "memory.limit_in_bytes").write_text(str(new_limit))
-            limit_error = None
-        except OSError as e:
-            limit_error = e.strerror
-        events.append({"event": "cgroup limit lowered", "t_s": time.monotonic() - t_start, "to": new_limit,
-                       "error": limit_error})
         time.sleep(args.phase_s)
         snapshot("end")
         client.stop.set()
@@ -184,7 +211,8 @@ def main(argv=None) -> int:
         result = {
             "benchmark": "live_budget_cgroup", "model": args.model, "command": " ".join(cmd[3:]),
             "start_limit_bytes": int(args.limit), "lowered_limit_bytes": new_limit, "limit_error": limit_error,
-            "low_budget": args.low, "admin_status": r.status_code, "admin_reply": told,
+            "mode": "followed" if args.follow else "told", "low_budget": None if args.follow else args.low,
+            "admin_status": status, "admin_reply": told,
             "requests": len(client.results), "succeeded": len(ok), "failed": len(failed),
             "failures": failed[:5],
             "request_in_flight_at_the_change": in_flight[-1] + 1,
@@ -207,8 +235,9 @@ def main(argv=None) -> int:
             except OSError:
                 time.sleep(0.1)
     out = Path(args.out)
-    atomic_write_text(out / "live_budget_cgroup.json", json.dumps(result, indent=1))
-    atomic_write_text(out / "live_budget_cgroup.md", markdown(result))
+    stem = "live_budget_cgroup_follow" if args.follow else "live_budget_cgroup"
+    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1))
+    atomic_write_text(out / f"{stem}.md", markdown(result))
     print(markdown(result))
     return 0 if result["failed"] == 0 and result["oom_kills"] == 0 and result["server_alive"] else 1
 
@@ -216,11 +245,15 @@ def main(argv=None) -> int:
 def markdown(r: dict) -> str:
     lines = ["# Live budget inside a cgroup (issue 14)", "",
              f"`pcmoe {r['command']}` in a cgroup v1 memory limit of {format_bytes(r['start_limit_bytes'])}; a "
-             f"client streams completions one after another. Mid-stream the engine is told `{r['low_budget']}` "
-             f"(POST /admin/budget: HTTP {r['admin_status']}), then the cgroup limit is lowered to "
-             f"{format_bytes(r['lowered_limit_bytes'])}"
-             + (f" (refused: {r['limit_error']})" if r["limit_error"] else "")
-             + f", below the {format_bytes(r['usage_before_shrink'])} the group used before.", "",
+             f"client streams completions one after another. "
+             + (f"Mid-stream the cgroup limit is lowered to {format_bytes(r['lowered_limit_bytes'])} and the "
+                f"engine, following it (`--follow-cgroup`), shrinks its budget to "
+                f"{format_bytes(r['admin_reply']['budget_bytes'])} by itself"
+                if r["mode"] == "followed" else
+                f"Mid-stream the engine is told `{r['low_budget']}` (POST /admin/budget: HTTP {r['admin_status']}), "
+                f"then the cgroup limit is lowered to {format_bytes(r['lowered_limit_bytes'])}, below the "
+                f"{format_bytes(r['usage_before_shrink'])} the group used before")
+             + (f" (the kernel refused: {r['limit_error']})" if r["limit_error"] else "") + ".", "",
              f"**{r['requests']} requests, {r['succeeded']} succeeded, {r['failed']} failed; OOM kills: "
              f"{r['oom_kills']}; server alive at the end: {r['server_alive']}.** Group failcnt {r['failcnt']}, peak "
              f"usage {format_bytes(r['max_usage_bytes'])}.", "",
@@ -236,7 +269,8 @@ def markdown(r: dict) -> str:
         else:
             lines.append(f"| {e['event']} | {e['t_s']:.1f} | " + (f"{format_bytes(e['to'])}" if "to" in e else "")
                          + " | | | | | |")
-    lines += ["", "Rerun: `python benchmarks/live_budget_cgroup.py --out docs/results` (root, cgroup v1).", ""]
+    lines += ["", "Rerun: `python benchmarks/live_budget_cgroup.py --out docs/results` (root, cgroup v1; `--follow`: "
+              "the engine follows the limit by itself, written to live_budget_cgroup_follow.*).", ""]
     return "\n".join(lines)
 
 

@@ -292,3 +292,57 @@ def test_bad_committee_sizes_change_nothing(tiny_lm):
         assert engine.sizing == before
         engine.set_budget("60%experts", sizes=[1, 4])
         assert engine.committee_sizes == [1, 4] and [b.experts.num_slots for b in engine.blocks] == [1, 4]
+
+
+def test_following_a_cgroup_limit(tmp_path):
+    import threading
+    import time
+
+    from pcmoe.server.live import budget_for_limit, follow_cgroup, own_memory_cgroup
+
+    assert budget_for_limit(limit=500, usage=400, resident_weights=100, headroom=20) == 180
+    proc = tmp_path / "cgroup"
+    proc.write_text("12:cpu,cpuacct:/x\n5:memory:/box\n")
+    (tmp_path / "box").mkdir()
+    group = tmp_path / "box"
+    assert own_memory_cgroup(str(proc), str(tmp_path)) is None  # no limit file: no v1 group
+    (group / "memory.limit_in_bytes").write_text(str(1 << 63))
+    (group / "memory.usage_in_bytes").write_text("300000000\n")
+    assert own_memory_cgroup(str(proc), str(tmp_path)) == str(group)
+
+    asked = []
+
+    class Worker:
+        stats = {"resident_bytes": 50_000_000}
+
+        def set_budget(self, budget):
+            asked.append(budget)
+            if budget < 20_000_000:
+                raise PcmoeError("budget unchanged: below the minimum")
+            return {"budget": str(budget), "committee_sizes": [1]}, None
+
+    stop = threading.Event()
+    thread = follow_cgroup(Worker(), str(group), headroom=10_000_000, interval_s=0.01, stop=stop)
+    try:
+        time.sleep(0.1)
+        assert asked == []  # unlimited: nothing to follow
+        _replace(group / "memory.limit_in_bytes", "320000000")
+        deadline = time.monotonic() + 10
+        while not asked and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert asked == [320_000_000 - 10_000_000 - 250_000_000]
+        _replace(group / "memory.limit_in_bytes", "265000000")  # below the minimum: refused, still running
+        deadline = time.monotonic() + 10
+        while len(asked) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert asked[1] == 5_000_000 and thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write as the kernel does: a reader never sees half a number."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -26,6 +26,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "$PCMOE_ADMIN_TOKEN, else no admin endpoint)")
     g.add_argument("--budget-file", help="on SIGUSR1, read a new budget (one line: 300MB, 40%%experts) from this "
                                          "file and apply it while serving")
+    g.add_argument("--follow-cgroup", action="store_true",
+                   help="poll this process's cgroup v1 memory limit and change the weight budget to fit under it "
+                        "(what the group holds besides the weights stays as it is, plus --cgroup-headroom)")
+    g.add_argument("--cgroup-headroom", type=float, default=32e6,
+                   help="bytes kept free under the cgroup limit with --follow-cgroup (default 32 MB)")
     g.add_argument("--model-name", help="model id clients send (default: the checkpoint folder's name)")
     g.add_argument("--queue-size", type=int, default=8,
                    help="requests that may wait while one computes; more get 429 (default 8)")
@@ -87,6 +92,15 @@ def cmd_serve(args) -> int:
                          max_body_bytes=args.max_body_bytes, admin_token=args.admin_token)
         if args.budget_file:
             watch_budget_file(args.budget_file, app.state.service.worker)
+        if args.follow_cgroup:
+            from pcmoe.server.live import follow_cgroup, own_memory_cgroup
+
+            folder = own_memory_cgroup()
+            if folder is None:
+                print("warning: --follow-cgroup: no cgroup v1 memory limit for this process; not following",
+                      file=sys.stderr)
+            else:
+                follow_cgroup(app.state.service.worker, folder, int(args.cgroup_headroom))
         print(f"serving {name} at http://{args.host}:{args.port}/v1"
               + (f" (user states in {state_dir})" if state_dir else ""), file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -72,3 +72,70 @@ def _greedy(engine, uniform, losses) -> list[int]:
         gains = [(base - better[j]) / bytes_[next(i for i in range(len(c)) if c[i] != current[i])]
                  for j, c in enumerate(cands)]
         current = cands[max(range(len(cands)), key=lambda j: (gains[j], -j))]
+
+
+# -- following the cgroup's own limit ----------------------------------------------------------
+
+CGROUP_MEMORY = "/sys/fs/cgroup/memory"
+UNLIMITED = 1 << 62  # cgroup v1 reports "no limit" as a number near 2**63
+
+
+def own_memory_cgroup(proc_cgroup: str = "/proc/self/cgroup", root: str = CGROUP_MEMORY) -> str | None:
+    """The folder of this process's cgroup v1 memory group, or None (no v1 memory controller)."""
+    import os
+
+    try:
+        with open(proc_cgroup) as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if "memory" in controllers.split(","):
+                    folder = os.path.join(root, path.lstrip("/"))
+                    return folder if os.path.exists(os.path.join(folder, "memory.limit_in_bytes")) else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def budget_for_limit(limit: int, usage: int, resident_weights: int, headroom: int) -> int:
+    """The weight budget that keeps the group `headroom` bytes under `limit`: what the group holds
+    besides the weights (usage - resident weights: runtime, KV cache, page cache) stays as it is."""
+    return limit - headroom - (usage - resident_weights)
+
+
+def follow_cgroup(worker, folder: str, headroom: int, interval_s: float = 1.0, stop=None):
+    """A daemon thread that polls the group's memory.limit_in_bytes; when the limit changes, the
+    engine gets budget_for_limit(...) (refusals are logged, nothing changes). Returns the thread."""
+    import os
+    import threading
+
+    def read(name: str) -> int:
+        with open(os.path.join(folder, name)) as f:
+            return int(f.read().split()[0])
+
+    stop = stop if stop is not None else threading.Event()
+
+    def run():
+        last = None
+        while not stop.wait(interval_s):
+            try:
+                limit = read("memory.limit_in_bytes")
+                if limit == last:
+                    continue
+                usage = read("memory.usage_in_bytes")
+            except (OSError, ValueError):  # mid-write or gone: read again next time
+                continue
+            last = limit
+            if limit >= UNLIMITED:
+                continue
+            budget = budget_for_limit(limit, usage, worker.stats["resident_bytes"], headroom)
+            try:
+                summary, _ = worker.set_budget(max(budget, 1))
+                log.warning("cgroup limit %d bytes: weight budget %s, committee sizes %s", limit, summary["budget"],
+                            summary["committee_sizes"])
+            except Exception as e:  # PcmoeError: below the minimum; keep serving as before
+                log.error("cgroup limit %d bytes: %s", limit, e)
+
+    thread = threading.Thread(target=run, daemon=True, name="pcmoe-cgroup")
+    thread.start()
+    return thread
+
