@@ -387,6 +387,8 @@ class Engine:
             + sizing.shadow_bytes  # shadow experts (and the exact-load buffer of --wait-above)
         return {
             "policy": self.policy,
+            # benchmarks only: "replayed routing (...)" when a trace forces the routing (pcmoe/replay.py)
+            "routing": self.load_info.get("routing", "model"),
             "budget_bytes": sizing.budget,
             "nonexpert_bytes": sizes.nonexpert,
             "resident_expert_bytes": resident_expert_bytes,  # the staging buffers of swaps are resident too

@@ -71,6 +71,7 @@ def test_replay_forces_the_mapped_choices_and_says_so(recorded, tmp_path):
     tokens = [list(range(3, 50)), list(range(10, 50))]
     with pcmoe.load(target, policy="full", progress=False, routing_trace=str(path), routing_trace_seed=1) as engine:
         assert engine.load_info["routing"].startswith(tr.REPLAYED)
+        assert engine.stats()["routing"] == engine.load_info["routing"]
         got = tr.record(engine, tokens, window=16)
         mapped = tr.map_trace(trace, 3, 16, 2, seed=1)
         assert (np.sort(got.idx, 2) == np.sort(mapped.idx, 2)).all()

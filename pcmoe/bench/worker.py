@@ -149,7 +149,7 @@ def _vision(engine, spec) -> dict:
 
 def _engine_stats(engine):
     st = engine.stats()
-    keep = ("policy", "budget_bytes", "resident_bytes", "resident_expert_bytes", "nonexpert_bytes",
+    keep = ("policy", "routing", "budget_bytes", "resident_bytes", "resident_expert_bytes", "nonexpert_bytes",
             "full_model_bytes", "committee_sizes", "hit_rate", "router_mass_outside", "exchanged", "skipped",
             "swaps", "swap_failures", "bytes_read", "reads", "read_s", "stall_s", "peak_rss_bytes", "choices", "hits")
     out = {k: st[k] for k in keep}
