@@ -346,3 +346,12 @@ def _replace(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def test_all_resident_policies_take_only_budgets_they_fit(tiny_lm):
+    with _load(tiny_lm, policy="full") as engine:
+        full = engine.model_bytes.full
+        with pytest.raises(PcmoeError, match="budget unchanged: policy full keeps every expert"):
+            engine.set_budget(full - 1)
+        engine.set_budget(full + 1000)
+        assert engine.budget == full + 1000 and engine.committee_sizes == engine.model_bytes.num_experts
