@@ -148,3 +148,14 @@ def test_carve_places_a_quantised_slot_in_a_full_precision_buffer():
     assert views["q"].sum() == 60 and views["s"].sum() == 6.0        # disjoint: s did not overwrite q
     with pytest.raises(ValueError, match="too small"):
         carve(storage, {"q": torch.empty(300, dtype=torch.int8)})
+
+
+def test_copies_can_be_written_ahead(model, monkeypatch, capsys):
+    assert qcache.main([str(model), "--quantize", "int4", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip().endswith("built 2")
+    _, info, _ = _banks(model, "int4", True, monkeypatch)
+    assert "built" not in info["quant_copy"] and str(model / qcache.FOLDER) in info["quant_copy"]
+    assert qcache.main([str(model), "--quantize", "int3"]) == 2
+    assert qcache.main([str(model / "nowhere")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
