@@ -68,6 +68,9 @@ def test_lean_build_matches_the_transformers_build(tiny_checkpoint, family):
     with pcmoe.load(folder, policy="full", progress=False, kernel="eager") as lean, \
             pcmoe.load(folder, policy="full", progress=False, fast=False) as hf:
         assert isinstance(lean.model, LeanCausalLM) and not isinstance(hf.model, LeanCausalLM)
+        # The meta build leaves no default device behind (a global mode would slow every op down).
+        assert torch.get_default_device() == torch.device("cpu")
+        assert not torch.overrides._get_current_function_mode_stack()
         with torch.inference_mode():
             a, sa = lean.prefill(IDS[:8])
             b, sb = hf.prefill(IDS[:8])

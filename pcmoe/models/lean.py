@@ -17,8 +17,6 @@ Dimension legend: T tokens, H hidden, D head dim, Hq / Hkv query / KV heads, N e
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -174,16 +172,6 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-@contextlib.contextmanager
-def _default_device(device: str):
-    previous = torch.get_default_device()
-    torch.set_default_device(device)
-    try:
-        yield
-    finally:
-        torch.set_default_device(previous)
-
-
 def _is_sparse(config, index: int) -> bool:
     """transformers' rule for which decoder layers have a MoE block (Qwen: mlp_only_layers and
     decoder_sparse_step; Mixtral and OLMoE: every layer)."""
@@ -219,7 +207,7 @@ class LeanCausalLM(nn.Module):
         try:
             # Parameters are made on the meta device, never in memory: building the modules on the
             # CPU first and moving them costs ~70 MB of freed-but-kept heap on the shipped LM.
-            with _default_device(device):
+            with torch.device(device):  # a scoped default (set_default_device would leave a mode on every op)
                 self.model = Backbone(config, family, head_dim)
                 self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         finally:
