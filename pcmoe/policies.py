@@ -145,13 +145,21 @@ class MaskedGatingController(LayerController):
         # tokens grouped by (their computed misses, strategy): one gating per group
         groups: dict[tuple, list[int]] = {}
         exe_idx, exe_w = [None] * T, [None] * T
+        dropped = [0]
         for t, (idx, plan) in enumerate(zip(full_idx, plans)):
             extra = tuple(sorted({e for e, a in zip(idx, plan) if a in COMPUTED}))
             if extra and all(a is None or a in COMPUTED for a in plan):   # every miss computed: own route
                 exe_idx[t], exe_w[t] = full_idx[t], full_w[t]
                 continue
-            groups.setdefault((extra, chooser.strategy_of(plan)), []).append(t)
-        stats = GatingStats()
+            strategy = chooser.strategy_of(plan)
+            if strategy == "skip":  # gate()'s skip, token by token: the own route without the dropped misses
+                keep = [e >= 0 and (slot_of[e] >= 0 or e in extra) for e in idx]
+                exe_idx[t] = [e if k else -1 for e, k in zip(idx, keep)]
+                exe_w[t] = [w if k else 0.0 for w, k in zip(full_w[t], keep)]
+                dropped[0] += sum(1 for e, k in zip(idx, keep) if e >= 0 and not k)
+                continue
+            groups.setdefault((extra, strategy), []).append(t)
+        stats = GatingStats(skipped=dropped[0])
         route = lambda lg, m: self.router.route(lg, m, batch)  # noqa: E731
         for (extra, strategy), rows in groups.items():
             member = [s >= 0 for s in slot_of]

@@ -242,3 +242,18 @@ def test_shadows_are_made_once_and_read_from_the_cache(qwen, tmp_path, monkeypat
     assert torch.equal(_logits(first, IDS), _logits(again, IDS))
     a, b = first.controllers[0].chooser, again.controllers[0].chooser
     assert a.errors == b.errors and a.shadows.experts == b.shadows.experts
+
+
+@pytest.mark.parametrize("shadows", [6, 3])   # every miss shadowed; some shadowed, the rest dropped
+def test_many_tokens_and_one_token_paths_choose_alike(qwen, shadows):
+    engine = pcmoe.load(qwen, budget=_budget(qwen, 2, shadows), policy="magnitude-keep", progress=False,
+                        shadow="int2", shadow_experts=shadows, kernel="eager")
+    with torch.inference_mode():
+        whole = engine.forward(torch.tensor([IDS]), engine.new_state())        # one pass of 12 tokens
+        before = engine.counters()
+        state = engine.new_state()
+        steps = torch.cat([engine.forward(torch.tensor([[t]]), state) for t in IDS])   # one token at a time
+    assert torch.allclose(whole, steps, atol=1e-4)
+    one, many = engine.stats(since=before), engine.stats()
+    for key in ("shadowed", "exchanged", "skipped", "hits"):
+        assert one[key] * 2 == many[key], key                 # the same answers counted both times
