@@ -151,11 +151,13 @@ def test_carve_places_a_quantised_slot_in_a_full_precision_buffer():
 
 
 def test_copies_can_be_written_ahead(model, monkeypatch, capsys):
-    assert qcache.main([str(model), "--quantize", "int4", "--quiet"]) == 0
+    from pcmoe.qcache_build import main
+
+    assert main([str(model), "--quantize", "int4", "--quiet"]) == 0
     assert capsys.readouterr().out.strip().endswith("built 2")
     _, info, _ = _banks(model, "int4", True, monkeypatch)
     assert "built" not in info["quant_copy"] and str(model / qcache.FOLDER) in info["quant_copy"]
-    assert qcache.main([str(model), "--quantize", "int3"]) == 2
-    assert qcache.main([str(model / "nowhere")]) == 2
+    assert main([str(model), "--quantize", "int3"]) == 2
+    assert main([str(model / "nowhere")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
