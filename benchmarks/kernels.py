@@ -4,8 +4,8 @@
 
 For the expert shapes of the shipped LM (models/pcmoe-lm) and of the scaling study's 1.3 GB
 checkpoint (pcmoe/bench/scaling.py "mid": hidden 1024, expert width 768), each weight kind
-(gate_up [2I, H], down [H, I]) at bf16, int8 and int4 (the VNNI kernels, and the float32 kernels
-they replace), the native product is timed
+(gate_up [2I, H], down [H, I]; and that model's LM head [V, H]) at bf16, int8 and int4 (the
+VNNI kernels, and the float32 kernels they replace), the native product is timed
 
   cold: cycling over copies of the weight that together exceed the last-level cache many times,
         as a decode step meets its experts (each read once per token, from memory), and
@@ -39,15 +39,19 @@ COLD_BYTES = 256 << 20          # working set of the cold runs (8x a 32 MB L3)
 KINDS = ("bf16", "int8", "int8-f32", "int4", "int4-f32")
 
 
-def expert_shapes() -> dict[str, tuple[int, int]]:
-    """model name -> (hidden, expert intermediate)."""
-    shapes = {}
+def weight_shapes() -> list[tuple[str, str, tuple[int, int]]]:
+    """(model, weight, [out, in]): each model's expert projections, and the 1.3 GB model's LM head
+    (a dense weight each token reads in full: what quantising experts alone leaves at bf16)."""
+    shapes = []
     cfg = ROOT / "models" / "pcmoe-lm" / "config.json"
     if cfg.exists():
         c = json.loads(cfg.read_text())
-        shapes["shipped LM"] = (c["hidden_size"], c["moe_intermediate_size"])
+        H, I = c["hidden_size"], c["moe_intermediate_size"]
+        shapes += [("shipped LM", "gate_up", (2 * I, H)), ("shipped LM", "down", (H, I))]
     mid = SHAPES["mid"]
-    shapes["1.3 GB scale"] = (mid["hidden_size"], mid["moe_intermediate_size"])
+    H, I = mid["hidden_size"], mid["moe_intermediate_size"]
+    shapes += [("1.3 GB scale", "gate_up", (2 * I, H)), ("1.3 GB scale", "down", (H, I)),
+               ("1.3 GB scale", "lm_head", (mid["vocab_size"], H))]
     return shapes
 
 
@@ -127,29 +131,28 @@ def run(threads: list[int], quick: bool) -> dict:
         for n in threads:
             k.set_threads(n)
             floors[n] = bandwidth(k, repeats)
-            for model, (H, I) in expert_shapes().items():
-                for weight, (out_f, in_f) in (("gate_up", (2 * I, H)), ("down", (H, I))):
-                    calls, nbytes = {}, {}
+            for model, weight, (out_f, in_f) in weight_shapes():
+                calls, nbytes = {}, {}
+                for kind in KINDS:
+                    tensors, nbytes[kind] = make_weight(kind, out_f, in_f)
+                    copies = [tensors] + [[t.clone() for t in tensors]
+                                          for _ in range(max(1, COLD_BYTES // nbytes[kind]) - 1)]
+                    calls[kind] = [caller(k, kind, c, out_f, in_f) for c in copies]
+                # Kinds take turns in every round, so a busy spell slows them alike: ratios hold.
+                cold, hot = {kind: [] for kind in KINDS}, {kind: [] for kind in KINDS}
+                for _ in range(repeats):
                     for kind in KINDS:
-                        tensors, nbytes[kind] = make_weight(kind, out_f, in_f)
-                        copies = [tensors] + [[t.clone() for t in tensors]
-                                              for _ in range(max(1, COLD_BYTES // nbytes[kind]) - 1)]
-                        calls[kind] = [caller(k, kind, c, out_f, in_f) for c in copies]
-                    # Kinds take turns in every round, so a busy spell slows them alike: ratios hold.
-                    cold, hot = {kind: [] for kind in KINDS}, {kind: [] for kind in KINDS}
-                    for _ in range(repeats):
-                        for kind in KINDS:
-                            cold[kind].append(time_calls(calls[kind], 1, min_s))
-                            hot[kind].append(time_calls(calls[kind][:1], 1, min_s / 2))
-                    del calls
-                    base = min(cold["bf16"])
-                    for kind in KINDS:
-                        c, h, b = min(cold[kind]), min(hot[kind]), nbytes[kind]
-                        rows.append({"threads": n, "model": model, "weight": weight, "shape": [out_f, in_f],
-                                     "kind": kind, "bytes": b, "cold_us": c * 1e6, "hot_us": h * 1e6,
-                                     "cold_gbps": b / c / 1e9, "hot_gbps": b / h / 1e9,
-                                     "floor_us": b / floors[n] * 1e6, "of_floor": b / floors[n] / c,
-                                     "speedup_vs_bf16": base / c})
+                        cold[kind].append(time_calls(calls[kind], 1, min_s))
+                        hot[kind].append(time_calls(calls[kind][:1], 1, min_s / 2))
+                del calls
+                base = min(cold["bf16"])
+                for kind in KINDS:
+                    c, h, b = min(cold[kind]), min(hot[kind]), nbytes[kind]
+                    rows.append({"threads": n, "model": model, "weight": weight, "shape": [out_f, in_f],
+                                 "kind": kind, "bytes": b, "cold_us": c * 1e6, "hot_us": h * 1e6,
+                                 "cold_gbps": b / c / 1e9, "hot_gbps": b / h / 1e9,
+                                 "floor_us": b / floors[n] * 1e6, "of_floor": b / floors[n] / c,
+                                 "speedup_vs_bf16": base / c})
     finally:
         k.set_threads(1)
     return {"benchmark": "kernels", "vnni": k.vnni, "torch": torch.__version__, "cold_bytes": COLD_BYTES,
