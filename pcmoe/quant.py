@@ -3,8 +3,10 @@
 int8: one scale per output row (symmetric), `torch._weight_int8pack_mm`.
 int4: asymmetric groups of `group` input columns, `torch._weight_int4pack_mm_for_cpu`
       (q in 0..15, w ~ (q - 8) * scale + zero, packed two per byte).
-Experts are quantised when they are loaded into a slot (the checkpoint stays as it is), so a
-quantised committee swaps exactly like a full-precision one.
+Experts are quantised once into a copy beside the checkpoint (pcmoe.qcache) that the store reads
+straight into the slots, so a swap reads the bytes the slot keeps; without a copy (none writable,
+or $PCMOE_QUANT_COPY=0) they are quantised as they are loaded, by the same quantize_into.
+The native kernels (pcmoe/native) compute with these layouts; `dequantize` is their exact twin.
 """
 
 from __future__ import annotations
