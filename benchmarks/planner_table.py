@@ -11,7 +11,7 @@ memory limits with the ablations, all measured in one run:
     cli         `pcmoe eval --memory X` itself inside a cgroup of exactly X (the planner picks at load)
 
     python benchmarks/planner_table.py --model models/pcmoe-lm --out runs/planner/table_lm.json \
-        --pair 400MB: --pair 420MB:1.2ms ... [--ablations] [--cli]
+        --pair 400MB: --pair 420MB:1.2ms --pair 420MB:1.1x ... [--ablations] [--cli]
 
 Results are appended to --out as they finish (atomic rewrite; a Markdown table beside it, same name
 with .md) and a rerun skips what is there. The last stdout line is the JSON of all rows. Latency
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--pair", action="append", required=True, help="MEMORY:LATENCY (latency may be empty)")
+    ap.add_argument("--pair", action="append", required=True,
+                    help="MEMORY:LATENCY (latency may be empty, or 1.2x: a multiple of the least latency)")
     ap.add_argument("--ablations", action="store_true", help="also the uniform and static rows at each pair")
     ap.add_argument("--cli", action="store_true", help="also `pcmoe eval --memory X` in a cgroup of X per pair")
     ap.add_argument("--threads", type=int, default=1)
@@ -151,7 +152,12 @@ def main(argv=None) -> int:
     for pair in args.pair:
         mem_s, lat_s = parse_pair(pair)
         memory = parse_memory(mem_s, planner.full_memory())
-        latency = parse_latency(lat_s)
+        # "1.2x": that multiple of the least latency any configuration has (limits that stay meaningful
+        # when the profile is remeasured on a quieter or faster machine)
+        if lat_s and lat_s.endswith("x"):
+            latency = float(lat_s[:-1]) * planner.latency.least()[0]
+        else:
+            latency = parse_latency(lat_s)
         limits = {"memory_bytes": memory, **({"latency_s": latency} if latency else {})}
         plan = planner.plan(memory, latency, seed=args.seed)
         planned = planner.plan_dict(plan, limits)

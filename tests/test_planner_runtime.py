@@ -478,3 +478,24 @@ def test_validation_compares_and_flags_violations_and_busy_timing(lm_with_profil
     assert len(over["violations"]) == 1 and over["violations"][0].startswith("peak RSS")
     killed = compare(planner, plan, {**rec, "returncode": -9, "oom_killed": True}, 10**9)
     assert "killed (out of memory)" in killed["violations"]
+
+
+def test_import_quality_adds_losses_only_when_the_shared_runs_agree(lm_with_profile, tmp_path):
+    facts = calibrate.model_facts(str(lm_with_profile))
+    old = synthetic_measurements(facts, count=40, seed=0)
+    new = {k: r for k, r in old.items() if not k.startswith("sample:") or int(k[7:]) < 10}
+    ident = {"ident": {"stream": {"kind": "text", "data": "d.txt"}}}
+    for name, measurements in (("old", old), ("new", new)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"calibration": ident, "measurements": measurements}))
+    assert calibrate.import_quality(str(tmp_path / "new.json"), str(tmp_path / "old.json")) == 30
+    data = json.loads((tmp_path / "new.json").read_text())
+    imported = [k for k in data["measurements"] if k.startswith("quality:")]
+    assert len(imported) == 30 and all("peak_rss_bytes" not in data["measurements"][k] for k in imported)
+    profile = calibrate.derive(facts, data["measurements"])
+    assert len(profile["quality_samples"]) == len(new) - 2 + 30            # kv runs are not scored
+    assert profile["memory_fit"]["samples"] == len(new) - 2                # imported losses are no memory samples
+    bad = {k: ({**r, "loss": r["loss"] + 0.01} if k == "sample:3" else r) for k, r in old.items()}
+    (tmp_path / "old.json").write_text(json.dumps({"calibration": ident, "measurements": bad}))
+    (tmp_path / "new.json").write_text(json.dumps({"calibration": ident, "measurements": new}))
+    with pytest.raises(PlanError, match="disagree by up to 0.01"):
+        calibrate.import_quality(str(tmp_path / "new.json"), str(tmp_path / "old.json"))

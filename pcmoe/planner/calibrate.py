@@ -231,6 +231,39 @@ def rederive(model_dir: str, out: str) -> dict:
     return profile
 
 
+QUALITY_ONLY = "quality:"
+
+
+def import_quality(out: str, source: str, tolerance: float = 1e-3) -> int:
+    """Add the random samples' losses of an earlier profile `source` of the same model and stream to
+    `out` as quality-only measurements ("quality:<key>"), then re-derive `out`. Losses do not depend
+    on the runtime's memory or speed, so samples of a calibration made before a runtime change stay
+    valid where the two calibrations measured the same configuration alike: every key both hold
+    must agree within `tolerance` (loss units), else nothing is imported. Returns how many were added."""
+    from pcmoe.system import atomic_write_text
+
+    new, old = (json.loads(Path(p).read_text()) for p in (out, source))
+    a, b = new.get("measurements") or {}, old.get("measurements") or {}
+    if (new.get("calibration") or {}).get("ident", {}).get("stream") != \
+            (old.get("calibration") or {}).get("ident", {}).get("stream"):
+        raise PlanError(f"{source} was scored on another stream than {out}; its losses are not comparable")
+    shared = [k for k in a if k in b and "loss" in a[k] and "loss" in b[k]]
+    worst = max((abs(a[k]["loss"] - b[k]["loss"]) for k in shared), default=None)
+    if worst is None:
+        raise PlanError(f"{source} and {out} share no scored configuration to compare; not importing")
+    if worst > tolerance:
+        raise PlanError(f"{source} and {out} share {len(shared)} scored configurations and disagree by up to "
+                        f"{worst:.3g} in loss; not importing")
+    added = 0
+    for k, r in b.items():
+        if k.startswith(("sample:", "near:")) and _ok(r) and "loss" in r and k not in a:
+            a[QUALITY_ONLY + k] = {"returncode": 0, "config": r["config"], "loss": r["loss"], "imported_from": source}
+            added += 1
+    new["measurements"] = a
+    atomic_write_text(Path(out), json.dumps(new, indent=None, separators=(",", ":")))
+    return added
+
+
 def _compact(rec: dict) -> dict:
     drop = ("read_s_all",)
     if "expert_load" in rec:
@@ -271,7 +304,10 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
                "context_tokens": facts["context_tokens"], "machine": {"cpu": cpu_name(), "threads": None}}
     space = SearchSpace(num_experts=tuple(facts["num_experts"]), precisions=tuple(precisions),
                         intervals=tuple(INTERVALS[unit]))
-    configs = {k: r for k, r in done.items() if _ok(r) and r.get("config") and "loss" in r}
+    scored = {k: r for k, r in done.items() if _ok(r) and r.get("config") and "loss" in r}
+    # "quality:" records carry a loss alone (imported from an earlier calibration, see import_quality):
+    # quality samples, never memory or latency samples.
+    configs = {k: r for k, r in scored.items() if not k.startswith(QUALITY_ONLY)}
 
     # KV cache: the slope of peak RSS between the two windows, never below what the cache allocates.
     kv = facts["kv_bytes_per_token_cache"]
@@ -330,11 +366,11 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
         profile["latency"]["probe_s"] = float(np.median(probes))
     if configs:
         profile["quality_samples"] = [{"config": r["config"], "loss": r["loss"], "latency_s": r.get("latency_s"),
-                                       "peak_rss_bytes": r["peak_rss_bytes"], "key": k} for k, r in configs.items()]
+                                       "peak_rss_bytes": r.get("peak_rss_bytes"), "key": k} for k, r in scored.items()]
         full_key = f"latency:full:{facts['num_experts'][0]}"
         metric = "error_rate" if facts["vision"] else "log_ppl"
         profile["quality"] = {"metric": metric, "full_loss": configs[full_key]["loss"] if full_key in configs else None}
-        if fit and len(configs) >= 8:
+        if fit and len(scored) >= 8:
             samples = samples_from_dicts(profile["quality_samples"], space)
             q = fit_quality(space, samples)
             profile["quality"].update(model=q.name, heldout=q.heldout, n_train=q.n_train, n_heldout=q.n_heldout)
