@@ -3,6 +3,7 @@ LM (held-out perplexity) and the vision frame stream (accuracy), and decode spee
 ratio to the same memory without. Writes docs/results/shadow.json, .md and .png (atomically).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/shadow.py [--max-tokens 4096] [--frames 2000] [--quick]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/shadow.py --only what_if   # one section, merged into the JSON
 
 Perplexity and accuracy do not depend on machine load; the decode ratio is taken from interleaved
 runs (min of 5) so that load slows both sides alike.
@@ -103,6 +104,54 @@ def decode_runs(repeats: int = 5, tokens: int = 48) -> list[dict]:
             for (b, p, o), t, e in zip(DECODE, best, engines)]
 
 
+# What if the non-expert weights (embedding, attention; 6.61 MB in bf16) were quantised too, as
+# llama.cpp's q4_K_M does? Simulated: quantised and dequantised in place (pcmoe has no such
+# kernels), bytes by arithmetic; the engine's budget is the target plus the bytes that would save.
+WHAT_IF = [(8, "9.7MB", 13.0e6, "static-frequency", {**I4, "shadow": "int2"}),
+           (8, "9.7MB", 13.0e6, "static-frequency", {**I4, "strategy": "hybrid"}),
+           (8, "7MB", 10.3e6, "static-frequency", {**I4, "shadow": "int2", "shadow_experts": 7}),
+           (8, "7MB", 10.3e6, "static-frequency", {**I4, "strategy": "hybrid"}),
+           (4, "7MB", 11.54e6, "static-frequency", {**I4, "shadow": "int2", "shadow_experts": 12}),
+           (4, "7MB", 11.54e6, "static-frequency", {**I4, "strategy": "hybrid"})]
+
+
+@torch.inference_mode()
+def _fake_quantize_nonexpert(model, bits: int) -> int:
+    """Non-expert [out, in] weights rounded to int8 (per row) or int4 (groups of 32, scale + minimum);
+    returns the bytes that would save against bf16."""
+    saved = 0
+    for name, p in model.named_parameters():
+        if ".experts." in name or p.dim() != 2 or p.shape[-1] % 32:
+            continue
+        w = p.float()
+        if bits == 8:
+            scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+            p.copy_((torch.round(w / scale).clamp(-127, 127) * scale).to(p.dtype))
+            saved += p.numel() * (p.element_size() - 1) - p.shape[0] * 2
+        else:
+            g = w.view(w.shape[0], -1, 32)
+            lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+            scale = (hi - lo).clamp(min=1e-12) / 15
+            p.copy_((torch.round((g - lo) / scale).clamp(0, 15) * scale + lo).view_as(w).to(p.dtype))
+            saved += int(p.numel() * (p.element_size() - 0.5)) - p.numel() // 32 * 4
+    return saved
+
+
+def what_if_runs(max_tokens: int) -> list[dict]:
+    docs = read_documents(LM / "eval" / "heldout.txt")
+    rows = []
+    for bits, target, budget, policy, options in [(8, "all", None, "full", {}), (4, "all", None, "full", {}),
+                                                  *WHAT_IF]:
+        engine = pcmoe.load(LM, budget=budget and int(budget), policy=policy, progress=False, **options)
+        saved = _fake_quantize_nonexpert(engine.model, bits)
+        result = perplexity(engine, docs, max_tokens=max_tokens, progress=False)
+        st = engine.stats()
+        rows.append({**_row(target, policy, options), "nonexpert_bits": bits, "ppl": result["ppl"],
+                     "weight_bytes": st["resident_bytes"] - saved, "committee_sizes": st["committee_sizes"]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def _options(r) -> str:
     return ", ".join(f"{k}={r[k]}" for k in ("quantize", "strategy", "shadow", "shadow_experts") if r.get(k))
 
@@ -130,6 +179,12 @@ def markdown(data: dict) -> str:
                 "| budget | policy | options | accuracy | resident kB | committee |", "|---|---|---|---|---|---|"]
         out += [f"| {r['budget']} | {r['policy']} | {_options(r)} | {r['accuracy']:.4f} | "
                 f"{r['resident_bytes'] / 1e3:.1f} | {r['committee_sizes']} |" for r in data["vision"]]
+    if data.get("what_if"):
+        out += ["", "## What if the non-expert weights were quantised too (simulated in place; bytes by arithmetic)",
+                "", "| target | non-expert bits | policy | options | weights MB | ppl | x full |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['budget']} | {r['nonexpert_bits']} | {r['policy']} | {_options(r)} | "
+                f"{r['weight_bytes'] / 1e6:.2f} | {r['ppl']:.2f} | {r['ppl'] / full:.3f} |" for r in data["what_if"]]
     if data.get("decode"):
         out += ["", "## Decode (one token, interleaved min of 5; ratios are what counts on a busy machine)", "",
                 "| budget | policy | options | ms/token | speed vs first row | kernel |", "|---|---|---|---|---|---|"]
@@ -182,13 +237,20 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=2000)
     ap.add_argument("--quick", action="store_true", help="12 MB and 14 MB only, no vision, no decode")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "shadow"))
+    ap.add_argument("--only", choices=("lm", "what_if", "vision", "decode"),
+                    help="run one section and merge it into the JSON already written")
     args = ap.parse_args()
     torch.set_num_threads(1)
     budgets = ("12MB", "14MB") if args.quick else tuple(WITH_SHADOW)
-    data = {"max_tokens": args.max_tokens, "lm": lm_runs(args.max_tokens, budgets)}
-    if not args.quick:
-        data["vision"] = vision_runs(args.frames)
-        data["decode"] = decode_runs()
+    sections = {"lm": lambda: lm_runs(args.max_tokens, budgets), "what_if": lambda: what_if_runs(args.max_tokens),
+                "vision": lambda: vision_runs(args.frames), "decode": decode_runs}
+    if args.only:
+        data = json.loads(Path(args.out + ".json").read_text())
+        data[args.only] = sections[args.only]()
+    else:
+        data = {"max_tokens": args.max_tokens}
+        for name in ("lm",) if args.quick else sections:
+            data[name] = sections[name]()
     atomic_write_text(Path(args.out + ".json"), json.dumps(data, indent=1))
     atomic_write_text(Path(args.out + ".md"), markdown(data))
     plot(data, Path(args.out + ".png"))

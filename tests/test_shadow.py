@@ -257,3 +257,19 @@ def test_many_tokens_and_one_token_paths_choose_alike(qwen, shadows):
     one, many = engine.stats(since=before), engine.stats()
     for key in ("shadowed", "exchanged", "skipped", "hits"):
         assert one[key] * 2 == many[key], key                 # the same answers counted both times
+
+
+@pytest.mark.parametrize("model", ["pcmoe-lm", "pcmoe-vit"])
+def test_shipped_models_carry_their_measured_shadow_errors(model):
+    import contextlib
+    from pathlib import Path
+
+    from pcmoe.checkpoint import Checkpoint, read_config_dict
+    from pcmoe.options import LoadOptions
+
+    folder = Path(__file__).resolve().parents[1] / "models" / model
+    with contextlib.closing(Checkpoint(folder, read_config_dict(folder))) as ckpt:
+        fingerprint = ckpt.fingerprint()
+    for mode in ("int2", "int3"):
+        errors = S.read_errors(folder, fingerprint, LoadOptions(shadow=mode, cache_dir="/nonexistent"))
+        assert errors is not None and all(0 < e["shadow"] < 1 < e["exchange"] for e in errors)
