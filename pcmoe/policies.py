@@ -128,24 +128,22 @@ class MaskedGatingController(LayerController):
         return chooser.compute(x, [idx], [weights], [computed], experts, committee)
 
     def _forward_chosen(self, x, logits, experts, batch):
-        """Misses answered per (token, expert) by the chooser. Each token is gated under the layer's
-        strategy with its computed misses (shadow / exact load) counted as members: a token without
-        one is gated exactly as without shadows; the misses it does not compute are exchanged or
-        skipped as the strategy says."""
+        """Misses answered per (token, expert) by the chooser (MissChooser.plan). A token none of
+        whose misses is computed (shadow / exact load) is gated exactly as without shadows; one
+        with every miss computed keeps the model's own route; otherwise the computed misses count
+        as members and the others are dropped as MissChooser.strategy_of says."""
+        if x.shape[0] == 1 and self.router.route_one is not None:
+            return self._forward_chosen_one(x, logits, experts)
         chooser, committee = self.chooser, self.committee
         T = x.shape[0]
-        one = T == 1 and self.router.route_one is not None
-        if one:
-            return self._forward_chosen_one(x, logits, experts)
-        else:
-            full = self.router.route(logits, None, batch)
-            full_idx, full_w = full.idx.tolist(), full.weights.float().tolist()
+        full = self.router.route(logits, None, batch)
+        full_idx, full_w = full.idx.tolist(), full.weights.float().tolist()
         slot_of = committee.slot_list
         plans = [chooser.plan(idx, w, slot_of) for idx, w in zip(full_idx, full_w)]   # per token, per choice
         # tokens grouped by (their computed misses, strategy): one gating per group
         groups: dict[tuple, list[int]] = {}
         exe_idx, exe_w = [None] * T, [None] * T
-        dropped = [0]
+        dropped = 0
         for t, (idx, plan) in enumerate(zip(full_idx, plans)):
             extra = tuple(sorted({e for e, a in zip(idx, plan) if a in COMPUTED}))
             if extra and all(a is None or a in COMPUTED for a in plan):   # every miss computed: own route
@@ -156,10 +154,10 @@ class MaskedGatingController(LayerController):
                 keep = [e >= 0 and (slot_of[e] >= 0 or e in extra) for e in idx]
                 exe_idx[t] = [e if k else -1 for e, k in zip(idx, keep)]
                 exe_w[t] = [w if k else 0.0 for w, k in zip(full_w[t], keep)]
-                dropped[0] += sum(1 for e, k in zip(idx, keep) if e >= 0 and not k)
+                dropped += sum(1 for e, k in zip(idx, keep) if e >= 0 and not k)
                 continue
             groups.setdefault((extra, strategy), []).append(t)
-        stats = GatingStats(skipped=dropped[0])
+        stats = GatingStats(skipped=dropped)
         route = lambda lg, m: self.router.route(lg, m, batch)  # noqa: E731
         for (extra, strategy), rows in groups.items():
             member = [s >= 0 for s in slot_of]
@@ -179,10 +177,7 @@ class MaskedGatingController(LayerController):
             stats.mass_total += sum(w)
             stats.mass_outside += sum(v for e, v in zip(idx, w) if e >= 0 and slot_of[e] < 0)
         self.stats.add(stats)
-        if T == 1:  # importance follows the unmasked route
-            self._track_one(x, full_idx[0], full_w[0])
-        else:
-            self._track(x, Route(torch.tensor(full_idx), torch.tensor(full_w), None))
+        self._track(x, full)  # importance follows the unmasked route
         computed = [{e: a for e, a in zip(idx, plan) if a in COMPUTED} for idx, plan in zip(full_idx, plans)]
         return chooser.compute(x, exe_idx, exe_w, computed, experts, committee)
 
