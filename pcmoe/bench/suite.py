@@ -17,6 +17,8 @@ stopped; a record is reused only for the same checkpoint files), then summarised
 <out>/bench.json, <out>/bench.md and PNG plots; --markdown writes BENCHMARKS.md from them.
 
     pcmoe bench --quick                               # minutes: every section, fewer points
+    pcmoe bench --quick --scale                       # + the 1.3 GB checkpoint with llama.cpp on it and
+                                                      #   the fast-decode targets (pcmoe.bench.scale)
     pcmoe bench --markdown BENCHMARKS.md --scaling    # the full sweep (hours on 2 cores)
     pcmoe bench --report-only --markdown BENCHMARKS.md   # regenerate the reports from <out>
 """
