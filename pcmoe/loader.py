@@ -321,6 +321,15 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
                     raise PcmoeError(f"{folder}: cannot read expert {e} of {lay.block_names[i]} (I/O error)")
                 bank.write(e, buffer)
                 cache.put(i, e, bank.row_state(e))
+            if policy in DYNAMIC_POLICIES:  # every expert's shadow in the cache: a demoted member gets one
+                made = None  # a temporary bank of every expert of the layer, for making them
+                for e in range(len(score)):
+                    if bank.row_of[e] < 0 and cache.get(i, e, bank.bank) is None and _read_full(store, i, e, buffer):
+                        made = made or shadows_mod.ShadowBank(family.kernel(), len(score), list(range(len(score))),
+                                                              lay.dtype, opts.shadow, opts.shadow_group,
+                                                              opts.shadow_rank)
+                        made.write(e, buffer)
+                        cache.put(i, e, made.row_state(e))
             if opts.kernel != "eager" and any(b.experts.native is not None for b in blocks):
                 bank.use_native()
         measured = errors[i] if errors else {}
@@ -333,8 +342,15 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
                                     force=None if opts.miss_action == "auto" else opts.miss_action,
                                     wait_above=opts.wait_above, load_exact=exact,
                                     exact_kernel=family.kernel() if exact else None))
-    with contextlib.suppress(OSError):
+    try:
         cache.flush()
+    except OSError:  # no cache: demoted members get no shadow (their rows stay with the promoted)
+        return choosers
+    if policy in DYNAMIC_POLICIES:
+        for i, chooser in enumerate(choosers):
+            if chooser.shadows is not None:
+                names = list(chooser.shadows.bank)
+                chooser.source = lambda e, _i=i, _n=names: cache.get(_i, e, _n)
     return choosers
 
 

@@ -66,6 +66,7 @@ class MaskedGatingController(LayerController):
 
     def forward(self, x, logits, experts, batch):
         if self.chooser is not None and not self.committee.complete:
+            self.chooser.follow(self.committee, self.tracker.score)
             return self._forward_chosen(x, logits, experts, batch)
         if x.shape[0] == 1 and self.router.route_one is not None:
             return self._forward_one(x, logits, experts)
@@ -206,10 +207,34 @@ class MissChooser:
         self.wait_above = wait_above
         self.load_exact = load_exact      # load_exact(layer, expert) -> weights dict or None (failed)
         self.exact_kernel = exact_kernel
+        self.source = None                # source(expert) -> a made shadow (the cache), for demoted members
+        self._seen = None                 # the committee's slot table when the shadow rows last followed it
         self.reset()
+
+    def follow(self, committee, score) -> None:
+        """After swaps: the rows of experts promoted into the committee go to demoted ones (the most
+        important first, by `score`), made from the cache; a row with no demoted taker stays."""
+        seen = tuple(committee.slot_to_expert)
+        if seen == self._seen or self.shadows is None or self.source is None:
+            return
+        self._seen = seen
+        bank = self.shadows
+        promoted = [e for e in bank.experts if committee.is_member(e)]
+        if not promoted:
+            return
+        wanting = sorted((e for e in range(len(bank.row_of)) if bank.row_of[e] < 0 and not committee.is_member(e)),
+                         key=lambda e: (-float(score[e]), e))
+        for old, new in zip(promoted, wanting):
+            t0 = time.perf_counter()
+            state = self.source(new)
+            self.stall_s += time.perf_counter() - t0   # a read of the cache, between two forwards
+            if state is not None:
+                bank.retarget(old, new, state)
+                self.retargets += 1
 
     def reset(self) -> None:
         self.counts = dict.fromkeys(MISS_ACTIONS, 0)    # answers given, per action
+        self.retargets = 0                              # shadow rows handed to demoted members
         self.stall_s = 0.0                              # waiting for exact loads
 
     def _drop(self) -> str:

@@ -268,6 +268,18 @@ class ShadowBank:
         self._err[1] += den
         self.ready[expert] = True
 
+    def retarget(self, old: int, new: int, state: dict[str, torch.Tensor]) -> None:
+        """Give old's row (an expert promoted into the committee) to `new` (one demoted out of it),
+        with new's shadow `state` (row_state, e.g. from the cache): the shadow count stays."""
+        row = self.row_of[old]
+        self.row_of[old], self.ready[old] = -1, False
+        num, den = self._row_err.pop(old, (0.0, 0.0))
+        self._err[0] -= num
+        self._err[1] -= den
+        self.experts[row] = new
+        self.row_of[new] = row
+        self.load_row(new, state)
+
     def dense(self, expert: int, reference: bool = False) -> dict[str, torch.Tensor]:
         """Expert `expert`'s shadow as ordinary full-precision weights (name -> [out, in])."""
         row = self.row_of[expert]
@@ -359,6 +371,7 @@ class ShadowCache:
         import os
         import tempfile
 
+        from safetensors import safe_open
         from safetensors.torch import save_file
 
         merged = {k: self._file.get_tensor(k) for k in self._keys} if self._file is not None else {}
@@ -373,6 +386,8 @@ class ShadowCache:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         self.new = {}
+        self._file = safe_open(str(self.path), framework="pt")   # the merged file, for later get()s
+        self._keys = set(self._file.keys())
 
 
 # -- native one-token kernel (pcmoe/native/shadow.c) ----------------------------------------------

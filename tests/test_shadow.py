@@ -273,3 +273,41 @@ def test_shipped_models_carry_their_measured_shadow_errors(model):
     for mode in ("int2", "int3"):
         errors = S.read_errors(folder, fingerprint, LoadOptions(shadow=mode, cache_dir="/nonexistent"))
         assert errors is not None and all(0 < e["shadow"] < 1 < e["exchange"] for e in errors)
+
+
+def test_committee_swaps_hand_shadow_rows_to_demoted_members(qwen):
+    budget = _budget(qwen, 3, 5)
+    engine = pcmoe.load(qwen, budget=budget + engine_staging(qwen), policy="committee", progress=False,
+                        shadow="int2", shadow_experts=5, update_every=1, synchronous=True, kernel="eager")
+    assert engine.committee_sizes == [3] * len(engine.layers)
+    with torch.inference_mode():
+        state = engine.new_state()
+        for t in IDS * 3:
+            engine.forward(torch.tensor([[t]]), state)
+    assert engine.stats()["swaps"] > 0
+    bytes_before = engine.stats()["shadow_bytes"]
+    moved = 0
+    for layer in engine.layers:
+        chooser, committee = layer.controller.chooser, layer.committee
+        chooser.follow(committee, layer.tracker.score)
+        bank = chooser.shadows
+        moved += chooser.retargets
+        assert len(bank.experts) == 5 and sorted(set(bank.experts)) == sorted(bank.experts)
+        assert all(bank.has(e) and bank.row_of[e] == r for r, e in enumerate(bank.experts))
+        # rows follow the committee: no member holds one while a non-member lacks one
+        lacking = [e for e in range(committee.num_experts) if not committee.is_member(e) and not bank.has(e)]
+        assert not (lacking and any(committee.is_member(e) for e in bank.experts))
+        # a handed-over row is that expert's own shadow (as made from its weights)
+        for e in bank.experts:
+            fresh = S.ShadowBank(engine.family.kernel(), committee.num_experts, [e], bank.dtype, "int2")
+            buffer = {n: torch.empty(s, dtype=bank.dtype) for n, s in engine.family.kernel().tensors.items()}
+            engine.store.read_source(layer.block.layer, e, buffer) if hasattr(engine.store, "read_source") else \
+                engine.store.load(layer.block.layer, e, buffer)
+            fresh.write(e, buffer)
+            assert all(torch.equal(fresh.bank[n][0], bank.bank[n][bank.row_of[e]]) for n in bank.bank)
+    assert moved > 0 and engine.stats()["shadow_bytes"] == bytes_before
+
+
+def engine_staging(folder):
+    """The bytes of the default committee's swap staging buffers (two experts)."""
+    return 2 * pcmoe.load(folder, policy="full", progress=False).model_bytes.expert[0]
