@@ -239,6 +239,14 @@ class SlotExperts(nn.Module):
                 ys[j] = self._ys[j]
         return ys
 
+    def output_row(self, j: int) -> torch.Tensor | None:
+        """Where the native one-token path keeps choice j's output ([H] float32; None when eager or
+        before outputs_one): a choice computed elsewhere (a shadow expert) is written there, so
+        combine_one sums it with the others."""
+        if self.native is None or self._ys is None or j >= self._ys.shape[0]:
+            return None
+        return self._ys[j]
+
     def combine_one(self, x: torch.Tensor, ys: list, weights: list[float]) -> torch.Tensor:
         if self.native is not None:
             present = [y is not None for y in ys]

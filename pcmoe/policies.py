@@ -297,16 +297,18 @@ class MissChooser:
             if not computed[0]:  # no miss computed: exactly the path without shadows
                 return experts.forward_one(x, slots, w)
             ys = experts.outputs_one(x, slots)
-            out = None
             for j, e in enumerate(idx):
-                if e < 0:
+                if e < 0 or slots[j] >= 0:
                     continue
-                y = ys[j] if slots[j] >= 0 else self._missing_output(x, e, computed[0][e])
-                if y is None:
+                row = experts.output_row(j)   # native bank: the computed miss joins its native combine
+                if row is not None and computed[0][e] == "shadow":
+                    ys[j] = self.shadows.forward_into(x, e, row)
                     continue
-                y = y.reshape(-1)
-                out = y.float().mul(w[j]) if out is None else out.add_(y, alpha=w[j])
-            return torch.zeros_like(x) if out is None else out.reshape(x.shape).to(x.dtype)
+                y = self._missing_output(x, e, computed[0][e])
+                if y is not None and row is not None:
+                    y = row.copy_(y.reshape(-1))
+                ys[j] = y
+            return experts.combine_one(x, ys, [wj if y is not None else 0.0 for wj, y in zip(w, ys)])
         idx = torch.tensor(exe_idx)                                          # [T, k]
         weights = torch.tensor(exe_w, dtype=torch.float32)                   # [T, k]
         ys = experts.outputs(x, committee.slots_of(idx))                     # [T, k, H]

@@ -301,6 +301,14 @@ class ShadowBank:
         self.native = lib
         return lib is not None
 
+    def forward_into(self, x: torch.Tensor, expert: int, out: torch.Tensor) -> torch.Tensor:
+        """One token's shadow output written into `out` ([H] float32): the native kernel writes it
+        in place; the eager path copies."""
+        if self.native is not None:
+            return _native_one(self, x, expert, out)
+        out.copy_(self.forward_one(x, expert).reshape(-1))
+        return out
+
     def forward_one(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """x [T, H] -> the shadow's output [T, H] (fast path; native for a few tokens where set: float32)."""
         if self.native is not None and x.shape[0] <= NATIVE_ROWS:
@@ -460,8 +468,9 @@ def native_fits(bank: ShadowBank) -> bool:
     return True
 
 
-def _native_one(bank: ShadowBank, x: torch.Tensor, expert: int) -> torch.Tensor:
-    """One token [1, H] through expert's shadow with the native kernel -> [1, H] float32."""
+def _native_one(bank: ShadowBank, x: torch.Tensor, expert: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One token [1, H] through expert's shadow with the native kernel -> [1, H] float32 (into
+    `out`, [H] float32, when given)."""
     if bank._args is None:  # the bank is never reallocated: each row's addresses are fixed
         gu_p, gu_s, dn_p, dn_s = (bank.bank[n] for n in ("gate_up.p", "gate_up.s", "down.p", "down.s"))
         hidden, inter = gu_p.shape[-1] * 8, dn_p.shape[-1] * 8
@@ -471,7 +480,7 @@ def _native_one(bank: ShadowBank, x: torch.Tensor, expert: int) -> torch.Tensor:
         bank._dims = (hidden, inter)
     hidden, inter = bank._dims
     xf = x.reshape(-1).float().contiguous()
-    y = torch.empty((1, hidden), dtype=torch.float32)
+    y = torch.empty((1, hidden), dtype=torch.float32) if out is None else out.view(1, hidden)
     bank.native.pcmoe_shadow_glu(*bank._args[bank.row_of[expert]], xf.data_ptr(), y.data_ptr(), hidden, inter,
                                  bank._scratch.data_ptr())
     return y
