@@ -58,6 +58,9 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("shadow experts (misses computed by small stand-ins, pcmoe/shadow.py)")
     g.add_argument("--quantize", choices=("int8", "int4"), help="committee members held as int8 / int4 (default: "
                                                                "as stored, or the plan's precisions)")
+    g.add_argument("--quantize-nonexpert", choices=("int8", "int4", "full"), dest="nonexpert_quantize",
+                   help="attention projections and LM head held as int8 / int4 (lean-decoder families; default: "
+                        "as stored, or the plan's nonexpert_precision)")
     g.add_argument("--shadow", choices=("int2", "int3", "lowrank", "none"),
                    help="shadows of the experts outside the committee, counted in the budget (default none)")
     g.add_argument("--shadow-experts", type=int, help="shadows per layer (default: every expert outside the committee)")
@@ -181,7 +184,8 @@ def engine_from_args(args):
     plan = plan_from_memory(args) if getattr(args, "memory", None) is not None else args.plan
     knobs = {"update_every": args.update_every, "update_unit": args.update_unit, "importance": args.importance,
              "ema_decay": args.ema_decay, "margin": args.margin, "spare_slots": args.spare_slots,
-             **{k: getattr(args, k, None) for k in ("quantize", "shadow", "shadow_experts", "miss_action",
+             **{k: getattr(args, k, None) for k in ("quantize", "nonexpert_quantize", "shadow", "shadow_experts",
+                                                     "miss_action",
                                                      "miss_time_cost", "wait_above")}}
     engine = pcmoe.load(
         args.model, budget=args.budget, policy=args.policy, plan=plan, dtype=args.dtype,

@@ -219,3 +219,37 @@ def shadow_split(sizes: ModelBytes, budget: int, shadow_bytes: list[int], *, res
             if need(cand) <= budget:
                 best = cand
     return best, counts(best)
+
+
+# -- non-expert weights at a precision (pcmoe.nonexpert holds them so) ------------------------------
+
+_QUANTISED_NONEXPERT = re.compile(r"(?:\.self_attn\.[qkvo]_proj\.weight|^lm_head\.weight)$")
+
+
+def quantized_weight_nbytes(out_f: int, in_f: int, mode: str | None, itemsize: int) -> int:
+    """Bytes of one [out, in] weight in pcmoe.quant's layouts (scales at `itemsize`): int8 one byte
+    per weight + a scale per row; int4 half a byte + (scale, zero) per row and group of 32 columns."""
+    if mode is None:
+        return out_f * in_f * itemsize
+    if mode == "int8":
+        return out_f * in_f + out_f * itemsize
+    return out_f * in_f // 2 + in_f // 32 * out_f * 2 * itemsize
+
+
+def nonexpert_nbytes_at(shapes: dict[str, tuple[int, ...]], itemsize: dict[str, int], mode: str | None,
+                        tied: bool) -> int:
+    """Non-expert bytes with the attention projections and the LM head at `mode` (a tied embedding
+    is the quantised head: counted at `mode` once); every other tensor as it is. shapes / itemsize:
+    non-expert tensor name -> shape / bytes per element (names as transformers saves them)."""
+    total = 0
+    for name, shape in shapes.items():
+        quantised = mode is not None and len(shape) == 2 and (
+            _QUANTISED_NONEXPERT.search(name) is not None or (tied and name.endswith("embed_tokens.weight")))
+        if quantised:
+            total += quantized_weight_nbytes(shape[0], shape[1], mode, itemsize[name])
+        else:
+            n = 1
+            for d in shape:
+                n *= d
+            total += n * itemsize[name]
+    return total

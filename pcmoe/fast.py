@@ -101,14 +101,20 @@ class FastDecoder:
         self.projection_norm = family.qk_norm == "projection"
         self.clip = getattr(cfg, "clip_qkv", None)
         self.layers = list(base.layers)
-        self.qkv = [_fuse_qkv(layer.self_attn) for layer in self.layers]
-        if native is not None:
+        # pcmoe.nonexpert replaced q/k/v by one quantised projection (attn.qkv_quant), o_proj and
+        # the LM head by QuantLinear modules: their forward is torch's int8/int4 kernels.
+        self.quantized = getattr(self.layers[0].self_attn, "qkv_quant", None) is not None
+        if self.quantized:
+            self.qkv = [(layer.self_attn.qkv_quant, None, layer.self_attn.qkv_split) for layer in self.layers]
+        else:
+            self.qkv = [_fuse_qkv(layer.self_attn) for layer in self.layers]
+        if native is not None and not self.quantized:
             mode = 1 if self.per_head_norm else 2 if self.projection_norm else 0
             self.attention_blocks = [ops.AttentionBlock(native, layer, qkv, mode, self.clip, self.head_dim)
                                      for layer, qkv in zip(self.layers, self.qkv)]
 
     def new_cache(self, capacity: int = 256) -> KVCache:
-        dtype = self.embed.weight.dtype
+        dtype = self.lm_head.dtype if self.quantized else self.embed.weight.dtype
         return KVCache(len(self.layers), self.kv_heads, self.head_dim, dtype, capacity)
 
     def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
@@ -129,7 +135,8 @@ class FastDecoder:
             attn = layer.self_attn
             h = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
             weight, bias, split = self.qkv[i]
-            q, k, v = F.linear(h, weight, bias).split(split, dim=-1)        # [1, n, Hq*D], [1, n, Hkv*D] x2
+            qkv = weight(h) if self.quantized else F.linear(h, weight, bias)
+            q, k, v = qkv.split(split, dim=-1)                              # [1, n, Hq*D], [1, n, Hkv*D] x2
             if self.projection_norm:                                        # OLMoE
                 q = _rms(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
                 k = _rms(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
@@ -147,7 +154,8 @@ class FastDecoder:
                                                values.narrow(2, 0, p + n), attn_mask=mask,
                                                is_causal=mask is None and n > 1, scale=attn.scaling,
                                                enable_gqa=Hq != Hkv)             # [1, Hq, n, D]
-            x = x + F.linear(a.transpose(1, 2).reshape(1, n, Hq * D), attn.o_proj.weight, attn.o_proj.bias)
+            a = a.transpose(1, 2).reshape(1, n, Hq * D)
+            x = x + (attn.o_proj(a) if self.quantized else F.linear(a, attn.o_proj.weight, attn.o_proj.bias))
             h = _rms(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
             x = x + layer.mlp(h)
         cache.length = p + n
@@ -165,6 +173,8 @@ class FastDecoder:
         x = self.embed(ids)                                                   # [1, 1, H]
         cos, sin = self.rotary(x, torch.tensor([[p]]))                        # [1, 1, D]
         cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
+        if self.quantized:
+            return self._forward_one_quantized(x, cos, sin, cache, p)
         cos_ptr, sin_ptr = cos.data_ptr(), sin.data_ptr()
         for i, (layer, block) in enumerate(zip(self.layers, self.attention_blocks)):
             h = block(x, cos_ptr, sin_ptr, cache.k[i], cache.v[i], p)
@@ -172,3 +182,39 @@ class FastDecoder:
         cache.length = p + 1
         x = ops.rmsnorm(k, x, self.final_norm.weight, self.final_norm.variance_epsilon)
         return ops.linear(k, x, self.lm_head.weight, None, torch.float32)[0]  # [1, V]
+
+    def _forward_one_quantized(self, x, cos, sin, cache: KVCache, p: int) -> torch.Tensor:
+        """The native step with quantised non-expert weights: the fused attention kernel takes bf16
+        weights, so its steps run one by one here around the quantised products (VNNI gemv), with
+        the kernel's roundings (bf16 q/k/v, rotary in float32 then bf16, bf16 o_proj output)."""
+        k, D, Hq, Hkv = self.native, self.head_dim, self.q_heads, self.kv_heads
+        half = D // 2
+        cos = cos.float()
+        signed_sin = torch.cat((-sin[:half], sin[half:])).float()                # [D]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            norm = layer.input_layernorm
+            h = ops.rmsnorm(k, x, norm.weight, norm.variance_epsilon)           # [1, 1, H]
+            qkv_proj, _, split = self.qkv[i]
+            qkv = qkv_proj.native(k, h).to(x.dtype)                              # [Hq*D + 2*Hkv*D]
+            q, key, v = qkv.split(split)
+            if self.projection_norm:                                            # OLMoE
+                q = ops.rmsnorm(k, q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
+                key = ops.rmsnorm(k, key, attn.k_norm.weight, attn.k_norm.variance_epsilon)
+            if self.clip is not None:
+                q, key, v = (t.clamp(-self.clip, self.clip) for t in (q, key, v))
+            q, key = q.reshape(Hq, D), key.reshape(Hkv, D)
+            if self.per_head_norm:                                              # Qwen3
+                q = ops.rmsnorm(k, q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
+                key = ops.rmsnorm(k, key, attn.k_norm.weight, attn.k_norm.variance_epsilon)
+            qk = torch.cat((q, key)).float()                                    # [Hq+Hkv, D]
+            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), signed_sin).to(x.dtype)
+            cache.k[i][0, :, p] = qk[Hq:]
+            cache.v[i][0, :, p] = v.view(Hkv, D)
+            a = ops.attention(k, qk[:Hq].contiguous(), cache.k[i], cache.v[i], p + 1, attn.scaling)  # [Hq, D]
+            x = x + attn.o_proj.native(k, a).to(x.dtype).view_as(x)
+            post = layer.post_attention_layernorm
+            x = x + layer.mlp(ops.rmsnorm(k, x, post.weight, post.variance_epsilon))
+        cache.length = p + 1
+        x = ops.rmsnorm(k, x, self.final_norm.weight, self.final_norm.variance_epsilon)
+        return self.lm_head.native(k, x).view(1, -1)                           # [1, V] float32

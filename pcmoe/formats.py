@@ -2,7 +2,9 @@
 
   plan            {"format": "pcmoe-plan/1", "model_type", "num_experts": [N per MoE layer],
                    "committee_sizes": [members per MoE layer], "options": {load() options},
-                   "precisions": [per MoE layer: "full" (the model's dtype), "int8" or "int4"] (optional)}
+                   "precisions": [per MoE layer: "full" (the model's dtype), "int8" or "int4"] (optional),
+                   "nonexpert_precision": "full" | "int8" | "int4" (optional: attention projections and LM
+                   head, lean-decoder families)}
   model options   pcmoe_options.json beside a checkpoint: {"format": "pcmoe-options/1", "options": {...}},
                   committee knobs the model's publisher measured best (below plan and explicit options)
   routing profile profile.json (from `pcmoe profile`): {"format": "pcmoe-profile/1", "model_type",
@@ -81,6 +83,16 @@ def check_precisions(data: dict, layers: int) -> list[str | None] | None:
     if bad:
         raise FormatError(f"plan precision {bad[0]!r} is not one of full, int8, int4")
     return [PRECISIONS[v.lower()] for v in values]
+
+
+def check_nonexpert_precision(data: dict) -> str | None:
+    """The plan's non-expert precision as a nonexpert_quantize mode (None = full precision)."""
+    value = data.get("nonexpert_precision")
+    if value is None:
+        return None
+    if not isinstance(value, str) or value.lower() not in PRECISIONS:
+        raise FormatError(f"plan nonexpert_precision {value!r} is not one of full, int8, int4")
+    return PRECISIONS[value.lower()]
 
 
 def write_plan(path: str | os.PathLike, model_type: str, num_experts: list[int], committee_sizes: list[int],

@@ -37,7 +37,14 @@ from pcmoe.budget import (
 )
 from pcmoe.checkpoint import Checkpoint, CheckpointError, read_config_dict
 from pcmoe.committee import LayerCommittee
-from pcmoe.formats import FormatError, check_plan, check_precisions, profile_path, read_profile
+from pcmoe.formats import (
+    FormatError,
+    check_nonexpert_precision,
+    check_plan,
+    check_precisions,
+    profile_path,
+    read_profile,
+)
 from pcmoe.importance import ImportanceTracker, top_experts
 from pcmoe.models import load_family
 from pcmoe.models.base import parameters_on_meta
@@ -95,6 +102,8 @@ def inspect(checkpoint_dir: str | os.PathLike, dtype: str = "auto", quantize: st
         "experts_per_layer": sizes.num_experts[0], "experts_per_token": family.top_k,
         "dtype": str(lay.dtype).replace("torch.", ""), "quantize": quantize,
         "nonexpert_bytes": sizes.nonexpert, "expert_bytes": sizes.expert[0],
+        "nonexpert_bytes_quantized": {m: _nonexpert_bytes_at(lay.meta_state, lay.nonexpert, lay.missing, m)
+                                      for m in ("int8", "int4")} if family.lean_decoder else {},
         "all_expert_bytes": sizes.all_experts, "full_model_bytes": sizes.full,
         **minima(sizes, slot_nbytes(family.kernel(), lay.dtype, None), opts.bytes_per_step),
         "tokenizer": (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists(),
@@ -192,6 +201,8 @@ def _layout(folder: Path, ckpt: Checkpoint, family, opts: LoadOptions, plan: dic
         return info.nbytes // info.dtype.itemsize * target.itemsize
 
     nonexpert_bytes = sum(nbytes_as(info, meta_state[k].dtype) for k, info in nonexpert.items())
+    if opts.nonexpert_quantize:   # as pcmoe.nonexpert will hold them (pcmoe.budget arithmetic)
+        nonexpert_bytes = _nonexpert_bytes_at(meta_state, nonexpert, missing, opts.nonexpert_quantize)
     quants = (check_precisions(plan, len(block_names)) if plan is not None else None) \
         or [opts.quantize] * len(block_names)
     if any(quants) and not family.kernel().linear_weights:
@@ -199,6 +210,29 @@ def _layout(folder: Path, ckpt: Checkpoint, family, opts: LoadOptions, plan: dic
     expert_bytes = [slot_nbytes(family.kernel(), dtype, q) for q in quants]
     sizes = ModelBytes(nonexpert_bytes, expert_bytes, [N] * len(block_names))
     return _Layout(model, dtype, block_names, pieces, meta_state, nonexpert, missing, sizes, quants)
+
+
+def _nonexpert_bytes_at(meta_state: dict, nonexpert: dict, missing: set, mode: str | None) -> int:
+    from pcmoe.budget import nonexpert_nbytes_at
+
+    shapes = {k: tuple(meta_state[k].shape) for k in nonexpert}
+    itemsize = {k: meta_state[k].dtype.itemsize for k in nonexpert}
+    return nonexpert_nbytes_at(shapes, itemsize, mode, tied="lm_head.weight" in missing)
+
+
+def _check_nonexpert_quantize(family, opts: LoadOptions, model) -> None:
+    """Quantised non-expert weights are served by the lean decoder only (one-line error elsewhere)."""
+    if not opts.nonexpert_quantize:
+        return
+    from pcmoe import fast as fast_path
+
+    name = family.model_types[0]
+    if not family.lean_decoder:
+        raise PcmoeError(f"--quantize-nonexpert: {name} runs the transformers forward (no lean decoder); "
+                         "its non-expert weights stay as stored")
+    if not opts.fast or not fast_path.supports(model):
+        raise PcmoeError(f"--quantize-nonexpert needs the lean decoder, which this {name} model does not use "
+                         "(fast=False or sliding-window attention)")
 
 
 def _lean_build(family, opts: LoadOptions) -> bool:
@@ -231,6 +265,8 @@ def _load(folder: Path, budget_spec, policy: str, plan, opts: LoadOptions) -> En
         torch.set_num_threads(opts.threads)
     config_dict = read_config_dict(folder)
     family = load_family(folder, config_dict)  # an unsupported model is reported before reading files
+    if plan is not None and opts.nonexpert_quantize is None:  # an explicit option (full included) wins
+        opts.nonexpert_quantize = check_nonexpert_precision(plan)
     validate(policy, opts, family.top_k, bool(family.kernel().linear_weights), family.model_types[0])
     ckpt = Checkpoint(folder, config_dict)
     try:
@@ -369,6 +405,7 @@ def _read_full(store, layer: int, expert: int, buffer: dict) -> bool:
 def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Engine:
     lay = _layout(folder, ckpt, family, opts, plan)
     model, sizes = lay.model, lay.sizes
+    _check_nonexpert_quantize(family, opts, model)
     sizing = _sizing(lay, family, budget_spec, policy, plan, opts)  # before any weight is read
 
     for key, info in _progress(lay.nonexpert.items(), "non-expert weights", opts.progress, len(lay.nonexpert),
@@ -376,6 +413,13 @@ def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Eng
         _set_tensor(model, key, ckpt.read(info, lay.meta_state[key].dtype, evict=opts.evict))
     if lay.missing and hasattr(model, "tie_weights"):
         model.tie_weights(missing_keys=lay.missing, recompute_mapping=True)
+    if opts.nonexpert_quantize:
+        from pcmoe.nonexpert import NonexpertError, quantize_nonexpert
+
+        try:
+            quantize_nonexpert(model, opts.nonexpert_quantize)
+        except NonexpertError as e:
+            raise PcmoeError(f"--quantize-nonexpert {opts.nonexpert_quantize}: {e}") from None
 
     # Replace MoE blocks by committee blocks with slot banks.
     blocks = []
@@ -457,7 +501,8 @@ def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Eng
     load_info = {"seconds": time.perf_counter() - t_load, "bytes_read": store.stats.bytes_read,
                  "dtype": str(lay.dtype).replace("torch.", ""), "profile": profile_file,
                  "swap_buffers": sizing.swap_buffers, "swap_buffer_bytes": sizing.buffer_bytes,
-                 "kernel": kernel_path, "quant_copy": copies.describe()}
+                 "kernel": kernel_path, "quant_copy": copies.describe(),
+                 "nonexpert_precision": opts.nonexpert_quantize or "full"}
     fast = None
     if opts.fast and family.lean_decoder:
         from pcmoe import fast as fast_path

@@ -27,6 +27,7 @@ class LoadOptions:
 
     dtype: str = "auto"            # compute/storage dtype of weights: auto (as on disk), float32, bfloat16
     quantize: str | None = None    # experts held as int8 / int4 (weight-only), quantised on load
+    nonexpert_quantize: str | None = None  # attention projections + LM head as int8 / int4 (lean decoder only)
     strategy: str = "exchange"     # exchange | skip | hybrid (paper §5)
     renorm: bool = True            # exchange weights renormalised over members (A) or original (B)
     tau: float = 0.05              # hybrid: skip a substitute whose gate is below tau
@@ -214,6 +215,10 @@ def validate(policy: str, opts: LoadOptions, top_k: int, quantisable: bool, fami
         raise PcmoeError(f"unknown importance {opts.importance!r}; use window or ema")
     if opts.quantize not in (None, "int8", "int4"):
         raise PcmoeError(f"unknown quantize {opts.quantize!r}; use int8 or int4")
+    if opts.nonexpert_quantize in ("full", "none"):
+        opts.nonexpert_quantize = None
+    if opts.nonexpert_quantize not in (None, "int8", "int4"):
+        raise PcmoeError(f"unknown nonexpert_quantize {opts.nonexpert_quantize!r}; use int8, int4 or full")
     if opts.quantize and not quantisable:
         raise PcmoeError(f"quantised experts are not supported for {family_name}")
     if opts.shadow not in (None, "none", *SHADOWS):

@@ -391,6 +391,7 @@ class Engine:
             "routing": self.load_info.get("routing", "model"),
             "budget_bytes": sizing.budget,
             "nonexpert_bytes": sizes.nonexpert,
+            "nonexpert_precision": self.load_info.get("nonexpert_precision", "full"),
             "resident_expert_bytes": resident_expert_bytes,  # the staging buffers of swaps are resident too
             "resident_bytes": sizes.nonexpert + resident_expert_bytes,
             "full_model_bytes": sizes.full,

@@ -19,7 +19,7 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from pcmoe.budget import ModelBytes, minima
+from pcmoe.budget import ModelBytes, minima, nonexpert_nbytes_at
 from pcmoe.checkpoint import DTYPES, Checkpoint, CheckpointError, read_config_dict
 
 # The registry's model types (pcmoe.models.REGISTRY, which imports torch); tests keep them equal.
@@ -28,6 +28,11 @@ SUPPORTED_MODEL_TYPES = ("deepseek_v3", "gpt_oss", "granitemoe", "mixtral", "olm
 
 _PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?:expert_)?(?P<e>\d+)\.")
 _FUSED = re.compile(r"^(?P<block>.+?)\.(?:experts\.(?:gate_up|down)_proj(?:_bias)?|(?:input|output)_linear\.weight)$")
+
+# Families the lean decoder serves (pcmoe.models registry, lean_decoder=True): only they can hold
+# quantised non-expert weights (pcmoe.nonexpert). Tests keep this equal to the registry.
+LEAN_MODEL_TYPES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+NONEXPERT_MODES = ("int8", "int4")
 
 
 def model_bytes(ckpt: Checkpoint) -> tuple[ModelBytes, str]:
@@ -74,11 +79,21 @@ def describe(folder: str | Path, bytes_per_step: int | None = None) -> dict:
         return inspect(folder)
     ckpt = Checkpoint(folder, config)
     sizes, dtype = model_bytes(ckpt)
+    quantized = {}
+    if model_type in LEAN_MODEL_TYPES:   # what --quantize-nonexpert would hold
+        itemsize = DTYPES[next(code for code, v in DTYPES.items() if v[0] == dtype)][1]
+        tensors = {n: t for n, t in ckpt.tensors.items()
+                   if not (_PER_EXPERT.match(n) or (_FUSED.match(n) and t.shape))}
+        shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+        sizes_of = {n: itemsize if t.is_floating_point else t.itemsize for n, t in tensors.items()}
+        tied = "lm_head.weight" not in tensors
+        quantized = {m: nonexpert_nbytes_at(shapes, sizes_of, m, tied) for m in NONEXPERT_MODES}
     return {
         "model": str(folder), "model_type": model_type, "moe_layers": len(sizes.expert),
         "experts_per_layer": sizes.num_experts[0], "experts_per_token": config.get("num_experts_per_tok", 1),
         "dtype": dtype, "quantize": None,
         "nonexpert_bytes": sizes.nonexpert, "expert_bytes": sizes.expert[0],
+        "nonexpert_bytes_quantized": quantized,
         "all_expert_bytes": sizes.all_experts, "full_model_bytes": sizes.full,
         # staging buffers hold one expert at full precision: the default load is unquantised
         **minima(sizes, max(sizes.expert), bytes_per_step),
