@@ -134,3 +134,14 @@ def test_llamacpp_routes_the_baked_checkpoint_the_same(source, tmp_path):
     f = gguf.convert(folder, tmp_path / "baked-f32.gguf", "f32", src=_converter())
     ids = tokens[:48].tolist()
     assert _same(baked.llamacpp_routing(f, ids, 2), _hf_topk(folder, ids)).all()
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, runpy; sys.argv = ['baked', '--help']\n"
+            "try:\n    runpy.run_module('pcmoe.bench.baked', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert "--alpha" in out.stdout and out.stdout.strip().endswith("False")
