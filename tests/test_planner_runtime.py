@@ -83,7 +83,8 @@ def lm_with_profile(tiny_lm, tmp_path_factory):
 
 def test_derive_recovers_the_planted_machine(lm_with_profile):
     data = json.loads((lm_with_profile / PROFILE_FILE).read_text())
-    assert data["runtime_bytes"] == RUNTIME                       # the largest overhead measured
+    margin = data["memory_fit"]["margin_bytes"]                   # 3 sd of the overheads: the runs wobble 0..2000
+    assert 0 < margin < 3000 and data["runtime_bytes"] == RUNTIME + margin   # the largest overhead measured + margin
     assert data["full_gemm_bytes"] == GEMM
     assert RUNTIME - 2000 <= data["memory_fit"]["runtime_bytes_min"] < RUNTIME
     assert data["kv_bytes_per_token"] == max(KV, data["memory_fit"]["kv_bytes_per_token_cache"])
@@ -126,7 +127,8 @@ def test_derive_only_rewrites_the_profile_from_its_measurements(lm_with_profile,
     data["runtime_bytes"] = 1                                  # stale: derive-only puts the measured one back
     (folder / PROFILE_FILE).write_text(json.dumps(data))
     assert main(["calibrate", "--model", str(folder), "--derive-only"]) == 0
-    assert json.loads((folder / PROFILE_FILE).read_text())["runtime_bytes"] == RUNTIME
+    rewritten = json.loads((folder / PROFILE_FILE).read_text())
+    assert rewritten["runtime_bytes"] == RUNTIME + rewritten["memory_fit"]["margin_bytes"]
     assert "rewrote" in capsys.readouterr().out
     del data["measurements"]
     (folder / PROFILE_FILE).write_text(json.dumps(data))

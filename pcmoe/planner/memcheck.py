@@ -166,10 +166,13 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         planned = (r.get("planned") or "").split(": ", 1)[-1].split("; memory")[0]
         err = r.get("rss_over_predicted")
+        survived = "yes" if r["survived"] else "NO: " + str(r.get("error") or "over the limit")
+        if r["survived"] is None:
+            survived = "not run: below the least memory this command can plan for"
         lines.append(f"| {r['command']} | {r['memory']} | {planned} | {format_bytes(r.get('predicted_bytes'))} | "
                      f"{format_bytes(r.get('peak_rss_bytes'))}{f' ({err:+.1%})' if err is not None else ''} | "
                      f"{format_bytes(r.get('cgroup_max_usage_bytes'))} | {r.get('cgroup_failcnt')} | "
-                     f"{'yes' if r['survived'] else 'NO: ' + str(r.get('error') or 'over the limit')} |")
+                     f"{survived} |")
     return "\n".join(lines) + "\n"
 
 
@@ -201,8 +204,11 @@ def main(argv=None) -> int:
             limit = parse_memory(memory, planner.full_memory())
             try:
                 predicted = int(planner.plan(limit).memory)
-            except ValueError:
-                predicted = None
+            except ValueError as e:   # below the least memory this command can plan for: nothing to run
+                rows.append({"command": command, "memory": memory, "limit_bytes": limit, "survived": None,
+                             "error": str(e)})
+                print(f"{command:9} --memory {memory:>8}: skipped ({e})", flush=True)
+                continue
             row = check(run_command(command, args.model, memory, limit, text, args.threads), predicted)
             rows.append(row)
             print(f"{command:9} --memory {memory:>8}: {'survived' if row['survived'] else 'FAILED'}; peak RSS "
@@ -214,7 +220,7 @@ def main(argv=None) -> int:
         atomic_write_text(Path(args.out), json.dumps({"model": args.model, "rows": rows}, indent=1))
         atomic_write_text(Path(args.out).with_suffix(".md"), markdown(rows))
     print(json.dumps(rows))
-    return 0 if all(r["survived"] for r in rows) else 1
+    return 0 if all(r["survived"] is not False for r in rows) else 1
 
 
 if __name__ == "__main__":

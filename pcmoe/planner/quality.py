@@ -170,12 +170,14 @@ class MLPQuality:
 class SensitivityQuality:
     """Additive per-layer loss increase over the full model, every term >= 0 and monotone:
 
-        loss = full + Σ_l d_l(missing_l) + Σ_l e_l(precision_l) + g(F) · Σ_l missing_l / N_l + h(non-expert)
+        loss = full + Σ_l d_l(missing_l) + Σ_l e_l(precision_l) + g(F) · s + c · s² + h(non-expert),
+        s = Σ_l missing_l / N_l
 
     (g of the first F is 0, its effect is in d_l; g of the others >= 0)
 
     d_l is piecewise linear in missing experts with non-negative slopes (a segment per missing
-    expert when N_l is small), e_l adds a non-negative step per precision lost (int8 <= int4), the
+    expert when N_l is small), e_l adds a non-negative step per precision lost (int8 <= int4), c >= 0
+    makes losses compound when many layers are short at once (super-additive on the shipped LM), the
     update-interval term vanishes when every layer is full. Fitted by non-negative least squares
     with a small ridge, so a configuration can never be predicted better than the full model, and
     all-full at full precision predicts `full` exactly (the measured loss of the full model when
@@ -200,7 +202,10 @@ class SensitivityQuality:
         share = (missing / np.array(self.space.num_experts)).sum(axis=1)                          # [P]
         # The first (most frequent) F is the reference, its update effect part of d_l: identifiable.
         interval = _onehot(batch.interval, len(self.space.intervals)) * share[:, None]           # [P, F-1]
-        return np.concatenate([*segments, *lost, *ne, interval], axis=1)
+        # Losses compound when many layers are short at once (measured: super-additive on the shipped LM);
+        # one non-negative term in the squared total missing share keeps the model monotone.
+        compound = (share ** 2)[:, None]                                                          # [P, 1]
+        return np.concatenate([*segments, *lost, *ne, interval, compound], axis=1)
 
     def fit(self, batch: Batch, loss: np.ndarray) -> SensitivityQuality:
         x = self._terms(batch)                                                                    # [S, K]
