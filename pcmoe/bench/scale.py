@@ -85,13 +85,13 @@ def plan(args, model: str, sizes: dict, prompts) -> list[dict]:
 def run_section(args, prompts, log, done, use_cgroup: bool, run_one, limit_for) -> tuple[list[dict], dict]:
     """Build (if needed) and measure the scale section; `run_one` and `limit_for` are the suite's.
     Returns its records and what the report says about it (model, sizes, measured overhead)."""
-    from pcmoe.bench import llamacpp, suite
+    from pcmoe.bench import llamacpp
 
     model = Path(args.scale_model) if args.scale_model else ensure_model(DEFAULT_FOLDER, Path(args.model),
                                                                          threads=args.threads)
     if not (model / "config.json").exists():
         raise SystemExit(f"error: {model} is not a checkpoint folder")
-    sizes = suite._model_sizes(str(model))
+    sizes = common.model_sizes(str(model))
     results, overhead = [], None
     runs = plan(args, str(model), sizes, prompts)
     for i, spec in enumerate(runs):
@@ -108,7 +108,7 @@ def run_section(args, prompts, log, done, use_cgroup: bool, run_one, limit_for) 
         if spec.get("calibration") and rec.get("returncode") == 0:
             overhead = max(0, int(rec["peak_rss_bytes"] - rec["resident_bytes"]))
         results.append(rec)
-        suite._log_status(i + 1, len(runs), rec)
+        common.log_status(i + 1, len(runs), rec)
     if "llamacpp" not in set(filter(None, args.skip.split(","))):
         peer = argparse.Namespace(**{**vars(args), "model": str(model), "eval_tokens": min(args.eval_tokens,
                                                                                            EVAL_TOKENS),

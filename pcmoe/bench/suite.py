@@ -285,37 +285,8 @@ def run_one(spec: dict, limit: int | None, use_cgroup: bool, timeout: float = TI
     return runner.measure(spec, limit, use_cgroup, timeout)
 
 
-def _model_sizes(model: str, quant: bool = True) -> dict:
-    """Weight bytes of a checkpoint at its precision and quantised, from its headers (no weight is
-    read), and its fingerprint."""
-    from pcmoe.engine import inspect
-
-    def info(quantize=None):
-        i = inspect(model, quantize=quantize)
-        return {"nonexpert": i["nonexpert_bytes"], "all_experts": i["all_expert_bytes"],
-                "full": i["full_model_bytes"], "dtype": i["dtype"], "tokenizer": i["tokenizer"],
-                "min_budget": {True: i.get("minimum_budget", i["minimum_budget_committee"]),
-                               False: i["minimum_budget_static"]}}
-
-    sizes = info()
-    sizes["quant"], sizes["quant_errors"] = {}, {}
-    for q in ("int8", "int4") if quant else ():
-        try:
-            sizes["quant"][q] = info(q)
-        except Exception as e:  # noqa: BLE001 - e.g. int4 needs input sizes divisible by 32
-            sizes["quant_errors"][q] = str(e).splitlines()[0][:200]
-    sizes["fingerprint"] = common.fingerprint(model)
-    return sizes
-
-
-def _log_status(i: int, n: int, rec: dict) -> None:
-    if rec.get("skipped"):
-        status = rec["skipped"]
-    elif rec["returncode"] == 0:
-        status = "ok"
-    else:
-        status = f"FAILED ({rec.get('error')})"
-    print(f"[{i}/{n}] {rec['label']:30s} {rec.get('wall_s', 0):6.1f}s {status}", file=sys.stderr, flush=True)
+_model_sizes = common.model_sizes   # the names tests and the planner curve use
+_log_status = common.log_status
 
 
 def cmd_bench(args) -> int:
