@@ -168,7 +168,8 @@ def main(argv=None) -> int:
                 measure(f"{pair}/uniform", "uniform", uni, limits)
             except ValueError as e:
                 print(f"{pair}: no uniform configuration ({e})")
-            measure(f"{pair}/static", "static", planned, limits, policy="static-frequency")
+            if (Path(args.model) / "profile.json").exists():   # static-frequency needs the routing profile
+                measure(f"{pair}/static", "static", planned, limits, policy="static-frequency")
         if args.cli and f"{pair}/cli" not in done and not latency:
             rec = cli_run(args.model, memory, planner, args.threads)
             rows.append({"key": f"{pair}/cli", "variant": "cli", "limits": limits, "record": rec,
