@@ -46,8 +46,9 @@ from pcmoe.formats import (
     read_profile,
 )
 from pcmoe.importance import ImportanceTracker, top_experts
-from pcmoe.models import load_family
+from pcmoe.models import family_class, load_family
 from pcmoe.models.base import parameters_on_meta
+from pcmoe.models.config import lean_config
 from pcmoe.models.lean import LeanCausalLM, SparseBlock, lean_supported
 from pcmoe.moe import CommitteeMoE, SlotExperts, expert_buffer, slot_nbytes
 from pcmoe.options import LoadOptions, PcmoeError, PcmoeWarning, resolve_options, validate
@@ -241,6 +242,17 @@ def _lean_build(family, opts: LoadOptions) -> bool:
     return bool(opts.fast and family.lean_decoder and lean_supported(family.config) is None)
 
 
+def _load_family(folder: Path, config_dict: dict, opts: LoadOptions):
+    """The Family bound to a LeanConfig (no transformers import) where the lean build applies to
+    config.json as stated, else to transformers' config."""
+    cls = family_class(config_dict, folder)
+    if opts.fast and cls.lean_decoder:
+        config = lean_config(config_dict, folder)
+        if config is not None and lean_supported(config) is None:
+            return cls(config)
+    return load_family(folder, config_dict)
+
+
 def _check_expert_shapes(folder: Path, pieces, shapes: dict[str, tuple[int, ...]]) -> None:
     """Every on-disk expert tensor must fill exactly the part of a slot it is read into."""
     for layer_pieces in pieces:
@@ -264,7 +276,7 @@ def _load(folder: Path, budget_spec, policy: str, plan, opts: LoadOptions) -> En
     if opts.threads:
         torch.set_num_threads(opts.threads)
     config_dict = read_config_dict(folder)
-    family = load_family(folder, config_dict)  # an unsupported model is reported before reading files
+    family = _load_family(folder, config_dict, opts)  # an unsupported model is reported before reading files
     if plan is not None and opts.nonexpert_quantize is None:  # an explicit option (full included) wins
         opts.nonexpert_quantize = check_nonexpert_precision(plan)
     validate(policy, opts, family.top_k, bool(family.kernel().linear_weights), family.model_types[0])
@@ -492,12 +504,9 @@ def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Eng
             bytes_per_step=sizing.bytes_per_step, margin=opts.margin,
             synchronous=opts.synchronous, staging=staging)
 
-    tokenizer = None
-    if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
+    from pcmoe.tokenizer import load_tokenizer
 
-        with contextlib.suppress(Exception):
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder)
     load_info = {"seconds": time.perf_counter() - t_load, "bytes_read": store.stats.bytes_read,
                  "dtype": str(lay.dtype).replace("torch.", ""), "profile": profile_file,
                  "swap_buffers": sizing.swap_buffers, "swap_buffer_bytes": sizing.buffer_bytes,

@@ -48,9 +48,13 @@ def read_documents(path: str | Path) -> list[str]:
 
 def tokenizer_encoder(model_dir: str | Path) -> tuple[Callable[[str], list[int]], int | None]:
     """(encode, eos id) of a checkpoint's tokenizer, encoding as the engine does (no special tokens)."""
-    from transformers import AutoTokenizer
+    from pcmoe.tokenizer import LeanTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = LeanTokenizer.from_folder(Path(model_dir))
+    if tok is None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
     return (lambda text: tok(text, add_special_tokens=False)["input_ids"]), tok.eos_token_id
 
 

@@ -265,7 +265,12 @@ class Engine:
             return {"fast": self.fast.new_cache()}
         from transformers import DynamicCache
 
-        return {"cache": DynamicCache(config=self.config)}
+        from pcmoe.models.config import LeanConfig
+
+        config = self.config
+        if isinstance(config, LeanConfig):  # the transformers forward runs the lean model's twin
+            config = self.model.transformers_model().config
+        return {"cache": DynamicCache(config=config)}
 
     def forward(self, ids: torch.Tensor, state: dict, last_only: bool = False) -> torch.Tensor:
         """Feed ids [1, n] after what `state` holds; logits [n, V] ([1, V] with last_only). Uses

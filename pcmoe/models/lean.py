@@ -247,6 +247,10 @@ def _transplant(lean: LeanCausalLM):
     block is the skeleton's module (a CommitteeMoE after loading); every other parameter is the
     skeleton's Parameter object under the same name (so later in-place changes are shared)."""
     family = lean._family
+    from pcmoe.models.config import LeanConfig
+
+    if isinstance(family.config, LeanConfig):  # the twin needs transformers' config
+        family = type(family)(family.config.transformers())
     with parameters_on_meta():
         twin = family.build(lean.model.embed_tokens.weight.dtype)
     twin.eval()
