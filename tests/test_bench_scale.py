@@ -52,13 +52,16 @@ def test_decode_targets_from_hand_made_results():
         _rec(s + "full", 30.0, prefill=50.0, peak_rss_bytes=1.6e9, resident_bytes=1.3e9, kernel="native",
              cpu_other_share=0.4),
         _rec(s + "full/int8", 45.0, kernel="native"), _rec(s + "full/int4", 80.0, kernel="eager: asked for"),
+        _rec(s + "full/int8+ne", 55.0, kernel="native"), _rec(s + "full/int4+ne", 90.0, kernel="native"),
         _rec(s + "committee@50%", 29.0, decode_stats={"stall_s": 0.0}),
         _rec(s + "llama.cpp resident/bf16", 40.0, prefill=100.0), _rec(s + "llama.cpp resident/q8_0", 50.0),
         {"label": s + "llama.cpp resident/q4_K_M", "returncode": None, "skipped": "skipped: no converter"},
     ]
     meta = {"model_sizes": {"dtype": "bfloat16"}}
     rows = {t["target"]: t for t in scale.decode_targets(results, meta)}
-    assert len(rows) == 11
+    assert len(rows) == 14
+    assert rows["pcmoe int8 + int8 non-expert / llama.cpp q8_0, decode, 1.3 GB"]["value"] == pytest.approx(1.1)
+    assert rows["pcmoe int4 + int4 non-expert / pcmoe bf16, decode, 1.3 GB"]["value"] == pytest.approx(3.0)
     t = rows["pcmoe full / llama.cpp resident bf16, decode, shipped LM"]
     assert t["value"] == pytest.approx(0.625) and t["met"] is False and t["margin"] == pytest.approx(0.625 / 0.8 - 1)
     assert "`full` native" in t["note"]
@@ -78,7 +81,7 @@ def test_decode_targets_from_hand_made_results():
     assert rows["runtime overhead, 1.3 GB `full` (MB)"]["value"] == pytest.approx(300.0)
     assert rows["runtime overhead, 1.3 GB `full` (MB)"]["met"] is True
     table = scale.targets_table(scale.decode_targets(results, meta))
-    assert len(table) == 2 + 11 and "not measured" in table[2 + 3] and "**missed**" in table[2]
+    assert len(table) == 2 + 14 and "not measured" in table[2 + 3] and "**missed**" in table[2]
 
 
 def test_plan_orders_calibration_first_and_skips_what_cannot_run(two_lms):
@@ -86,12 +89,14 @@ def test_plan_orders_calibration_first_and_skips_what_cannot_run(two_lms):
     sizes = suite._model_sizes(str(large))
     args = Namespace(data="d.txt", eval_tokens=8192, decode_tokens=64, trials=3, threads=2)
     runs = scale.plan(args, str(large), sizes, [[1, 2, 3]])
-    assert [r["label"] for r in runs] == ["scale full", "scale full/int8", "scale full/int4", "scale committee@50%"]
+    assert [r["label"] for r in runs] == ["scale full", "scale full/int8", "scale full/int4", "scale full/int8+ne",
+                                            "scale full/int4+ne", "scale committee@50%"]
     assert runs[0]["calibration"] and all(r["section"] == "scale" for r in runs)
     assert all(r["eval_tokens"] == scale.EVAL_TOKENS for r in runs)
     assert runs[2]["options"] == {"quantize": "int4"} and runs[2]["weight_bytes"] == sizes["quant"]["int4"]["full"]
-    assert runs[3]["budget"] == int(sizes["nonexpert"] + 0.5 * sizes["all_experts"])
-    assert len({r["key"] for r in runs}) == 4
+    assert runs[4]["options"] == {"quantize": "int4", "nonexpert_quantize": "int4"}
+    assert runs[5]["budget"] == int(sizes["nonexpert"] + 0.5 * sizes["all_experts"])
+    assert len({r["key"] for r in runs}) == 6
     sizes["quant"].pop("int4")
     sizes["quant_errors"]["int4"] = "sizes not divisible by 32"
     assert "divisible" in scale.plan(args, str(large), sizes, [[1]])[2]["skip"]

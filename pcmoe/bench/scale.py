@@ -71,6 +71,15 @@ def plan(args, model: str, sizes: dict, prompts) -> list[dict]:
         if qs is None:
             run["skip"] = f"skipped: {q} is not available for this model ({sizes['quant_errors'].get(q)})"
         runs.append(run)
+    # Everything quantised, as llama.cpp's q8_0 / q4_K_M GGUFs are: experts and non-expert weights
+    # (attention projections, LM head; --quantize-nonexpert). Limits: the experts-only bytes (an upper bound).
+    for q in ("int8", "int4"):
+        qs = sizes["quant"].get(q)
+        run = dict(base, label=f"{PREFIX}full/{q}+ne", curve=f"scale full/{q}+ne", policy="full",
+                   options={"quantize": q, "nonexpert_quantize": q}, weight_bytes=qs["full"] if qs else sizes["full"])
+        if qs is None:
+            run["skip"] = f"skipped: {q} is not available for this model ({sizes['quant_errors'].get(q)})"
+        runs.append(run)
     half = int(sizes["nonexpert"] + 0.5 * sizes["all_experts"])
     com = dict(base, label=PREFIX + "committee@50%", curve="scale committee", policy="committee", budget=half,
                weight_bytes=half, mem_pct=50.0)
@@ -167,6 +176,11 @@ def decode_targets(results, meta=None) -> list[dict]:
     add("pcmoe int4 / llama.cpp q4_K_M, decode, 1.3 GB", ">=", 0.9,
         [s + "full/int4", s + "llama.cpp resident/q4_K_M"], dec)
     add("pcmoe int4 / pcmoe bf16, decode, 1.3 GB", ">=", 2.5, [s + "full/int4", s + "full"], dec)
+    add("pcmoe int8 + int8 non-expert / llama.cpp q8_0, decode, 1.3 GB", ">=", 0.9,
+        [s + "full/int8+ne", s + "llama.cpp resident/q8_0"], dec)
+    add("pcmoe int4 + int4 non-expert / llama.cpp q4_K_M, decode, 1.3 GB", ">=", 0.9,
+        [s + "full/int4+ne", s + "llama.cpp resident/q4_K_M"], dec)
+    add("pcmoe int4 + int4 non-expert / pcmoe bf16, decode, 1.3 GB", ">=", 2.5, [s + "full/int4+ne", s + "full"], dec)
     add("committee@50% / full, decode, shipped LM", ">=", 0.95, ["committee@50%", "full"], dec)
     add("committee@50% / full, decode, 1.3 GB", ">=", 0.95, [s + "committee@50%", s + "full"], dec)
     add("committee@50% decode stall, 1.3 GB (s)", "<=", 0.0, [s + "committee@50%"],
