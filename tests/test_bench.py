@@ -304,6 +304,12 @@ def test_quick_plan_has_50_and_absolute_quantised_budgets(monkeypatch):
     assert full["committee/int4@15%"].get("skip") is None and full["committee@15%"]["skip"].startswith(
         "skipped: 250 B is below the minimum budget")
     assert "committee@52% (=full/int8)" in full and "on-demand@50%/nvme" in full and "topk-reduce" in full
+    # the shadow section (not in --quick): int4 experts + int8 non-expert weights, with and without shadows
+    shadow = full["static/int4+ne8+shadow@15%"]
+    assert shadow["options"]["shadow"] == "int2" and shadow["options"]["nonexpert_quantize"] == "int8"
+    assert shadow["budget"] == full["committee/int4+ne8@15%"]["budget"] == 100 + 150
+    assert "shadow" not in full["committee/int4+ne8@15%"]["options"] and "skip" not in shadow
+    assert not any(r["section"] == "shadow" for r in plan.values())
     # a record is reused only for the same checkpoint files
     other = {r["label"]: r for r in suite.plan_runs(_args("--quick"), [[1]], _sizes("B"))}
     assert plan["full"]["key"] != other["full"]["key"]

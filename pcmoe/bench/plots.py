@@ -23,7 +23,8 @@ def write_plots(out: Path, results: list[dict]) -> list[tuple[str, str]]:
         plt.close(fig)
         written.append((name, caption))
 
-    ok = [r for r in succeeded(results) if r.get("section") in ("lm", "quant", "peers") and memory_x(r)]
+    ok = [r for r in succeeded(results) if r.get("section") in ("lm", "quant", "shadow", "peers")
+          and memory_x(r)]
     groups: dict[str, list] = {}
     for r in ok:
         groups.setdefault(_series(r), []).append(r)

@@ -163,6 +163,7 @@ def tables(results) -> list[str]:
     full = by_label(results).get("full", {})
     lines = []
     sections = [("lm", "Language model: policies x budgets"), ("quant", "Quantisation on the same memory axis"),
+                ("shadow", "Below full/int4: everything quantised, with and without int2 shadow experts"),
                 ("peers", "External peers"),
                 ("scale", "Second language model: 1.3 GB random-weight Qwen3-MoE (`--scale`; / full = / `scale full`)")]
     for section, title in sections:

@@ -44,12 +44,13 @@ QUICK_GRID = {"committee": QUICK_BUDGETS, "magnitude-keep": (50,), "on-demand": 
 STORAGE = ("nvme", "ufs", "emmc")
 QUICK_STORAGE = ("emmc",)  # the slowest profile, committee only (does async swapping hide it?)
 QUANT_BUDGETS = {"int4": (15, 20, 25), "int8": (30, 40)}  # % of the checkpoint's expert memory
+SHADOW_BUDGETS = (10, 15, 20, 25)  # % of expert memory: below full/int4's bytes, where shadows pay (issue 13)
 QUICK_QUANT_BUDGETS: dict = {}  # quick: int8 / int4 fully resident and the committee at full/int4's memory
 VISION_POLICIES = ("committee", "random-keep", "magnitude-keep", "on-demand")
 QUICK_VISION = {"committee": (50,)}
 ALLOCATOR_SLACK = 64 << 20
 ACCELERATE_ALLOWANCE = 1 << 30  # docs/anchors: accelerate ran inside a cgroup of budget + 1 GiB
-SECTIONS = ("storage", "quant", "planned", "peers", "llamacpp", "vision", "topk")
+SECTIONS = ("storage", "quant", "shadow", "planned", "peers", "llamacpp", "vision", "topk")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -201,6 +202,18 @@ def plan_runs(args, prompts, sizes: dict, vision_sizes: dict | None = None) -> l
                 if b not in bf16_pcts:  # the bf16 committee at the same bytes, for the comparison
                     runs.append(budgeted(f"committee@{b}%", "quant", "committee", "committee", b))
                     bf16_pcts.add(b)
+    if "shadow" not in skip and not args.quick:
+        # Below full/int4's bytes, everything quantised (int4 experts, int8 non-expert weights), with and
+        # without int2 shadows of the non-members (the fixed subset carries them best: docs/results/shadow*.md).
+        for b in SHADOW_BUDGETS:
+            ne = {"nonexpert_quantize": "int8"}
+            runs.append(budgeted(f"committee/int4+ne8@{b}%", "shadow", "committee/int4+ne8", "committee", b,
+                                 quant="int4", options=ne))
+            runs.append(budgeted(f"static/int4+ne8+shadow@{b}%", "shadow", "static/int4+ne8+shadow",
+                                 "static-frequency", b, quant="int4", options=dict(ne, shadow="int2")))
+            for r in runs[-2:]:
+                if r.get("skip", "").startswith("skipped: ") and "minimum budget" in r["skip"]:
+                    r.pop("skip")  # that minimum is for bf16 non-expert weights; the load checks its own
     if "planned" not in skip:
         runs += _planned_runs(args, base, sizes, grid)
     if "peers" not in skip:
