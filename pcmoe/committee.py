@@ -22,6 +22,7 @@ class LayerCommittee:
         self.slot_to_expert = [-1] * num_slots                                  # [S], -1 = empty
         self.mask = torch.zeros(num_experts, dtype=torch.bool)                 # [N] members
         self.slot_list = [-1] * num_experts  # expert -> slot as a Python list, for single-token routing
+        self.member_list = [False] * num_experts  # [N] `mask` as a Python list, kept with it (single-token gating)
         self.reserved: set[int] = set()  # empty slots an in-flight load is writing into
 
     # -- queries -----------------------------------------------------------------------------
@@ -56,6 +57,7 @@ class LayerCommittee:
         self.expert_to_slot[expert] = slot
         self.mask[expert] = True
         self.slot_list[expert] = slot
+        self.member_list[expert] = True
 
     def evict(self, expert: int) -> int:
         """Remove a member; its slot becomes free (the caller may then overwrite it)."""
@@ -65,6 +67,7 @@ class LayerCommittee:
         self.mask[expert] = False
         self.expert_to_slot[expert] = -1
         self.slot_list[expert] = -1
+        self.member_list[expert] = False
         self.slot_to_expert[slot] = -1
         return slot
 
@@ -110,6 +113,7 @@ class LayerCommittee:
         self.slot_to_expert = [-1] * num_slots
         self.mask.zero_()
         self.slot_list = [-1] * self.num_experts
+        self.member_list = [False] * self.num_experts
         for slot, e in enumerate(experts):
             self.install(e, slot)
         return sources

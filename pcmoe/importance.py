@@ -103,14 +103,15 @@ def plan_swaps(score: torch.Tensor, members: list[int], size: int, margin: float
     If the committee has fewer than `size` members, extra entries have outgoing = -1.
     """
     member_set = set(members)
-    order = sorted(range(len(score)), key=lambda e: (-float(score[e]), e not in member_set, e))
+    score = score.tolist()  # Python floats: the same values as float(score[e]), without a tensor index each
+    order = sorted(range(len(score)), key=lambda e: (-score[e], e not in member_set, e))
     target = set(order[:size])
     incoming = [e for e in order if e in target and e not in member_set]             # best first
     outgoing = [e for e in reversed(order) if e in member_set and e not in target]   # worst first
     swaps: list[tuple[int, int]] = []
     free = size - len(members)
     for e in incoming:
-        if float(score[e]) <= 0.0:
+        if score[e] <= 0.0:
             break
         if free > 0:
             swaps.append((e, -1))
@@ -119,7 +120,7 @@ def plan_swaps(score: torch.Tensor, members: list[int], size: int, margin: float
         if not outgoing:
             break
         out = outgoing[0]
-        if float(score[e]) <= float(score[out]) * (1.0 + margin):
+        if score[e] <= score[out] * (1.0 + margin):
             break
         swaps.append((e, out))
         outgoing.pop(0)
@@ -128,5 +129,6 @@ def plan_swaps(score: torch.Tensor, members: list[int], size: int, margin: float
 
 def top_experts(score: torch.Tensor, size: int) -> list[int]:
     """The `size` highest-scoring experts (ties: lower id first), e.g. an initial committee."""
-    order = sorted(range(len(score)), key=lambda e: (-float(score[e]), e))
+    values = score.tolist()
+    order = sorted(range(len(values)), key=lambda e: (-values[e], e))
     return sorted(order[:size])

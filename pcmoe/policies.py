@@ -92,9 +92,9 @@ class MaskedGatingController(LayerController):
             stats = GatingStats(choices=sum(e >= 0 for e in idx), mass_total=sum(weights))
             stats.hits = stats.choices
         else:
-            member = [s >= 0 for s in committee.slot_list]
-            idx, weights, f_idx, f_w, stats = gate_one(values, self.router.route_one, member, self.strategy,
-                                                       self.tau)
+            # committee.member_list: the members as Python bools, kept by the committee (not rebuilt per token)
+            idx, weights, f_idx, f_w, stats = gate_one(values, self.router.route_one, committee.member_list,
+                                                       self.strategy, self.tau)
         self.stats.add(stats)
         self._track_one(x, f_idx, f_w)
         slot_of = committee.slot_list

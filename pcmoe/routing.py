@@ -240,7 +240,8 @@ def softmax_topk_one(logits: list[float], k: int, norm_topk: bool, member: list[
         probs = _softmax([v if m else NEG_INF for v, m in zip(logits, member)])
     else:
         probs = [p if m else 0.0 for p, m in zip(probs_full, member)]
-    order = sorted(range(len(probs)), key=lambda e: (-probs[e], e))[:k]
+    # highest first, ties to the lower id (a stable sort of ascending ids): the key (-p, e) without a lambda
+    order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:k]
     idx = [e if member is None or member[e] else -1 for e in order]
     top = [probs[e] if i >= 0 else 0.0 for e, i in zip(order, idx)]
     if norm_topk:
