@@ -310,6 +310,11 @@ def test_quick_plan_has_50_and_absolute_quantised_budgets(monkeypatch):
     assert shadow["budget"] == full["committee/int4+ne8@15%"]["budget"] == 100 + 150
     assert "shadow" not in full["committee/int4+ne8@15%"]["options"] and "skip" not in shadow
     assert not any(r["section"] == "shadow" for r in plan.values())
+    vision = {r["label"]: r for r in suite.plan_runs(_args("--vision", "v"), [[1]], _sizes(), _sizes())}
+    v = vision["vision committee+shadow/int3@30%"]
+    assert v["options"] == {"shadow": "int3"} and v["budget"] == 100 + 300 and v["section"] == "vision"
+    quick = suite.plan_runs(_args("--vision", "v", "--quick"), [[1]], _sizes(), _sizes())
+    assert not any("shadow" in r["label"] for r in quick)
     # a record is reused only for the same checkpoint files
     other = {r["label"]: r for r in suite.plan_runs(_args("--quick"), [[1]], _sizes("B"))}
     assert plan["full"]["key"] != other["full"]["key"]

@@ -244,6 +244,11 @@ def plan_runs(args, prompts, sizes: dict, vision_sizes: dict | None = None) -> l
                 if nbytes < need:
                     run["skip"] = f"skipped: {format_bytes(nbytes)} is below the minimum budget {format_bytes(need)}"
                 runs.append(run)
+        if "shadow" not in skip and not args.quick:  # issue 13's vision point: 30 % of expert memory
+            nbytes = _pct_bytes(vision_sizes, 30)
+            runs.append(dict(vbase, label="vision committee+shadow/int3@30%", curve="vision committee+shadow/int3",
+                             policy="committee", budget=nbytes, weight_bytes=nbytes, mem_pct=30.0,
+                             options={"shadow": "int3"}))
     for r in runs:
         r["key"] = runner.spec_key(r)
     return runs
