@@ -221,23 +221,38 @@ def gate(select, logits: torch.Tensor, mask: torch.Tensor, strategy: str, tau: f
 # against them); used by the families whose BoundRouter has a route_one.
 
 
-def _softmax(values: list[float]) -> list[float]:
+def _exps(values: list[float]) -> tuple[float, list[float] | None]:
+    """(max, exp(v - max) per value); None when every value is -inf."""
     top = max(values)
     if top == NEG_INF:
-        return [0.0] * len(values)
-    exps = [math.exp(v - top) if v != NEG_INF else 0.0 for v in values]
+        return top, None
+    return top, [math.exp(v - top) if v != NEG_INF else 0.0 for v in values]
+
+
+def _normalised(exps: list[float] | None, n: int) -> list[float]:
+    if exps is None:
+        return [0.0] * n
     total = sum(exps)
     return [e / total for e in exps]
+
+
+def _softmax(values: list[float]) -> list[float]:
+    return _normalised(_exps(values)[1], len(values))
 
 
 def softmax_topk_one(logits: list[float], k: int, norm_topk: bool, member: list[bool] | None = None,
                      renorm: bool = True) -> tuple[list[int], list[float], list[float]]:
     """softmax_topk for one token: (idx [k], weights [k], unmasked probabilities [N])."""
-    probs_full = _softmax(logits)
+    top_logit, exps = _exps(logits)
+    probs_full = _normalised(exps, len(logits))
     if member is None:
         probs = probs_full
     elif renorm:
-        probs = _softmax([v if m else NEG_INF for v, m in zip(logits, member)])
+        masked = [v if m else NEG_INF for v, m in zip(logits, member)]
+        if exps is not None and max(masked) == top_logit:  # same max: the members' exponentials are these
+            probs = _normalised([e if m else 0.0 for e, m in zip(exps, member)], len(masked))
+        else:
+            probs = _softmax(masked)
     else:
         probs = [p if m else 0.0 for p, m in zip(probs_full, member)]
     # highest first, ties to the lower id (a stable sort of ascending ids): the key (-p, e) without a lambda

@@ -111,3 +111,46 @@ def test_committee_decode_async_equals_sync(tiny_checkpoint):
     tokens, counters, members = _decode(folder)
     assert counters["swaps"] > 0  # the committee changed while decoding
     assert (tokens, counters, members) == _decode(folder, synchronous=True)
+
+
+def _softmax_topk_one_twin(logits, k, norm_topk, member=None, renorm=True):
+    """softmax_topk_one as it was: two softmax passes for a masked route, the (-p, id) key."""
+    import math
+
+    def softmax(values):
+        top = max(values)
+        if top == float("-inf"):
+            return [0.0] * len(values)
+        exps = [math.exp(v - top) if v != float("-inf") else 0.0 for v in values]
+        total = sum(exps)
+        return [e / total for e in exps]
+
+    probs_full = softmax(logits)
+    if member is None:
+        probs = probs_full
+    elif renorm:
+        probs = softmax([v if m else float("-inf") for v, m in zip(logits, member)])
+    else:
+        probs = [p if m else 0.0 for p, m in zip(probs_full, member)]
+    order = sorted(range(len(probs)), key=lambda e: (-probs[e], e))[:k]
+    idx = [e if member is None or member[e] else -1 for e in order]
+    top = [probs[e] if i >= 0 else 0.0 for e, i in zip(order, idx)]
+    if norm_topk:
+        total = sum(top)
+        top = [t / total for t in top] if total > 0 else top
+    return idx, top, probs_full
+
+
+def test_softmax_topk_one_matches_its_two_pass_twin_bit_for_bit():
+    rng = random.Random(3)
+    for _ in range(2000):
+        n = rng.randint(1, 12)
+        values = [rng.choice([-1.0, 0.0, 0.0, 2.5, float("-inf"), rng.gauss(0, 3), rng.gauss(0, 300)])
+                  for _ in range(n)]
+        member = [rng.random() < 0.6 for _ in range(n)]
+        k = rng.randint(1, n)
+        for m in (None, member, [False] * n):
+            for renorm in (True, False):
+                for norm in (True, False):
+                    assert softmax_topk_one(values, k, norm, m, renorm) == \
+                        _softmax_topk_one_twin(values, k, norm, m, renorm)
