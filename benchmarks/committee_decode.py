@@ -1,6 +1,6 @@
 """Where the committee's decode time goes: greedy decoding of one prompt with policy full and
 with the committee (async and sync swaps) at one budget, interleaved rounds, the fastest round of
-each kept, and a per-part breakdown of the committee's own work (masked routing, importance
+each kept, and a per-part breakdown (full's rows for reference) of the committee's own work (masked routing, importance
 tracking, the scheduler's step boundary, waits for in-flight swaps). Part times come from wrapping
 the methods with perf_counter (a few hundred ns each); the totals come from unwrapped rounds.
 Writes <out>/committee_decode.json and .md; the last stdout line is the JSON summary.
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
             tokens.setdefault(name, out)
             counters[name] = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and "_s" not in k}
     parts: dict[str, dict[str, float]] = {}
-    for name in ("committee", "committee sync"):
+    for name in ("full", "committee", "committee sync"):
         fastest = None
         for _ in range(args.rounds):
             with Timers() as timers:
@@ -140,10 +140,10 @@ def main(argv=None) -> int:
              "| configuration | ms/token | speed vs full |", "|---|---|---|"]
     lines += [f"| {k} | {v:.3f} | {summary['speed_vs_full'][k]:.2f}x |" for k, v in ms.items()]
     lines += ["", "Committee parts (ms/token, from the fastest timed round; indented rows are inside the row above):",
-              "", "| part | committee | committee sync |", "|---|---|---|"]
+              "", "| part | full | committee | committee sync |", "|---|---|---|---|"]
     for name in PARTS:
-        lines.append(f"| {name.replace(' ', '&nbsp;', 2) if name.startswith('  ') else name} | "
-                     f"{parts['committee'].get(name, 0.0):.4f} | {parts['committee sync'].get(name, 0.0):.4f} |")
+        cells = " | ".join(f"{parts[c].get(name, 0.0):.4f}" for c in ("full", "committee", "committee sync"))
+        lines.append(f"| {name.replace(' ', '&nbsp;', 2) if name.startswith('  ') else name} | {cells} |")
     lines += ["", f"committee sync == async tokens: {summary['committee_sync_equals_async']}", ""]
     atomic_write_text(out / "committee_decode.md", "\n".join(lines))
     print(json.dumps(summary))

@@ -155,8 +155,13 @@ class GatingStats:
     mass_outside: float = 0.0  # ... that fell on absent experts
 
     def add(self, other: GatingStats) -> None:
-        for f in ("choices", "hits", "exchanged", "skipped", "mass_total", "mass_outside"):
-            setattr(self, f, getattr(self, f) + getattr(other, f))
+        # field by field, not a getattr/setattr loop: called once per layer and token while decoding
+        self.choices += other.choices
+        self.hits += other.hits
+        self.exchanged += other.exchanged
+        self.skipped += other.skipped
+        self.mass_total += other.mass_total
+        self.mass_outside += other.mass_outside
 
 
 def _contained(idx: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
@@ -275,12 +280,15 @@ def gate_one(logits: list[float], route_one, member: list[bool], strategy: str,
                         mass_outside=sum(w for w, m in zip(f_w, miss) if m))
     n_miss = sum(miss)
     stats.hits = stats.choices - n_miss
-    skip_route = ([-1 if m else e for e, m in zip(f_idx, miss)], [0.0 if m else w for w, m in zip(f_w, miss)])
     if n_miss == 0 and strategy != "exchange":
         return f_idx, f_w, f_idx, f_w, stats
+
+    def skip_route():  # built only where a route drops its misses
+        return [-1 if m else e for e, m in zip(f_idx, miss)], [0.0 if m else w for w, m in zip(f_w, miss)]
+
     if strategy == "skip":
         stats.skipped = n_miss
-        return *skip_route, f_idx, f_w, stats
+        return *skip_route(), f_idx, f_w, stats
     if strategy not in ("exchange", "hybrid"):
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     e_idx, e_w, _ = route_one(logits, member)
@@ -291,7 +299,7 @@ def gate_one(logits: list[float], route_one, member: list[bool], strategy: str,
     if strategy == "hybrid":
         low = [s and probs[e] < tau for s, e in zip(substitute, e_idx)]
         if not any(s and not lo for s, lo in zip(substitute, low)):     # no strong substitute: as skip
-            e_idx, e_w = skip_route
+            e_idx, e_w = skip_route()
             substitute = [False] * len(e_idx)
         else:
             e_idx = [-1 if lo else e for e, lo in zip(e_idx, low)]
