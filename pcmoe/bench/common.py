@@ -120,7 +120,8 @@ class CpuMeter:
             return {"cpu_other_share": None, "cpu_own_share": None}
         total = t1[0] - self.t0[0]
         busy, own = t1[1] - self.t0[1], t1[2] - self.t0[2]
-        return {"cpu_other_share": max(0.0, (busy - own) / total), "cpu_own_share": own / total}
+        # Jiffy counters of /proc/stat and /proc/self/stat tick apart: over short spans own can pass total.
+        return {"cpu_other_share": min(1.0, max(0.0, (busy - own) / total)), "cpu_own_share": min(1.0, own / total)}
 
 
 # -- files ---------------------------------------------------------------------------------------
