@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from pcmoe.bench import common, runner
-from pcmoe.bench.summary import by_label, is_busy, runtime_overhead
+from pcmoe.bench.summary import by_label, is_busy, runtime_overhead, why_missing
 from pcmoe.budget import format_bytes
 
 PREFIX = "scale "
@@ -91,8 +91,8 @@ def plan(args, model: str, sizes: dict, prompts) -> list[dict]:
     return runs
 
 
-def run_section(args, prompts, log, done, use_cgroup: bool, run_one, limit_for) -> tuple[list[dict], dict]:
-    """Build (if needed) and measure the scale section; `run_one` and `limit_for` are the suite's.
+def run_section(args, prompts, log, done, use_cgroup: bool, run_or_reuse) -> tuple[list[dict], dict]:
+    """Build (if needed) and measure the scale section; `run_or_reuse` is the suite's.
     Returns its records and what the report says about it (model, sizes, measured overhead)."""
     from pcmoe.bench import llamacpp
 
@@ -104,15 +104,7 @@ def run_section(args, prompts, log, done, use_cgroup: bool, run_one, limit_for) 
     results, overhead = [], None
     runs = plan(args, str(model), sizes, prompts)
     for i, spec in enumerate(runs):
-        if spec.get("skip"):
-            rec = runner.skipped(spec, spec["skip"])
-        elif spec["key"] in done:
-            rec = done[spec["key"]]
-        else:
-            limit, basis = limit_for(spec, overhead)
-            rec = run_one(spec, limit if use_cgroup else None, use_cgroup)
-            rec["limit_basis"] = basis if use_cgroup else "none: cgroup limits off"
-            log.append(rec)
+        rec = run_or_reuse(spec, overhead, done, log, use_cgroup)
         rec.setdefault("model", spec["model"])  # two checkpoints in one results file
         if spec.get("calibration") and rec.get("returncode") == 0:
             overhead = max(0, int(rec["peak_rss_bytes"] - rec["resident_bytes"]))
@@ -148,7 +140,8 @@ def decode_targets(results, meta=None) -> list[dict]:
                 pass
         notes = []
         if row["value"] is None:
-            notes.append(_why_missing(labels, every))
+            notes.append(why_missing(labels, every, 120) if not all(recs) else
+                         "a needed measurement is missing in the runs")
         else:
             v = row["value"]
             row["met"] = v >= goal if op == ">=" else v <= goal
@@ -191,18 +184,6 @@ def decode_targets(results, meta=None) -> list[dict]:
     add("runtime overhead, 1.3 GB `full` (MB)", "<=", OVERHEAD_GOAL / 1e6, [s + "full"],
         lambda r: runtime_overhead(r) / 1e6, " MB")
     return rows
-
-
-def _why_missing(labels, every) -> str:
-    for label in labels:
-        r = every.get(label)
-        if r is None:
-            return f"no `{label}` run"
-        if r.get("skipped"):
-            return f"`{label}` {r['skipped']}"
-        if r.get("returncode") != 0:
-            return f"`{label}` failed: {str(r.get('error', '?'))[:120]}"
-    return "a needed measurement is missing in the runs"
 
 
 def targets_table(rows) -> list[str]:

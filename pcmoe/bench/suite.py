@@ -303,6 +303,20 @@ def run_one(spec: dict, limit: int | None, use_cgroup: bool, timeout: float = TI
     return runner.measure(spec, limit, use_cgroup, timeout)
 
 
+def run_or_reuse(spec: dict, overhead: int | None, done: dict, log, use_cgroup: bool) -> dict:
+    """The record of one spec: skipped, reused from an interrupted sweep's log, or measured now
+    (inside its cgroup limit, appended to the log)."""
+    if spec.get("skip"):
+        return runner.skipped(spec, spec["skip"])
+    if spec["key"] in done:
+        return done[spec["key"]]
+    limit, basis = limit_for(spec, overhead)
+    rec = run_one(spec, limit if use_cgroup else None, use_cgroup)
+    rec["limit_basis"] = basis if use_cgroup else "none: cgroup limits off"
+    log.append(rec)
+    return rec
+
+
 _model_sizes = common.model_sizes   # the names tests and the planner curve use
 _log_status = common.log_status
 
@@ -351,15 +365,7 @@ def cmd_bench(args) -> int:
     print(f"{len(runs)} runs; cgroup memory limits {'on' if use_cgroup else 'off'}", file=sys.stderr)
     results = []
     for i, spec in enumerate(runs):
-        if spec.get("skip"):
-            rec = runner.skipped(spec, spec["skip"])
-        elif spec["key"] in done:
-            rec = done[spec["key"]]
-        else:
-            limit, basis = limit_for(spec, overheads.get(spec["model"]))
-            rec = run_one(spec, limit if use_cgroup else None, use_cgroup)
-            rec["limit_basis"] = basis if use_cgroup else "none: cgroup limits off"
-            log.append(rec)
+        rec = run_or_reuse(spec, overheads.get(spec["model"]), done, log, use_cgroup)
         if spec.get("calibration") and rec.get("returncode") == 0:
             overheads[spec["model"]] = max(0, int(rec["peak_rss_bytes"] - rec["resident_bytes"]))
             if not spec.get("vision"):
@@ -375,7 +381,7 @@ def cmd_bench(args) -> int:
     if args.scale:
         from pcmoe.bench import scale
 
-        scale_results, scale_info = scale.run_section(args, prompts, log, done, use_cgroup, run_one, limit_for)
+        scale_results, scale_info = scale.run_section(args, prompts, log, done, use_cgroup, run_or_reuse)
         results.extend(scale_results)
     meta = _meta(args, command, sizes, vision_sizes, overheads, use_cgroup)
     if scale_info:

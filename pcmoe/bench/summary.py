@@ -62,23 +62,25 @@ def runtime_overhead(full: dict | None) -> int | None:
     return max(0, int(full["peak_rss_bytes"] - full["resident_bytes"]))
 
 
+def why_missing(labels, every: dict, error_chars: int | None = None) -> str:
+    """Why a target has no value: the first of its runs that is absent, skipped or failed."""
+    for label in labels:
+        r = every.get(label)
+        if r is None:
+            return f"no `{label}` run"
+        if r.get("skipped"):
+            return f"`{label}` {r['skipped']}"
+        if r.get("returncode") != 0:
+            return f"`{label}` failed: {str(r.get('error', '?'))[:error_chars]}"
+    return "a needed measurement is missing"
+
+
 def targets(results, meta=None) -> list[dict]:
     """The issue's targets at 50 % of expert memory, as measured ratios; a target whose runs are
     missing is listed with value None and the reason."""
     ok, every = by_label(results), {r["label"]: r for r in results}
     ck = checkpoint_type(meta) or "bf16"
     rows = []
-
-    def why_missing(labels):
-        for label in labels:
-            r = every.get(label)
-            if r is None:
-                return f"no `{label}` run"
-            if r.get("skipped"):
-                return f"`{label}` {r['skipped']}"
-            if r.get("returncode") != 0:
-                return f"`{label}` failed: {r.get('error', '?')}"
-        return "a needed measurement is missing"
 
     def add(name, op, goal, labels, fn, note=""):
         recs = [ok.get(label) for label in labels]
@@ -91,7 +93,7 @@ def targets(results, meta=None) -> list[dict]:
         row = {"target": name, "goal": f"{op} {goal:g}", "op": op, "goal_value": goal, "value": value,
                "runs": labels, "note": note}
         if value is None:
-            row.update(met=None, margin=None, note=why_missing(labels) if not all(recs) else
+            row.update(met=None, margin=None, note=why_missing(labels, every) if not all(recs) else
                        "a needed measurement is missing in the runs")
         else:
             row["met"] = value >= goal if op == ">=" else value <= goal
