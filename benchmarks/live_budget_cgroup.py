@@ -22,13 +22,12 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pcmoe.bench.cgroup import MEMORY_ROOT, available  # noqa: E402
+from pcmoe.bench.cgroup import available, entering, new_group, remove_group  # noqa: E402
 from pcmoe.budget import format_bytes  # noqa: E402
 from pcmoe.system import atomic_write_text  # noqa: E402
 
@@ -127,22 +126,14 @@ def main(argv=None) -> int:
         return 2
     import httpx
 
-    group = MEMORY_ROOT / f"pcmoe-live-{uuid.uuid4().hex[:8]}"
-    group.mkdir()
-    (group / "memory.limit_in_bytes").write_text(str(int(args.limit)))
-    procs = str(group / "cgroup.procs")
-
-    def enter_group():
-        with open(procs, "w") as f:
-            f.write(str(os.getpid()))
-
+    group = new_group("pcmoe-live", args.limit)
     port = _free_port()
     cmd = [sys.executable, "-m", "pcmoe", "serve", "--model", args.model, "--policy", "committee", "--port",
            str(port), "--admin-token", TOKEN, "--no-user-state", "--threads", str(args.threads), "--log-level",
            "warning"] + (["--budget", args.budget] if args.budget else [])
     cmd += ["--follow-cgroup"] if args.follow else []
     log = open("/tmp/live_budget_server.log", "w")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=enter_group, cwd=str(ROOT),
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=entering(group), cwd=str(ROOT),
                               env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     url = f"http://127.0.0.1:{port}"
     events, result = [], {}
@@ -228,12 +219,7 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
-        for _ in range(50):
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+        remove_group(group)
     out = Path(args.out)
     stem = "live_budget_cgroup_follow" if args.follow else "live_budget_cgroup"
     atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1))

@@ -34,6 +34,35 @@ class LimitedRun:
     timed_out: bool = False       # killed after `timeout` seconds (returncode 124)
 
 
+def new_group(name: str, limit_bytes: int | None = None) -> Path:
+    """A fresh memory cgroup `<name>-<random>` with the given limit (None: no limit, still measured)."""
+    group = MEMORY_ROOT / f"{name}-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    if limit_bytes is not None:
+        (group / "memory.limit_in_bytes").write_text(str(int(limit_bytes)))
+    return group
+
+
+def entering(group: Path):
+    """A preexec_fn that moves the child into `group` before exec: its memory is charged there."""
+    procs = str(group / "cgroup.procs")
+
+    def enter_group():
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+    return enter_group
+
+
+def remove_group(group: Path) -> None:
+    """Remove a group; it can be removed once its last process is gone, so retry for up to 5 s."""
+    for _ in range(50):
+        try:
+            group.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
 def run_limited(cmd: list[str], limit_bytes: int | None, env: dict | None = None, timeout: float | None = None,
                 cwd: str | None = None) -> LimitedRun:
     """Run `cmd` in a fresh memory cgroup with the given limit (None: no limit, still measured)."""
@@ -44,17 +73,11 @@ def run_limited(cmd: list[str], limit_bytes: int | None, env: dict | None = None
     try:
         if limit_bytes is not None:
             (group / "memory.limit_in_bytes").write_text(str(int(limit_bytes)))
-        procs = str(group / "cgroup.procs")
-
-        def enter_group():  # runs in the child before exec: its memory is charged to the group
-            with open(procs, "w") as f:
-                f.write(str(os.getpid()))
-
         t0 = time.perf_counter()
         timed_out = False
         try:
             proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                                  preexec_fn=enter_group)
+                                  preexec_fn=entering(group))
         except subprocess.TimeoutExpired as e:  # subprocess.run has killed the child
             timed_out = True
             proc = subprocess.CompletedProcess(cmd, 124, _text(e.stdout), _text(e.stderr)
@@ -72,12 +95,7 @@ def run_limited(cmd: list[str], limit_bytes: int | None, env: dict | None = None
         return LimitedRun(proc.returncode, proc.stdout, proc.stderr, seconds, limit_bytes, usage, failcnt, oom,
                           timed_out)
     finally:
-        for _ in range(50):  # the group can be removed once its last process is gone
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+        remove_group(group)
 
 
 def _text(data) -> str:

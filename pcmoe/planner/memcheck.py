@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 from pcmoe.budget import format_bytes
@@ -60,24 +58,16 @@ def _group_stats(group: Path) -> dict:
 def run_serve(model: str, memory: str, limit: int, threads: int = 1, requests: int = 3,
               timeout: float = 600) -> dict:
     """`pcmoe serve --memory X` in a cgroup of `limit` bytes; three chat completions; then SIGINT."""
-    from pcmoe.bench.cgroup import MEMORY_ROOT
+    from pcmoe.bench.cgroup import entering, new_group, remove_group
 
-    group = MEMORY_ROOT / f"pcmoe-serve-{uuid.uuid4().hex[:8]}"
-    group.mkdir()
+    group = new_group("pcmoe-serve", limit)
     port = _free_port()
     out: dict = {"command": "serve", "memory": memory, "limit_bytes": limit}
     try:
-        (group / "memory.limit_in_bytes").write_text(str(limit))
-        procs = str(group / "cgroup.procs")
-
-        def enter_group():
-            with open(procs, "w") as f:
-                f.write(str(os.getpid()))
-
         cmd = [sys.executable, "-m", "pcmoe", "serve", "--model", model, "--memory", memory, "--threads",
                str(threads), "--port", str(port), "--quiet", "--log-level", "warning", "--no-user-state"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=enter_group)
+                                preexec_fn=entering(group))
         base = f"http://127.0.0.1:{port}"
         t0, answered = time.perf_counter(), 0
         try:
@@ -114,12 +104,7 @@ def run_serve(model: str, memory: str, limit: int, threads: int = 1, requests: i
             out["error"] = (err.strip().splitlines() or ["?"])[-1]
         return out
     finally:
-        for _ in range(50):
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+        remove_group(group)
 
 
 def run_command(command: str, model: str, memory: str, limit: int, data: str | None, threads: int = 1,
