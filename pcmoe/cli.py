@@ -399,6 +399,12 @@ def _fill_serve(p) -> None:
     _optional_arguments("pcmoe.server", "add_serve_arguments", p)
 
 
+def _fill_budget(p) -> None:
+    from pcmoe.server.admin import fill_budget
+
+    fill_budget(p)
+
+
 def _fill_chat(p) -> None:
     add_load_options(p)
     p.set_defaults(func=lambda args: _optional("pcmoe.chat", "server").cmd_chat(args), check=check_chat)
@@ -417,6 +423,7 @@ COMMANDS = {
                   _fill_calibrate),
     "plan": ("choose per-layer committee sizes and precisions for a memory and latency limit", _fill_plan),
     "serve": ("OpenAI-compatible HTTP server (needs the [server] extra)", _fill_serve),
+    "budget": ("give a running server a new weight budget without a restart (POST /admin/budget)", _fill_budget),
     "chat": ("interactive terminal chat against the engine or a running server", _fill_chat),
     "bench": ("the memory / quality / speed benchmark suite (writes JSON, Markdown, PNG)", _fill_bench),
 }

@@ -355,3 +355,44 @@ def test_all_resident_policies_take_only_budgets_they_fit(tiny_lm):
             engine.set_budget(full - 1)
         engine.set_budget(full + 1000)
         assert engine.budget == full + 1000 and engine.committee_sizes == engine.model_bytes.num_experts
+
+
+def test_pcmoe_budget_command_talks_to_a_running_server(tiny_lm, capsys):
+    """`pcmoe budget` against a real HTTP server (uvicorn on a free port): applied, refused, wrong token."""
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    import socket
+    import threading
+    import time
+
+    from pcmoe.cli import main
+    from pcmoe.server import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    engine = _load(tiny_lm, policy="committee", synchronous=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, model_name="tiny", admin_token="secret"),
+                                           host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        url = f"http://127.0.0.1:{port}/v1"
+        assert main(["budget", "30%experts", "--url", url, "--admin-token", "secret"]) == 0
+        line = capsys.readouterr().out.strip()
+        assert line.startswith("budget ") and "applied" in line and str(engine.committee_sizes) in line
+        assert engine.budget_changes == 1
+        assert main(["budget", "1kB", "--url", url, "--admin-token", "secret"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "(400)" in err and "minimum" in err and "\n" not in err
+        assert main(["budget", "50%", "--url", url, "--admin-token", "wrong"]) == 2
+        assert "(401)" in capsys.readouterr().err
+        assert engine.budget_changes == 1   # refused budgets changed nothing
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        engine.close()
