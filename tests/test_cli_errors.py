@@ -237,8 +237,8 @@ def test_info_prints_the_minimum_inspect_gives(paths, capsys):
 def test_top_level_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert set(COMMANDS) == {"info", "generate", "eval", "profile", "trace", "calibrate", "plan", "serve", "chat",
-                             "bench"}
+    assert set(COMMANDS) == {"info", "generate", "eval", "profile", "trace", "calibrate", "plan", "serve", "budget",
+                             "chat", "bench"}
     for name, (summary, _) in COMMANDS.items():
         assert f"{name}  " in out and summary.split()[0] in out, name
     # each summary on its own line, after its name
