@@ -81,6 +81,25 @@ def lm_with_profile(tiny_lm, tmp_path_factory):
 # -- device profiles ---------------------------------------------------------------------------------------
 
 
+def test_long_runs_add_their_heap_growth_to_the_runtime_bytes(lm_with_profile):
+    facts = calibrate.model_facts(str(lm_with_profile))
+    done = synthetic_measurements(facts)
+    base = calibrate.derive(facts, done)
+    N = facts["num_experts"][0]
+    longer = dict(done)
+    for key, extra in ((f"long:full:{N}", 300_000), (f"long:int4:{N // 2}", 700_000)):
+        short = done["latency:" + key[len("long:"):]]
+        longer[key] = {**short, "key": key, "peak_rss_bytes": short["peak_rss_bytes"] + extra, "loss": 9.9}
+    grown = calibrate.derive(facts, longer)
+    assert grown["memory_fit"]["long_run_bytes"] == 700_000 and base["memory_fit"]["long_run_bytes"] == 0
+    assert grown["runtime_bytes"] == base["runtime_bytes"] + 700_000
+    assert grown["quality_samples"] == base["quality_samples"]      # long runs are not quality samples
+    stream = {"kind": "frames", "data": None, "frames": 10, "seed": 4}
+    long_specs = [s for s in calibrate.measurement_specs(str(lm_with_profile), facts, stream, 2, 0, 1)
+                  if s["key"].startswith("long:")]
+    assert [s["heldout"]["seed"] for s in long_specs] == [5, 5] and all(s["stream"] == stream for s in long_specs)
+
+
 def test_derive_recovers_the_planted_machine(lm_with_profile):
     data = json.loads((lm_with_profile / PROFILE_FILE).read_text())
     margin = data["memory_fit"]["margin_bytes"]                   # 3 sd of the overheads: the runs wobble 0..2000
@@ -143,7 +162,7 @@ def test_measurement_specs_are_unique_valid_and_seeded(lm_with_profile):
     a = calibrate.measurement_specs(str(lm_with_profile), facts, stream, 12, seed=3, threads=1)
     b = calibrate.measurement_specs(str(lm_with_profile), facts, stream, 20, seed=3, threads=1)
     keys = [s["key"] for s in a]
-    assert len(set(keys)) == len(keys) and len(a) == 2 + 2 + 9 + 12 + 6     # near samples: half as many again
+    assert len(set(keys)) == len(keys) and len(a) == 2 + 2 + 9 + 2 + 12 + 6     # 2 long runs; near: half as many again
     by_key = {s["key"]: s for s in b}
     assert all(by_key[s["key"]].get("plan") == s.get("plan") for s in a)      # a longer run extends the same
     assert calibrate.measurement_specs(str(lm_with_profile), facts, stream, 12, seed=4, threads=1)[-1] != a[-1]

@@ -20,6 +20,7 @@ Derived (`derive`, torch-free): bytes per expert per precision and staging buffe
 loader's own accounting (pcmoe.loader.inspect); runtime bytes = the largest measured peak RSS
 minus predicted weights minus the KV cache held, over the runs without a full-precision bank of
 two or more slots, plus three standard deviations of those overheads (a margin for runs not seen),
+plus the heap growth of the long runs (profiling then held-out stream) over their single-stream twins,
 and full_gemm_bytes = how much more the largest of the other runs needed (their
 multi-token steps run bf16 matmuls over varying token counts, which raised peak RSS by 20-65 MB
 on the shipped LM, by an amount that varies from run to run; not torch's grouped GEMM: the per-slot
@@ -134,6 +135,12 @@ def measurement_specs(model_dir: str, facts: dict, stream: dict, samples: int, s
     for p in precisions:
         for n in sorted({1, N // 2, N}):
             specs.append(config_spec(f"latency:{p}:{n}", [n] * L, [p] * L, default_f))
+    # Long runs: the profiling stream and then the held-out one (what --validate and a server run),
+    # repeating a latency configuration; their peak over its single-stream peak is heap growth with
+    # running time, which derive adds to runtime_bytes.
+    held = {**stream, "documents": "odd"} if stream["kind"] == "text" else {**stream, "seed": stream["seed"] + 1}
+    for p, n in long_runs(precisions, N):
+        specs.append({**config_spec(f"long:{p}:{n}", [n] * L, [p] * L, default_f), "heldout": held})
     rng = np.random.default_rng(seed)
     for i in range(samples):
         sizes = rng.integers(1, N + 1, L)
@@ -305,7 +312,8 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
                "context_tokens": facts["context_tokens"], "machine": {"cpu": cpu_name(), "threads": None}}
     space = SearchSpace(num_experts=tuple(facts["num_experts"]), precisions=tuple(precisions),
                         intervals=tuple(INTERVALS[unit]))
-    scored = {k: r for k, r in done.items() if _ok(r) and r.get("config") and "loss" in r}
+    # long runs repeat a latency configuration: only their peak RSS is used (long_run_growth)
+    scored = {k: r for k, r in done.items() if _ok(r) and r.get("config") and "loss" in r and not k.startswith("long:")}
     # "quality:" records carry a loss alone (imported from an earlier calibration, see import_quality):
     # quality samples, never memory or latency samples.
     configs = {k: r for k, r in scored.items() if not k.startswith(QUALITY_ONLY)}
@@ -341,7 +349,8 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
         # Margin: a run the calibration did not see can need a little more than the largest it saw
         # (a vision plan at its limit peaked 0.55 MB above the maximum of 33 runs, sd 0.34 MB).
         margin = int(MARGIN_SD * np.std(plain))
-        profile["runtime_bytes"] = int(max(plain)) + margin
+        growth = long_run_growth(done)
+        profile["runtime_bytes"] = int(max(plain)) + margin + growth
         profile["full_gemm_bytes"] = int(max(0, max(with_gemm) - max(plain))) if with_gemm else 0
 
         def spread(values):
@@ -349,6 +358,7 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
                     "min": int(min(values)), "sd": int(np.std(values))} if values else None
 
         profile["memory_fit"] = {"samples": len(overhead), "runtime_bytes_max": int(max(plain)), "margin_bytes": margin,
+                                 "long_run_bytes": growth,
                                  "runtime_bytes_mean": int(np.mean(plain)), "runtime_bytes_min": int(min(plain)),
                                  "runtime_bytes_sd": int(np.std(plain)), "without_full_gemm": spread(plain),
                                  "with_full_gemm": spread(with_gemm),
@@ -477,6 +487,22 @@ def _speed_summary(speed: dict[str, float], source: str | None) -> dict:
     v = np.array(list(speed.values()))
     return {"source": source, "runs": len(v), "p5": float(np.percentile(v, 5)), "p95": float(np.percentile(v, 95)),
             "min": float(v.min()), "max": float(v.max())}
+
+
+def long_runs(precisions: list[str], n: int) -> list[tuple[str, int]]:
+    """(precision, committee size) of the long runs: everything resident, and the most compressed
+    precision at half the experts (swapping, where the heap churns most)."""
+    return [(precisions[0], n)] + ([(precisions[-1], max(1, n // 2))] if len(precisions) > 1 or n > 1 else [])
+
+
+def long_run_growth(done: dict) -> int:
+    """The largest peak-RSS growth of a long run over its configuration's single-stream run (0 if none)."""
+    growth = 0
+    for key, r in done.items():
+        short = done.get("latency:" + key[len("long:"):]) if key.startswith("long:") else None
+        if _ok(r) and _ok(short) and r.get("peak_rss_bytes") and short.get("peak_rss_bytes"):
+            growth = max(growth, int(r["peak_rss_bytes"] - short["peak_rss_bytes"]))
+    return growth
 
 
 MARGIN_SD = 3   # runtime_bytes = the largest overhead measured + this many standard deviations of them
