@@ -221,6 +221,34 @@ def shadow_split(sizes: ModelBytes, budget: int, shadow_bytes: list[int], *, res
     return best, counts(best)
 
 
+
+def shadow_sizing(sizes: ModelBytes, budget: int | None, one_shadow: int, *, policy: str, swapped: bool,
+                  spare_slots: int, bytes_per_step: int | None, staging_bytes: int, wait_bytes: int = 0,
+                  shadows: int | None = None, plan_sizes: list[int] | None = None) -> Sizing:
+    """A load's (or a live budget change's) Sizing with shadow experts of `one_shadow` bytes each:
+    shadow_split's committees, the shadow counts they leave, and `wait_bytes` (the exact-load
+    buffer of --wait-above), all inside the budget. The arithmetic of the loader's shadow sizing."""
+    from dataclasses import replace
+
+    buffers = swap_buffer_count(default_bytes_per_step(sizes, bytes_per_step), sizes.expert) \
+        if swapped and spare_slots == 0 else 0
+    sb = [one_shadow] * len(sizes.expert)
+    committee = plan_sizes
+    if plan_sizes is None and budget is not None and budget < sizes.full:
+        committee, _ = shadow_split(sizes, budget - wait_bytes, sb, reserved=buffers * staging_bytes,
+                                    spare_slots=spare_slots if swapped else 0, shadows=shadows)
+    counts = [0 if committee is None else (N - n if shadows is None else min(shadows, N - n))
+              for n, N in zip(committee or sizes.num_experts, sizes.num_experts)]
+    shadow_total = sum(c * b for c, b in zip(counts, sb)) + wait_bytes
+    sizing = size_committees(sizes, None if budget is None else budget - shadow_total, policy=policy,
+                             swapped=swapped, all_resident=False, spare_slots=spare_slots,
+                             bytes_per_step=bytes_per_step, staging_bytes=staging_bytes, plan_sizes=committee)
+    if all(n >= N for n, N in zip(sizing.committee_sizes, sizes.num_experts)):
+        counts, shadow_total = [0] * len(counts), 0
+    return replace(sizing, weight_bytes=sizing.weight_bytes + shadow_total,
+                   budget=budget if budget is not None else sizing.weight_bytes + shadow_total,
+                   shadow_counts=tuple(counts), shadow_bytes=shadow_total)
+
 # -- non-expert weights at a precision (pcmoe.nonexpert holds them so) ------------------------------
 
 _QUANTISED_NONEXPERT = re.compile(r"(?:\.self_attn\.[qkvo]_proj\.weight|^lm_head\.weight)$")

@@ -150,9 +150,6 @@ class Engine:
         if self.policy not in LIVE_BUDGET_POLICIES:
             raise PcmoeError(f"budget unchanged: policy {self.policy} keeps a fixed subset; live budget changes "
                              f"need one of {', '.join(LIVE_BUDGET_POLICIES)}")
-        if getattr(self.options, "shadow", None):
-            raise PcmoeError("budget unchanged: live budget changes do not size shadow experts yet; load without "
-                             "--shadow to change the budget while serving")
         model_bytes = self.model_bytes
         block = self.layers[0].block.experts
         if sizes is not None and (len(sizes) != len(self.layers) or any(
@@ -165,12 +162,28 @@ class Engine:
             if value is None:
                 raise BudgetError("give a budget (bytes with a unit, 50%, 50%experts)")
             # the one budget arithmetic (pcmoe.budget), as the loader asks it (uniform sizes unless given)
+            if getattr(self.options, "shadow", None) and self.policy not in ("full", "topk-reduce"):
+                return self._shadow_plan(value, sizes)
             return size_committees(model_bytes, value, policy=self.policy, swapped=self.policy == "committee",
                                    all_resident=self.policy in ("full", "topk-reduce"),
                                    spare_slots=self.options.spare_slots, bytes_per_step=self.sizing.bytes_per_step,
                                    staging_bytes=_staging_bytes(block), plan_sizes=sizes)
         except BudgetError as e:
             raise PcmoeError(f"budget unchanged: {e}") from None
+
+    def _shadow_plan(self, budget: int, sizes: list[int] | None) -> Sizing:
+        """plan_budget for a load with shadow experts: the loader's sizing (committees and shadow
+        counts in one budget, pcmoe.budget.shadow_sizing) for the new budget."""
+        from pcmoe.budget import shadow_sizing
+        from pcmoe.shadow import shadow_nbytes
+
+        o, block = self.options, self.layers[0].block.experts
+        staging = _staging_bytes(block)
+        one = shadow_nbytes(self.family.kernel(), block.dtype, o.shadow, o.shadow_group, o.shadow_rank)
+        return shadow_sizing(self.model_bytes, budget, one, policy=self.policy, swapped=self.policy == "committee",
+                             spare_slots=o.spare_slots, bytes_per_step=self.sizing.bytes_per_step,
+                             staging_bytes=staging, wait_bytes=staging if o.wait_above is not None else 0,
+                             shadows=o.shadow_experts, plan_sizes=sizes)
 
     def set_budget(self, budget, now: bool = True, sizes: list[int] | None = None) -> dict:
         """A new weight budget without a restart: shrinking frees the slots of each layer's least
@@ -215,6 +228,9 @@ class Engine:
             # on-demand fills its empty slots on misses; the committee's come from the scheduler
             fills.append([e for e in rank if not committee.is_member(e)][:size - len(keep)]
                          if self.policy == "committee" else [])
+        if getattr(self.options, "shadow", None):
+            for i in range(len(self.layers)):
+                self._resize_shadows(i, sizing.shadow_counts[i] if sizing.shadow_counts else 0, fills[i])
         buffers = self.io.buffers
         del buffers[sizing.swap_buffers:]
         while len(buffers) < sizing.swap_buffers:
@@ -231,6 +247,51 @@ class Engine:
         self.sizing = sizing
         self.budget_changes += 1
         release_free_memory()
+
+    def _resize_shadows(self, i: int, count: int, fills: list[int]) -> None:
+        """Layer i's shadow bank remade with `count` rows, for the most important experts outside
+        the (resized) committee that the scheduler will not promote (`fills`): a kept row is
+        copied, a new one comes from the shadow cache or is made from the stored full-precision
+        weights, as the load makes them. The old bank is dropped, so its memory returns."""
+        from pcmoe.loader import _read_full
+        from pcmoe.shadow import ShadowBank
+
+        chooser = getattr(self.layers[i].controller, "chooser", None)
+        if chooser is None:
+            return
+        committee, old, o = self.layers[i].committee, chooser.shadows, self.options
+        filling = set(fills)
+        wanted = [e for e in self._importance_order(i) if not committee.is_member(e) and e not in filling][:count]
+        if old is not None and sorted(old.experts) == sorted(wanted) and all(old.has(e) for e in wanted):
+            return
+        if not wanted:
+            chooser.shadows, chooser._seen = None, None
+            return
+        block = self.layers[i].block.experts
+        bank = ShadowBank(self.family.kernel(), committee.num_experts, wanted, block.dtype, o.shadow,
+                          o.shadow_group, o.shadow_rank)
+        buffer = None
+        for e in wanted:
+            state = old.row_state(e) if old is not None and old.has(e) else None
+            if state is None and chooser.source is not None:
+                state = chooser.source(e)
+            if state is not None:
+                bank.load_row(e, state)
+                continue
+            if buffer is None:
+                from pcmoe.moe import expert_buffer
+
+                buffer = expert_buffer(self.family.kernel(), block.dtype)
+            if not _read_full(self.store, self.layers[i].block.layer, e, buffer):
+                raise PcmoeError(f"cannot read expert {e} of {self.layers[i].block.block_name} (I/O error)")
+            bank.write(e, buffer)
+        if old is None:  # no shadows before: the chooser's time (and, unless measured, error) were placeholders
+            if chooser.errors.get("shadow", 1.0) >= 1.0:
+                chooser.errors["shadow"] = bank.weight_error()
+            chooser.ms["shadow"] = bank.time_one() * 1e3
+        elif old.native is not None:
+            bank.use_native()
+        chooser.shadows, chooser._seen = bank, None
 
     def _importance_order(self, layer: int) -> list[int]:
         """The layer's experts, most important first: on-demand by recency, else by the last

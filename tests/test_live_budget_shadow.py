@@ -1,0 +1,109 @@
+"""Live budget changes for an engine loaded with shadow experts: committees and shadow counts
+follow the new budget (pcmoe.budget.shadow_sizing), as a load at that budget would size them."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import pcmoe
+from pcmoe.options import PcmoeError
+
+
+def _load(folder, **options):
+    options.setdefault("update_every", 4)
+    options.setdefault("margin", 0.0)
+    return pcmoe.load(folder, policy="committee", progress=False, synchronous=True, shadow="int2", kernel="eager",
+                      **options)
+
+
+def _generate(engine, changes: dict, tokens: int = 30, prompt=(5, 6, 7, 8)):
+    """Greedy tokens and logits; before step i, engine.set_budget(changes[i]). Returns tokens, per-step stats."""
+    out, seen = [], {}
+    steps = engine.generate(list(prompt), max_new_tokens=tokens, temperature=0, stop_on_eos=False)
+    with contextlib.closing(steps):
+        for step in steps:
+            out.append(step.token_id)
+            if step.index in changes:
+                engine.set_budget(changes[step.index])
+            seen[step.index] = engine.stats()
+    return out, seen
+
+
+def _shadow_counts(stats) -> list[int]:
+    return [row["shadow_experts"] for row in stats["per_layer"]]
+
+
+def _check_banks(engine):
+    """Every shadow row is ready and belongs to a non-member or an expert the scheduler is promoting."""
+    for layer in engine.layers:
+        bank = layer.controller.chooser.shadows
+        if bank is not None:
+            assert all(bank.has(e) and bank.row_of[e] == r for r, e in enumerate(bank.experts))
+
+
+def test_shrink_and_grow_with_shadows_mid_generation(tiny_lm):
+    with _load(tiny_lm, budget="70%experts") as engine:
+        vocab = engine.config.vocab_size
+        before = engine.stats()
+        again = engine.plan_budget("70%experts")  # the load's arithmetic: the same budget, the same sizing
+        assert (again.committee_sizes, again.shadow_counts, again.weight_bytes) == \
+            (engine.sizing.committee_sizes, engine.sizing.shadow_counts, engine.sizing.weight_bytes)
+        small, grown = engine.plan_budget("40%experts"), engine.plan_budget("90%experts")
+        assert small.shadow_counts and sum(small.committee_sizes) < sum(engine.committee_sizes)
+        tokens, seen = _generate(engine, {5: "40%experts", 15: "90%experts"})
+        assert len(tokens) == 30 and all(0 <= t < vocab for t in tokens)
+        shrunk = seen[6]
+        assert shrunk["committee_sizes"] == small.committee_sizes
+        assert shrunk["resident_bytes"] <= small.budget < before["resident_bytes"]
+        assert shrunk["shadow_bytes"] == small.shadow_bytes
+        assert _shadow_counts(shrunk) == list(small.shadow_counts)
+        # members cost experts and free shadows: more members, fewer shadows
+        assert all(n <= m for n, m in zip(small.committee_sizes, grown.committee_sizes))
+        assert all(s >= g for s, g in zip(small.shadow_counts, grown.shadow_counts))
+        after = seen[16]
+        assert after["resident_bytes"] <= grown.budget and _shadow_counts(after) == list(grown.shadow_counts)
+        assert after["budget_changes"] == 2
+        members = [len(layer["members"]) for layer in seen[16 + 8]["per_layer"]]
+        assert members == grown.committee_sizes
+        _check_banks(engine)
+
+
+def test_too_small_a_budget_changes_nothing(tiny_lm):
+    with _load(tiny_lm, budget="50%experts") as engine:
+        sizes, counts, sizing = engine.committee_sizes, _shadow_counts(engine.stats()), engine.sizing
+        with pytest.raises(PcmoeError, match="budget unchanged"):
+            engine.set_budget(engine.model_bytes.nonexpert + 1)
+        assert engine.committee_sizes == sizes and engine.sizing is sizing
+        assert _shadow_counts(engine.stats()) == counts
+
+
+def test_fewer_shadows_go_to_the_least_important(tiny_lm):
+    with _load(tiny_lm, budget="70%experts", shadow_experts=2) as engine:
+        engine.set_budget("40%experts")
+        for i, layer in enumerate(engine.layers):
+            bank, committee = layer.controller.chooser.shadows, layer.committee
+            outside = [e for e in engine._importance_order(i) if not committee.is_member(e)]
+            assert bank is not None and sorted(bank.experts) == sorted(outside[:2])
+
+
+def test_growing_to_every_expert_decodes_as_the_full_engine(tiny_lm):
+    prompt = [5, 6, 7, 8]
+    with pcmoe.load(tiny_lm, policy="full", progress=False, kernel="eager") as full:
+        with torch.inference_mode():
+            want, state = full.prefill(prompt)
+            want = [want] + [full.decode_step(state, t) for t in (9, 10, 11)]
+    with _load(tiny_lm, budget="40%experts", update_every=1) as engine:
+        engine.set_budget("100%")
+        with torch.inference_mode():
+            state = engine.new_state()
+            for t in prompt * 3:  # the scheduler fills the new slots, amortised
+                engine.forward(torch.tensor([[t]]), state)
+        assert engine.stats()["shadow_bytes"] == 0
+        assert all(len(c.members()) == c.num_experts for c in engine.committees)
+        with torch.inference_mode():
+            got, state = engine.prefill(prompt)
+            got = [got] + [engine.decode_step(state, t) for t in (9, 10, 11)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
