@@ -249,6 +249,7 @@ def shadow_sizing(sizes: ModelBytes, budget: int | None, one_shadow: int, *, pol
                    budget=budget if budget is not None else sizing.weight_bytes + shadow_total,
                    shadow_counts=tuple(counts), shadow_bytes=shadow_total)
 
+
 # -- non-expert weights at a precision (pcmoe.nonexpert holds them so) ------------------------------
 
 _QUANTISED_NONEXPERT = re.compile(r"(?:\.self_attn\.[qkvo]_proj\.weight|^lm_head\.weight)$")

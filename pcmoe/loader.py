@@ -32,7 +32,6 @@ from pcmoe.budget import (
     Sizing,
     minima,
     parse_budget,
-    shadow_split,
     size_committees,
 )
 from pcmoe.checkpoint import Checkpoint, CheckpointError, read_config_dict
@@ -300,39 +299,18 @@ def _sizing(lay: _Layout, family, budget_spec, policy: str, plan, opts: LoadOpti
 
 
 def _shadow_sizing(lay: _Layout, family, budget_spec, policy: str, plan_sizes, opts: LoadOptions) -> Sizing:
-    """Committees and shadows in one budget (pcmoe.budget.shadow_split): staging buffers and the
-    exact-load buffer of --wait-above are reserved first."""
-    from dataclasses import replace
-
-    from pcmoe.budget import default_bytes_per_step, swap_buffer_count
+    """Committees and shadows in one budget (pcmoe.budget.shadow_sizing, which a live budget change
+    calls too): staging buffers and the exact-load buffer of --wait-above are reserved first."""
+    from pcmoe.budget import shadow_sizing
     from pcmoe.shadow import shadow_nbytes
 
-    sizes = lay.sizes
     staging = slot_nbytes(family.kernel(), lay.dtype, None)
-    budget = parse_budget(budget_spec, sizes)
-    swapped = policy in DYNAMIC_POLICIES and opts.spare_slots == 0
-    buffers = swap_buffer_count(default_bytes_per_step(sizes, opts.bytes_per_step), sizes.expert) if swapped else 0
-    wait_bytes = staging if opts.wait_above is not None else 0
     one = shadow_nbytes(family.kernel(), lay.dtype, opts.shadow, opts.shadow_group, opts.shadow_rank)
-    sb = [one] * len(sizes.expert)
-    if plan_sizes is None and budget is not None and budget < sizes.full:
-        spare = opts.spare_slots if policy in DYNAMIC_POLICIES else 0
-        committee, _ = shadow_split(sizes, budget - wait_bytes, sb, reserved=buffers * staging, spare_slots=spare,
-                                    shadows=opts.shadow_experts)
-    else:
-        committee = plan_sizes
-    counts = [0 if committee is None else (N - n if opts.shadow_experts is None else min(opts.shadow_experts, N - n))
-              for n, N in zip(committee or sizes.num_experts, sizes.num_experts)]
-    shadow_total = sum(c * b for c, b in zip(counts, sb)) + wait_bytes
-    inner = None if budget is None else budget - shadow_total
-    sizing = size_committees(sizes, inner, policy=policy, swapped=policy in DYNAMIC_POLICIES,
-                             all_resident=False, spare_slots=opts.spare_slots, bytes_per_step=opts.bytes_per_step,
-                             staging_bytes=staging, plan_sizes=committee)
-    if all(n >= N for n, N in zip(sizing.committee_sizes, sizes.num_experts)):
-        counts, shadow_total = [0] * len(counts), 0
-    return replace(sizing, weight_bytes=sizing.weight_bytes + shadow_total,
-                   budget=budget if budget is not None else sizing.weight_bytes + shadow_total,
-                   shadow_counts=tuple(counts), shadow_bytes=shadow_total)
+    return shadow_sizing(lay.sizes, parse_budget(budget_spec, lay.sizes), one, policy=policy,
+                         swapped=policy in DYNAMIC_POLICIES, spare_slots=opts.spare_slots,
+                         bytes_per_step=opts.bytes_per_step, staging_bytes=staging,
+                         wait_bytes=staging if opts.wait_above is not None else 0, shadows=opts.shadow_experts,
+                         plan_sizes=plan_sizes)
 
 
 def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, blocks, members, profile, norms):
