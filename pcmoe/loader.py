@@ -60,7 +60,7 @@ from pcmoe.policies import (
 )
 from pcmoe.runtime import Engine, Layer
 from pcmoe.scheduler import SwapScheduler
-from pcmoe.store import STORAGE_PROFILES, ExpertIO, ExpertStore
+from pcmoe.store import STORAGE_PROFILES, ExpertIO, ExpertStore, read_full_precision
 from pcmoe.system import atomic_write_text
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -328,7 +328,7 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
         scratch = expert_buffer(family.kernel(), lay.dtype)
 
         def exact(layer, expert):
-            return scratch if _read_full(store, layer, expert, scratch) else None
+            return scratch if read_full_precision(store, layer, expert, scratch) else None
     bandwidth = (_io_bandwidth(opts.io_bandwidth) or 2000.0) * 1e6  # bytes/s; 2 GB/s (ufs) when not emulated
     choosers = []
     for i in range(len(blocks)):
@@ -343,14 +343,15 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
                 if made is not None:
                     bank.load_row(e, made)
                     continue
-                if not _read_full(store, i, e, buffer):
+                if not read_full_precision(store, i, e, buffer):
                     raise PcmoeError(f"{folder}: cannot read expert {e} of {lay.block_names[i]} (I/O error)")
                 bank.write(e, buffer)
                 cache.put(i, e, bank.row_state(e))
             if policy in DYNAMIC_POLICIES:  # every expert's shadow in the cache: a demoted member gets one
                 made = None  # a temporary bank of every expert of the layer, for making them
                 for e in range(len(score)):
-                    if bank.row_of[e] < 0 and cache.get(i, e, bank.bank) is None and _read_full(store, i, e, buffer):
+                    if (bank.row_of[e] < 0 and cache.get(i, e, bank.bank) is None
+                            and read_full_precision(store, i, e, buffer)):
                         made = made or shadows_mod.ShadowBank(family.kernel(), len(score), list(range(len(score))),
                                                               lay.dtype, opts.shadow, opts.shadow_group,
                                                               opts.shadow_rank)
@@ -378,18 +379,6 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
                 names = list(chooser.shadows.bank)
                 chooser.source = lambda e, _i=i, _n=names: cache.get(_i, e, _n)
     return choosers
-
-
-def _read_full(store, layer: int, expert: int, buffer: dict) -> bool:
-    """An expert at full precision as the checkpoint holds it (loads may read quantised copies)."""
-    read_source = getattr(store, "read_source", None)
-    if read_source is None:
-        return store.load(layer, expert, buffer)
-    try:
-        read_source(layer, expert, buffer)
-    except OSError:
-        return False
-    return True
 
 
 def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Engine:

@@ -253,8 +253,8 @@ class Engine:
         the (resized) committee that the scheduler will not promote (`fills`): a kept row is
         copied, a new one comes from the shadow cache or is made from the stored full-precision
         weights, as the load makes them. The old bank is dropped, so its memory returns."""
-        from pcmoe.loader import _read_full
         from pcmoe.shadow import ShadowBank
+        from pcmoe.store import read_full_precision
 
         chooser = getattr(self.layers[i].controller, "chooser", None)
         if chooser is None:
@@ -282,7 +282,7 @@ class Engine:
                 from pcmoe.moe import expert_buffer
 
                 buffer = expert_buffer(self.family.kernel(), block.dtype)
-            if not _read_full(self.store, self.layers[i].block.layer, e, buffer):
+            if not read_full_precision(self.store, self.layers[i].block.layer, e, buffer):
                 raise PcmoeError(f"cannot read expert {e} of {self.layers[i].block.block_name} (I/O error)")
             bank.write(e, buffer)
         if old is None:  # no shadows before: the chooser's time (and, unless measured, error) were placeholders

@@ -184,3 +184,16 @@ def carve(storage: dict[str, torch.Tensor], like: dict[str, torch.Tensor], align
         else:
             raise ValueError(f"staging buffer too small for {name} ({n} bytes)")
     return out
+
+
+def read_full_precision(store, layer: int, expert: int, buffer: dict) -> bool:
+    """An expert at full precision as the checkpoint holds it (a store may read quantised copies
+    for loads); False where it cannot be read. Shadows are made from these weights."""
+    read_source = getattr(store, "read_source", None)
+    if read_source is None:
+        return store.load(layer, expert, buffer)
+    try:
+        read_source(layer, expert, buffer)
+    except OSError:
+        return False
+    return True

@@ -236,7 +236,7 @@ def test_shadows_are_made_once_and_read_from_the_cache(qwen, tmp_path, monkeypat
     def no_reads(*args):
         raise AssertionError("a cached shadow was made again")
 
-    monkeypatch.setattr(loader, "_read_full", no_reads)
+    monkeypatch.setattr(loader, "read_full_precision", no_reads)
     again = pcmoe.load(qwen, budget=budget, policy="magnitude-keep", progress=False, shadow="int3",
                        cache_dir=str(tmp_path), kernel="eager")
     assert torch.equal(_logits(first, IDS), _logits(again, IDS))
