@@ -107,3 +107,26 @@ def test_growing_to_every_expert_decodes_as_the_full_engine(tiny_lm):
             got, state = engine.prefill(prompt)
             got = [got] + [engine.decode_step(state, t) for t in (9, 10, 11)]
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_the_admin_call_changes_a_shadow_engines_budget(tiny_lm):
+    """POST /admin/budget on a server over a --shadow engine: sizes and shadow counts in the reply and stats."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from pcmoe.server import create_app
+
+    with _load(tiny_lm, budget="70%experts") as engine:
+        before = _shadow_counts(engine.stats())
+        app = create_app(engine, model_name="tiny", admin_token="secret")
+        with TestClient(app) as client:
+            ok = {"Authorization": "Bearer secret"}
+            r = client.post("/admin/budget", json={"budget": "40%experts"}, headers=ok)
+            body = r.json()
+            assert r.status_code == 200 and body["applied"] and body["resident_bytes"] <= body["budget_bytes"]
+            assert engine.committee_sizes == body["committee_sizes"]
+            assert _shadow_counts(engine.stats()) != before
+            r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 5})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
+            assert client.post("/admin/budget", json={"budget": "1kB"}, headers=ok).status_code == 400
+            assert engine.committee_sizes == body["committee_sizes"]
