@@ -2,7 +2,7 @@
 
 `make_checkpoint("qwen3_moe", path)` builds the model from the family's tiny config with seeded
 random weights and writes it with `save_pretrained`, i.e. in the on-disk layout a real Hugging Face
-checkpoint of that family has.
+checkpoint of that family has. `generate_with_budget_changes` drives live budget changes in tests.
 """
 
 from __future__ import annotations
@@ -73,3 +73,19 @@ def make_tokenizer(path: Path, vocab_size: int = 300):
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
     return fast
+
+
+def generate_with_budget_changes(engine, changes: dict, tokens: int, prompt=(5, 6, 7, 8)):
+    """Greedy tokens; before step i, engine.set_budget(changes[i]). Returns the tokens and the
+    engine's stats after each step (by step index)."""
+    import contextlib
+
+    out, seen = [], {}
+    steps = engine.generate(list(prompt), max_new_tokens=tokens, temperature=0, stop_on_eos=False)
+    with contextlib.closing(steps):
+        for step in steps:
+            out.append(step.token_id)
+            if step.index in changes:
+                engine.set_budget(changes[step.index])
+            seen[step.index] = engine.stats()
+    return out, seen

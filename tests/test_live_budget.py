@@ -3,7 +3,6 @@ admin call and /metrics."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from pcmoe.committee import LayerCommittee
 from pcmoe.moe import GluKernel, SlotExperts
 from pcmoe.options import PcmoeError
 from pcmoe.system import rss_bytes
+from pcmoe.testing import generate_with_budget_changes
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "pcmoe-lm"
 
@@ -26,17 +26,8 @@ def _load(folder, **options):
     return pcmoe.load(folder, progress=False, **options)
 
 
-def _generate(engine, changes: dict, tokens: int = 40, prompt=(5, 6, 7, 8)):
-    """Greedy tokens; before step i, engine.set_budget(changes[i]). Returns tokens and per-step stats."""
-    out, seen = [], {}
-    steps = engine.generate(list(prompt), max_new_tokens=tokens, temperature=0, stop_on_eos=False)
-    with contextlib.closing(steps):
-        for step in steps:
-            out.append(step.token_id)
-            if step.index in changes:
-                engine.set_budget(changes[step.index])
-            seen[step.index] = engine.stats()
-    return out, seen
+def _generate(engine, changes: dict):
+    return generate_with_budget_changes(engine, changes, tokens=40)
 
 
 def test_bank_resize_keeps_what_it_was_told_to(tiny_checkpoint):

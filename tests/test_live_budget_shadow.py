@@ -3,13 +3,12 @@ follow the new budget (pcmoe.budget.shadow_sizing), as a load at that budget wou
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import pcmoe
 from pcmoe.options import PcmoeError
+from pcmoe.testing import generate_with_budget_changes
 
 
 def _load(folder, **options):
@@ -19,17 +18,8 @@ def _load(folder, **options):
                       **options)
 
 
-def _generate(engine, changes: dict, tokens: int = 30, prompt=(5, 6, 7, 8)):
-    """Greedy tokens and logits; before step i, engine.set_budget(changes[i]). Returns tokens, per-step stats."""
-    out, seen = [], {}
-    steps = engine.generate(list(prompt), max_new_tokens=tokens, temperature=0, stop_on_eos=False)
-    with contextlib.closing(steps):
-        for step in steps:
-            out.append(step.token_id)
-            if step.index in changes:
-                engine.set_budget(changes[step.index])
-            seen[step.index] = engine.stats()
-    return out, seen
+def _generate(engine, changes: dict):
+    return generate_with_budget_changes(engine, changes, tokens=30)
 
 
 def _shadow_counts(stats) -> list[int]:
