@@ -221,7 +221,6 @@ def shadow_split(sizes: ModelBytes, budget: int, shadow_bytes: list[int], *, res
     return best, counts(best)
 
 
-
 def shadow_sizing(sizes: ModelBytes, budget: int | None, one_shadow: int, *, policy: str, swapped: bool,
                   spare_slots: int, bytes_per_step: int | None, staging_bytes: int, wait_bytes: int = 0,
                   shadows: int | None = None, plan_sizes: list[int] | None = None) -> Sizing:

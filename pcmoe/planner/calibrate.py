@@ -138,7 +138,7 @@ def measurement_specs(model_dir: str, facts: dict, stream: dict, samples: int, s
     # Long runs: the profiling stream and then the held-out one (what --validate and a server run),
     # repeating a latency configuration; their peak over its single-stream peak is heap growth with
     # running time, which derive adds to runtime_bytes.
-    held = {**stream, "documents": "odd"} if stream["kind"] == "text" else {**stream, "seed": stream["seed"] + 1}
+    held = heldout_stream(stream)
     for p, n in long_runs(precisions, N):
         specs.append({**config_spec(f"long:{p}:{n}", [n] * L, [p] * L, default_f), "heldout": held})
     rng = np.random.default_rng(seed)
@@ -487,6 +487,12 @@ def _speed_summary(speed: dict[str, float], source: str | None) -> dict:
     v = np.array(list(speed.values()))
     return {"source": source, "runs": len(v), "p5": float(np.percentile(v, 5)), "p95": float(np.percentile(v, 95)),
             "min": float(v.min()), "max": float(v.max())}
+
+
+def heldout_stream(stream: dict) -> dict:
+    """The held-out twin of a profiling stream: the odd documents of the same text, or the next
+    seed of the frame stream."""
+    return {**stream, "documents": "odd"} if stream["kind"] == "text" else {**stream, "seed": stream["seed"] + 1}
 
 
 def long_runs(precisions: list[str], n: int) -> list[tuple[str, int]]:

@@ -23,8 +23,9 @@ def streams_of(planner: Planner) -> tuple[dict, dict]:
     stream = ident.get("stream")
     if not stream:
         raise PlanError("the device profile does not say which stream it was calibrated on; recalibrate it")
-    held = {**stream, "documents": "odd"} if stream["kind"] == "text" else {**stream, "seed": stream["seed"] + 1}
-    return stream, held
+    from pcmoe.planner.calibrate import heldout_stream
+
+    return stream, heldout_stream(stream)
 
 
 def worker_spec(planner: Planner, model_dir: str, plan: dict | None, threads: int = 1, policy: str = "committee",
