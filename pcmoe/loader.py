@@ -102,7 +102,7 @@ def inspect(checkpoint_dir: str | os.PathLike, dtype: str = "auto", quantize: st
         "experts_per_layer": sizes.num_experts[0], "experts_per_token": family.top_k,
         "dtype": str(lay.dtype).replace("torch.", ""), "quantize": quantize,
         "nonexpert_bytes": sizes.nonexpert, "expert_bytes": sizes.expert[0],
-        "nonexpert_bytes_quantized": {m: _nonexpert_bytes_at(lay.meta_state, lay.nonexpert, lay.missing, m)
+        "nonexpert_bytes_quantized": {m: _nonexpert_bytes_at(lay.meta_state, lay.nonexpert, m)
                                       for m in ("int8", "int4")} if family.lean_decoder else {},
         "all_expert_bytes": sizes.all_experts, "full_model_bytes": sizes.full,
         **minima(sizes, slot_nbytes(family.kernel(), lay.dtype, None), opts.bytes_per_step),
@@ -202,7 +202,7 @@ def _layout(folder: Path, ckpt: Checkpoint, family, opts: LoadOptions, plan: dic
 
     nonexpert_bytes = sum(nbytes_as(info, meta_state[k].dtype) for k, info in nonexpert.items())
     if opts.nonexpert_quantize:   # as pcmoe.nonexpert will hold them (pcmoe.budget arithmetic)
-        nonexpert_bytes = _nonexpert_bytes_at(meta_state, nonexpert, missing, opts.nonexpert_quantize)
+        nonexpert_bytes = _nonexpert_bytes_at(meta_state, nonexpert, opts.nonexpert_quantize)
     quants = (check_precisions(plan, len(block_names)) if plan is not None else None) \
         or [opts.quantize] * len(block_names)
     if any(quants) and not family.kernel().linear_weights:
@@ -212,12 +212,12 @@ def _layout(folder: Path, ckpt: Checkpoint, family, opts: LoadOptions, plan: dic
     return _Layout(model, dtype, block_names, pieces, meta_state, nonexpert, missing, sizes, quants)
 
 
-def _nonexpert_bytes_at(meta_state: dict, nonexpert: dict, missing: set, mode: str | None) -> int:
+def _nonexpert_bytes_at(meta_state: dict, nonexpert: dict, mode: str | None) -> int:
     from pcmoe.budget import nonexpert_nbytes_at
 
     shapes = {k: tuple(meta_state[k].shape) for k in nonexpert}
     itemsize = {k: meta_state[k].dtype.itemsize for k in nonexpert}
-    return nonexpert_nbytes_at(shapes, itemsize, mode, tied="lm_head.weight" in missing)
+    return nonexpert_nbytes_at(shapes, itemsize, mode)
 
 
 def _check_nonexpert_quantize(family, opts: LoadOptions, model) -> None:

@@ -110,7 +110,8 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """An embedding whose rows are those of a quantised (tied) LM head [V, H]."""
+    """An embedding whose rows are those of a quantised [V, H] matrix: the LM head of a tied model,
+    or the embedding's own quantised table (held in a QuantLinear, attribute `head`, for its rows())."""
 
     def __init__(self, head: QuantLinear):
         super().__init__()
@@ -136,7 +137,8 @@ def _fused_qkv(attn, mode: str, layer: int) -> tuple[QuantLinear, list[int]]:
 
 def quantize_nonexpert(model, mode: str) -> dict:
     """Replace the attention projections and the LM head of a lean-decoder model (after loading)
-    by QuantLinear modules; a tied embedding reads the quantised head. Returns what was done:
+    by QuantLinear modules; a tied embedding reads the quantised head, an untied one is quantised
+    too (rows dequantised on lookup). Returns what was done:
     {"precision", "bytes_before", "bytes_after", "tied"} over the tensors replaced."""
     if mode not in NONEXPERT_MODES:
         raise NonexpertError(f"unknown non-expert quantisation {mode!r}; use int8 or int4")
@@ -150,6 +152,8 @@ def quantize_nonexpert(model, mode: str) -> dict:
         check_shape(rows, attn.q_proj.weight.shape[1], mode, f"layer {i} q/k/v")
         check_shape(*attn.o_proj.weight.shape, mode, f"layer {i} o_proj")
     check_shape(*head.weight.shape, mode, "the LM head")
+    if not tied:
+        check_shape(*embed.weight.shape, mode, "the embedding")
     before = after = 0
 
     def size(*tensors):
@@ -168,9 +172,14 @@ def quantize_nonexpert(model, mode: str) -> dict:
     before += size(head.weight)
     quant_head = QuantLinear(head.weight, None, mode, "the LM head")
     model.lm_head = quant_head
+    after += quant_head.nbytes()
     if tied:
         base.embed_tokens = QuantEmbedding(quant_head)
-    after += quant_head.nbytes()
+    else:  # its own rows, quantised as llama.cpp's k-quant GGUFs hold token_embd
+        before += size(embed.weight)
+        quant_embed = QuantLinear(embed.weight, None, mode, "the embedding")
+        base.embed_tokens = QuantEmbedding(quant_embed)
+        after += quant_embed.nbytes()
     return {"precision": mode, "bytes_before": before, "bytes_after": after, "tied": bool(tied)}
 
 

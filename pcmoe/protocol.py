@@ -149,29 +149,41 @@ def prompts(documents: Sequence[str], encode: Callable[[str], list[int]], n: int
 
 
 def decode_trials(prefill_fn, step_fn, prompts: Sequence[Sequence[int]], decode_tokens: int, trials: int = 3,
-                  warmup: int = 1, after_warmup=None) -> dict:
+                  warmup: int = 1, after_warmup=None, continuations: Sequence[Sequence[int]] | None = None) -> dict:
     """Greedy prefill + decode speed: `warmup` generations (not timed), then `trials` rounds over
     all prompts; each round's tokens/s is its tokens over its time; the result is the median round.
     prefill_fn(ids) -> (state, logits); step_fn(state, token) -> logits; logits have .argmax();
-    after_warmup() runs between the warm-up and the trials (e.g. to reset statistics)."""
-    def generate(ids):
+    after_warmup() runs between the warm-up and the trials (e.g. to reset statistics).
+
+    `continuations` (one per prompt, at least decode_tokens - 1 ids each) feeds the text's own next
+    tokens instead of the argmax (still computed: the work per step is the same). For models whose
+    greedy output means nothing (random weights with baked routing): their argmax loops on a few
+    tokens, whose routing flatters every cache; the text's tokens route like text."""
+    if continuations is not None and (len(continuations) < len(prompts)
+                                      or any(len(c) < decode_tokens - 1 for c in continuations)):
+        raise ValueError(f"need a continuation of at least {decode_tokens - 1} ids for each of the "
+                         f"{len(prompts)} prompts")
+
+    def generate(i):
         t0 = time.perf_counter()
-        state, logits = prefill_fn(ids)
+        state, logits = prefill_fn(prompts[i])
         t1 = time.perf_counter()
         token = int(logits.argmax())
-        for _ in range(decode_tokens - 1):
+        for j in range(decode_tokens - 1):
+            if continuations is not None:
+                token = int(continuations[i][j])
             token = int(step_fn(state, token).argmax())
         return t1 - t0, time.perf_counter() - t1
 
     for i in range(warmup):
-        generate(prompts[i % len(prompts)])
+        generate(i % len(prompts))
     if after_warmup is not None:
         after_warmup()
     prefill, decode = [], []
     for _ in range(max(1, trials)):
         pre_s = dec_s = 0.0
-        for ids in prompts:
-            a, b = generate(ids)
+        for i in range(len(prompts)):
+            a, b = generate(i)
             pre_s, dec_s = pre_s + a, dec_s + b
         prefill.append(sum(len(p) for p in prompts) / pre_s)
         decode.append(len(prompts) * (decode_tokens - 1) / dec_s if dec_s > 0 else 0.0)

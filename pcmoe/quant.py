@@ -35,8 +35,34 @@ def quantized_shapes(shape: tuple[int, int], mode: str) -> dict[str, tuple[tuple
     raise ValueError(f"unknown quantisation {mode!r}; choose one of {', '.join(QUANT_MODES)}")
 
 
-def quantize_into(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, mode: str) -> None:
-    """Quantise w [out, in] into the preallocated q and s (see quantized_shapes)."""
+CHUNK_ROWS = 1024  # rows quantised at once: bounds the float32 temporaries (an LM head's are ~4x its bf16 bytes)
+
+
+def quantize_into(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, mode: str, chunk_rows: int = CHUNK_ROWS) -> None:
+    """Quantise w [out, in] into the preallocated q and s (see quantized_shapes), `chunk_rows` rows
+    at a time: rows quantise independently (int4: in blocks of 64 rows, which its packing keeps
+    together), so the result is the same as at once."""
+    out_f, in_f = w.shape
+    step = max(64, chunk_rows // 64 * 64)
+    if out_f <= step or (mode != "int8" and out_f % 64):
+        _quantize_rows(w, q, s, mode)
+        return
+    if mode == "int8":
+        for r0 in range(0, out_f, step):
+            _quantize_rows(w[r0:r0 + step], q[r0:r0 + step], s[r0:r0 + step], mode)
+        return
+    flat = q.view(-1)
+    per_row = q.numel() // out_f                                                  # packed bytes per row
+    for r0 in range(0, out_f, step):
+        r1 = min(out_f, r0 + step)
+        part_q = torch.empty_like(flat[r0 * per_row:r1 * per_row])
+        part_s = torch.empty(s.shape[0], r1 - r0, 2, dtype=s.dtype)
+        _quantize_rows(w[r0:r1], part_q, part_s, mode)
+        flat[r0 * per_row:r1 * per_row].copy_(part_q)
+        s[:, r0:r1].copy_(part_s)
+
+
+def _quantize_rows(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, mode: str) -> None:
     w = w.float()
     if mode == "int8":
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0                     # [out]
@@ -49,7 +75,7 @@ def quantize_into(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, mode: str) 
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)                                    # [out, G]
     scale = (hi - lo).clamp(min=1e-12) / 15.0
     codes = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(out_f, in_f)
-    q.copy_(torch._convert_weight_to_int4pack_for_cpu(codes, 2))
+    q.copy_(torch._convert_weight_to_int4pack_for_cpu(codes, 2).view(q.shape))
     zero = lo + 8.0 * scale                                                       # kernel: (q - 8) * s + z
     s.copy_(torch.stack([scale, zero], dim=-1).transpose(0, 1).to(s.dtype))     # [G, out, 2]
 

@@ -86,8 +86,7 @@ def describe(folder: str | Path, bytes_per_step: int | None = None) -> dict:
                    if not (_PER_EXPERT.match(n) or (_FUSED.match(n) and t.shape))}
         shapes = {n: tuple(t.shape) for n, t in tensors.items()}
         sizes_of = {n: itemsize if t.is_floating_point else t.itemsize for n, t in tensors.items()}
-        tied = "lm_head.weight" not in tensors
-        quantized = {m: nonexpert_nbytes_at(shapes, sizes_of, m, tied) for m in NONEXPERT_MODES}
+        quantized = {m: nonexpert_nbytes_at(shapes, sizes_of, m) for m in NONEXPERT_MODES}
     return {
         "model": str(folder), "model_type": model_type, "moe_layers": len(sizes.expert),
         "experts_per_layer": sizes.num_experts[0], "experts_per_token": config.get("num_experts_per_tok", 1),

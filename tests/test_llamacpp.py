@@ -317,6 +317,26 @@ def test_tiny_f32_gguf_matches_transformers(tiny_gguf):
     assert "logits_for" not in res["spec"] and "streams" not in res["spec"]
 
 
+def test_last_logits_without_logits_all_are_the_last_row(tiny_gguf):
+    """Decode-only runs (the regime study) leave logits_all off; the row they read is the same."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from pcmoe.bench.llamacpp import last_logits
+
+    _, gguf, _ = tiny_gguf
+    rows = {}
+    for every in (True, False):
+        llm = Llama(model_path=str(gguf), n_ctx=64, n_batch=16, n_threads=1, logits_all=every, verbose=False)
+        llm.eval([3, 9, 14, 2, 7])
+        first = last_logits(llm, every)
+        llm.eval([11])
+        rows[every] = (first, last_logits(llm, every))
+        llm.close()
+    for a, b in zip(rows[True], rows[False]):
+        assert np.abs(a - b).max() < 1e-4
+
+
 def test_tiny_q4_k_m_from_the_cached_f32(tiny_gguf, capsys):
     folder, f32, _ = tiny_gguf
     q4 = G.convert(folder, G.gguf_path(f32.parent, folder, "q4_K_M"), "q4_K_M", src="/nonexistent")

@@ -104,7 +104,7 @@ def test_native_quantised_decode_matches_the_eager_quantised_decode(tiny_checkpo
     fast, e2 = _steps(folder, "native", nonexpert_quantize=mode)
     assert e1.load_info["kernel"].startswith("eager") and e2.load_info["kernel"] == "native"
     assert isinstance(e2.model.lm_head, QuantLinear)
-    assert isinstance(e2.model.model.embed_tokens, QuantEmbedding) == bool(overrides.get("tie_word_embeddings"))
+    assert isinstance(e2.model.model.embed_tokens, QuantEmbedding)  # tied: the head's rows; untied: its own
     _close(fast, eager, 3e-2)                        # activations rounded to int8, bf16 intermediates
     assert (fast.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.85
     full, _ = _steps(folder, "native")
@@ -128,11 +128,12 @@ def test_the_default_is_full_precision_and_bit_identical_to_full(tiny_checkpoint
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_bytes_are_counted_as_held_by_the_loader_info_and_stats(tiny_checkpoint, mode):
+@pytest.mark.parametrize("tied", [True, False])
+def test_bytes_are_counted_as_held_by_the_loader_info_and_stats(tiny_checkpoint, mode, tied):
     from pcmoe.loader import inspect
     from pcmoe.sizes import describe
 
-    folder, _ = tiny_checkpoint("qwen3_moe", tie_word_embeddings=True, dtype=torch.bfloat16)
+    folder, _ = tiny_checkpoint("qwen3_moe", tie_word_embeddings=tied, dtype=torch.bfloat16)
     with pcmoe.load(folder, policy="full", nonexpert_quantize=mode, progress=False) as engine:
         stats = engine.stats()
         tensors = {t.data_ptr(): t for n, t in engine.model.state_dict().items() if ".experts." not in n}
@@ -219,3 +220,26 @@ def test_the_torch_free_list_of_lean_families_is_the_registrys():
     from pcmoe.sizes import LEAN_MODEL_TYPES
 
     assert set(LEAN_MODEL_TYPES) == {name for name, family in REGISTRY.items() if family.lean_decoder}
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [320, 1024 + 192])
+def test_quantising_in_row_chunks_gives_the_same_bits(mode, rows):
+    """An LM head is quantised a chunk of rows at a time (float32 temporaries bounded); every bit
+    equals quantising it at once, also when the last chunk is short."""
+    from pcmoe.quant import quantize_into, quantized_shapes
+
+    torch.manual_seed(0)
+    w = torch.randn(rows, 128).to(torch.bfloat16)
+    shapes = quantized_shapes(tuple(w.shape), mode)
+
+    def quantised(chunk_rows):
+        q = torch.empty(shapes[".q"][0], dtype=shapes[".q"][1])
+        s = torch.empty(shapes[".s"][0], dtype=torch.bfloat16)
+        quantize_into(w, q, s, mode, chunk_rows=chunk_rows)
+        return q, s
+
+    whole_q, whole_s = quantised(1 << 20)
+    for chunk in (64, 128, 200):
+        q, s = quantised(chunk)
+        assert torch.equal(q, whole_q) and torch.equal(s, whole_s), chunk

@@ -124,6 +124,85 @@ class CpuMeter:
         return {"cpu_other_share": min(1.0, max(0.0, (busy - own) / total)), "cpu_own_share": min(1.0, own / total)}
 
 
+def process_read_bytes() -> int | None:
+    """Bytes this process caused to be read from storage (/proc/self/io read_bytes, every thread;
+    page faults of a memory-mapped file included, page-cache hits not); None where unavailable."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (/proc: the kernel's clock-tick resolution, 10 ms)."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: starttime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class ReadMeter:
+    """Storage reads of a decode measurement, split into prefill and decode, and the time to the
+    first token of a cold start (process start to the first prefill's logits).
+
+        meter = ReadMeter()
+        decode_trials(meter.wrap(prefill), step, ..., after_warmup=meter.reset)
+        meter.stop()  # {"ttft_cold_s", "prefill_read_bytes", "decode_read_bytes"}
+
+    The decode phase of a generation runs from its prefill's return to the next prefill (or stop)."""
+
+    def __init__(self):
+        self.first_token_s: float | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.read = {"prefill": 0, "decode": 0}
+        self._phase: str | None = None
+        self._mark = process_read_bytes()
+
+    def _enter(self, phase: str | None) -> None:
+        now = process_read_bytes()
+        if self._phase is not None and now is not None and self._mark is not None:
+            self.read[self._phase] += now - self._mark
+        self._phase, self._mark = phase, now
+
+    def wrap(self, prefill_fn):
+        def prefill(ids):
+            self._enter("prefill")
+            out = prefill_fn(ids)
+            if self.first_token_s is None:
+                self.first_token_s = process_age_s()
+            self._enter("decode")
+            return out
+        return prefill
+
+    def stop(self) -> dict:
+        self._enter(None)
+        known = self._mark is not None
+        return {"ttft_cold_s": self.first_token_s,
+                "prefill_read_bytes": self.read["prefill"] if known else None,
+                "decode_read_bytes": self.read["decode"] if known else None}
+
+
+def read_figures(meter: ReadMeter, result: dict, prompts, decode_tokens: int) -> dict:
+    """A ReadMeter's figures for one decode_trials `result`, with "decode_read_bytes_per_token":
+    storage reads (the kernel's count) during the timed rounds' decode steps, over those steps
+    (trials x prompts x (decode_tokens - 1)). Not the engine's own "bytes_per_token" (the bytes
+    its store read, prefill included, over every timed token)."""
+    out = meter.stop()
+    steps = result["trials"] * len(prompts) * max(decode_tokens - 1, 1)
+    out["decode_read_bytes_per_token"] = None if out["decode_read_bytes"] is None else out["decode_read_bytes"] / steps
+    return out
+
+
 # -- files ---------------------------------------------------------------------------------------
 
 
@@ -206,8 +285,8 @@ def model_sizes(model: str, quant: bool = True) -> dict:
 
 
 def log_status(i: int, n: int, rec: dict) -> None:
-    if rec.get("skipped"):
-        status = rec["skipped"]
+    if rec.get("returncode") is None:  # not run ("skipped" of a run that ran counts masked expert choices)
+        status = rec.get("skipped") or "not run"
     elif rec["returncode"] == 0:
         status = "ok"
     else:

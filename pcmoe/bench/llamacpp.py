@@ -75,9 +75,20 @@ def _load_streams(spec: dict) -> list[list[int]]:
                                   lambda text: tok.encode(text, add_special_tokens=False).ids, spec["eos"])
 
 
+def last_logits(llm, logits_all: bool):
+    """The logits [vocab] of the last position evaluated (without logits_all the context keeps
+    only that row: llama-cpp-python's `scores` is not filled then)."""
+    import numpy as np
+
+    if logits_all:
+        return np.asarray(llm.scores[llm.n_tokens - 1])
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+
 def measure(spec: dict) -> dict:
     """One llama.cpp measurement (run in its own process: peak RSS is the process's)."""
-    import numpy as np
     from llama_cpp import Llama
 
     path = spec["gguf"]
@@ -86,10 +97,15 @@ def measure(spec: dict) -> dict:
     # llama.cpp's default KV cache is f16 (logits then differ from a f32 reference by ~1e-4..1e-2,
     # growing with activation size); "kv_f32" makes it f32 (GGML_TYPE_F32 = 0) for exact parity checks.
     kv = {"type_k": 0, "type_v": 0} if spec.get("kv_f32") else {}
+    # Logits of every position (an n_ctx x vocab float32 array) are needed only to score text;
+    # "logits_all": false leaves them out (decode only: llama.cpp's runtime as a user's would be).
+    logits_all = spec.get("logits_all", True)
+    if not logits_all and (spec.get("eval_tokens") or spec.get("logits_for")):
+        raise ValueError("perplexity and logits_for need logits_all")
     t0 = time.perf_counter()
     llm = Llama(model_path=path, n_ctx=spec.get("n_ctx", N_CTX), n_batch=spec.get("n_batch", N_BATCH),
                 n_ubatch=spec.get("n_batch", N_BATCH), n_threads=threads, n_threads_batch=threads,
-                use_mmap=spec.get("use_mmap", False), logits_all=True, verbose=False, **kv)
+                use_mmap=spec.get("use_mmap", False), logits_all=logits_all, verbose=False, **kv)
     out = {"load_s": time.perf_counter() - t0, "policy": "llama.cpp", "model_bytes": os.path.getsize(path),
            "use_mmap": bool(spec.get("use_mmap", False)), "outtype": spec.get("outtype"),
            "kv_cache": "f32" if kv else "f16", "llama_cpp_python": installed_version()}
@@ -110,14 +126,20 @@ def measure(spec: dict) -> dict:
         def prefill(ids):
             llm.reset()
             llm.eval(ids)
-            return None, np.asarray(llm.scores[llm.n_tokens - 1])
+            return None, last_logits(llm, logits_all)
 
         def step(_, token):
             llm.eval([token])
-            return np.asarray(llm.scores[llm.n_tokens - 1])
+            return last_logits(llm, logits_all)
 
-        out.update(protocol.decode_trials(prefill, step, spec["prompts"], spec.get("decode_tokens", 64),
-                                          trials=spec.get("trials", 3), warmup=spec.get("warmup", 1)))
+        meter = common.ReadMeter()
+        d = protocol.decode_trials(meter.wrap(prefill), step, spec["prompts"], spec.get("decode_tokens", 64),
+                                   trials=spec.get("trials", 3), warmup=spec.get("warmup", 1),
+                                   after_warmup=meter.reset, continuations=spec.get("continuations"))
+        out.update(d)
+        out.update(common.read_figures(meter, d, spec["prompts"], spec.get("decode_tokens", 64)))
+        if spec.get("eval_tokens"):  # the perplexity ran first: the first token is not a cold start's
+            out["ttft_cold_s"] = None
     if spec.get("logits_for"):  # parity checks: the logits of every position of one id sequence
         llm.reset()
         llm.eval(spec["logits_for"])

@@ -20,6 +20,8 @@ stopped; a record is reused only for the same checkpoint files), then summarised
     pcmoe bench --quick --scale                       # + the 1.3 GB checkpoint with llama.cpp on it and
                                                       #   the fast-decode targets (pcmoe.bench.scale)
     pcmoe bench --markdown BENCHMARKS.md --scaling    # the full sweep (hours on 2 cores)
+    pcmoe bench --quick --regime                      # + gigabyte checkpoints inside memory limits against
+                                                      #   llama.cpp and accelerate (pcmoe.bench.regime)
     pcmoe bench --report-only --markdown BENCHMARKS.md   # regenerate the reports from <out>
 """
 
@@ -81,6 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", action="store_true", help="also run the second LM section: a 1.3 GB random-weight "
                    "Qwen3-MoE (built once under data/bench/scale) with llama.cpp on it, and the fast-decode "
                    "target table (pcmoe.bench.scale)")
+    p.add_argument("--regime", action="store_true", help="also run the regime study (pcmoe.bench.regime, hours): "
+                   "1.4 and 3.2 GB checkpoints with baked routing inside total memory limits below their size, pcmoe "
+                   "against llama.cpp and accelerate in the same cgroup limit, into <out>/regime")
     p.add_argument("--scale-model", help="the --scale checkpoint (default: data/bench/scale/qwen3-moe-e32, built "
                    "on first use)")
     p.add_argument("--llamacpp-src", help="llama.cpp converter source: a llama.cpp tree, an extracted llama-cpp-python "
@@ -393,6 +398,19 @@ def cmd_bench(args) -> int:
         scaling.main(argv + (["--quick"] if args.quick else []))
         meta["scaling_command"] = shlex.join(["python", "-m", "pcmoe.bench.scaling", *argv]
                                              + (["--quick"] if args.quick else []))
+    if args.regime:
+        from pcmoe.bench import regime
+
+        argv = ["--out", str(out / "regime"), "--threads", str(args.threads), "--trials", str(args.trials),
+                "--source", str(args.model), "--data", args.data] + (["--quick"] if args.quick else []) + (
+                    ["--fresh"] if args.fresh else [])
+        if args.llamacpp_src:
+            argv += ["--llamacpp-src", args.llamacpp_src]
+        try:
+            regime.main(argv)
+            meta["regime_command"] = shlex.join(["python", "-m", "pcmoe.bench.regime", *argv])
+        except SystemExit as e:  # e.g. no cgroup v1: the rest of the report is still written
+            print(f"regime study not run: {e}", file=sys.stderr)
     print(report.write_report(out, results, meta, markdown_to=args.markdown, plots_dir=args.plots_dir))
     return 0
 

@@ -24,7 +24,7 @@ import time
 import warnings
 
 from pcmoe import protocol
-from pcmoe.bench.common import CpuMeter
+from pcmoe.bench.common import CpuMeter, ReadMeter, read_figures
 from pcmoe.bench.runner import emit
 from pcmoe.protocol import decode_trials
 
@@ -97,12 +97,23 @@ def run_pcmoe(spec):
                 logits, state = engine.prefill(ids)
                 return state, logits
 
+            meter = ReadMeter()
+
+            def after_warmup():
+                engine.reset_stats()
+                meter.reset()
+
             with torch.inference_mode():  # statistics reset after the warm-up: they cover the trials
-                d = decode_trials(prefill, engine.decode_step, spec["prompts"], t["decode_tokens"],
-                                  trials=t["trials"], warmup=t["warmup"], after_warmup=engine.reset_stats)
+                d = decode_trials(meter.wrap(prefill), engine.decode_step, spec["prompts"], t["decode_tokens"],
+                                  trials=t["trials"], warmup=t["warmup"], after_warmup=after_warmup,
+                                  continuations=spec.get("continuations"))
+            reads = read_figures(meter, d, spec["prompts"], t["decode_tokens"])  # before anything else reads
             engine.end_input()
             st = _engine_stats(engine)
             out.update(d)
+            out.update(reads)
+            if spec.get("eval_tokens"):  # the perplexity ran first: the first token is not a cold start's
+                out["ttft_cold_s"] = None
             out.update({"decode_stats": st, "bytes_per_token": st["bytes_read"] / d["timed_tokens"]})
         out.update(_engine_stats(engine))
         out["series"] = series
@@ -204,9 +215,14 @@ def run_transformers(spec, offload: bool):
 
         if spec.get("prompts"):
             t = _trials(spec)
+            meter = ReadMeter()
             with torch.inference_mode():
-                out.update(decode_trials(prefill, step, spec["prompts"], t["decode_tokens"], trials=t["trials"],
-                                         warmup=t["warmup"]))
+                d = decode_trials(meter.wrap(prefill), step, spec["prompts"], t["decode_tokens"], trials=t["trials"],
+                                  warmup=t["warmup"], after_warmup=meter.reset, continuations=spec.get("continuations"))
+            out.update(d)
+            out.update(read_figures(meter, d, spec["prompts"], t["decode_tokens"]))
+            if spec.get("eval_tokens"):
+                out["ttft_cold_s"] = None
         out["peak_rss_bytes"] = peak_rss_bytes()
     finally:
         if tmp:
