@@ -2,8 +2,8 @@
 
 `pcmoe serve` runs inside a cgroup v1 memory limit (root; pcmoe.bench.cgroup's controller). A client
 streams requests one after another. Mid-stream the engine is told a lower budget (POST /admin/budget),
-then the cgroup's limit is lowered below what the process used before: to its usage after the
-shrink plus --headroom. The stream goes on; at the end the demonstration reports every request's
+then the cgroup's limit is lowered below what the process used before: to its usage then, less
+the weight bytes the engine freed (or its usage after the shrink, if lower), plus --headroom. The stream goes on; at the end the demonstration reports every request's
 outcome, the OOM kills and failcnt of the group, the RSS and the engine's resident bytes before and
 after. Success = zero OOMs and zero failed requests. Writes live_budget_cgroup.json and .md
 atomically.
@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--low", default="30%experts", help="the budget the engine is told mid-stream")
     ap.add_argument("--limit", type=float, default=900e6, help="cgroup limit at start, bytes (default 900 MB)")
     ap.add_argument("--headroom", type=float, default=24e6,
-                    help="the lowered cgroup limit: usage after the shrink + this (default 24 MB)")
+                    help="the lowered cgroup limit: the usage before the shrink less the weights freed, or the "
+                         "usage after it if lower, + this (default 24 MB)")
     ap.add_argument("--follow", action="store_true",
                     help="no admin call: the server runs with --follow-cgroup and the limit is lowered to the "
                          "usage + --follow-margin; the engine must shrink by itself")
@@ -188,7 +189,12 @@ def main(argv=None) -> int:
                            "reply": told})
             time.sleep(2.0)  # the running request applies it at its next token; its reply refreshes the stats
             shrunk = snapshot("after the budget change")
-            new_limit = int(_read(group, "memory.usage_in_bytes") + args.headroom)
+            # Below what the group used before: its usage then, less the weight bytes the engine
+            # freed, + the headroom (the usage now can stay high on page cache, which the kernel
+            # reclaims under the lower limit: e.g. torch's libraries read by this very process).
+            freed = max(0, before["resident_bytes"] - shrunk["resident_bytes"])
+            new_limit = int(min(_read(group, "memory.usage_in_bytes"), before["cgroup_usage"] - freed)
+                            + args.headroom)
             limit_error = _set_limit(group, new_limit)
             events.append({"event": "cgroup limit lowered", "t_s": time.monotonic() - t_start, "to": new_limit,
                            "error": limit_error})

@@ -45,3 +45,4 @@ def tiny_lm(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PCMOE_CACHE", str(tmp_path / "pcmoe-cache"))
+    monkeypatch.setenv("PCMOE_GGUF_DIR", str(tmp_path / "gguf"))  # never the repository's data/

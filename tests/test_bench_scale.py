@@ -103,10 +103,14 @@ def test_plan_orders_calibration_first_and_skips_what_cannot_run(two_lms):
 
 
 def _converter():
-    for src in (REPO / "data" / "llamacpp",):
-        if gguf.converter_root(src):
-            return gguf.converter_root(src)
-    return None
+    """The converter the bench would use without fetching (data/llamacpp, $PCMOE_LLAMACPP_SRC or the
+    pcmoe cache), or None."""
+    if gguf.converter_root(REPO / "data" / "llamacpp"):
+        return gguf.converter_root(REPO / "data" / "llamacpp")
+    try:
+        return gguf.find_converter(None, fetch=False)
+    except Exception:  # noqa: BLE001 - none here
+        return None
 
 
 def test_bench_scale_end_to_end(two_lms, tmp_path):
@@ -119,6 +123,9 @@ def test_bench_scale_end_to_end(two_lms, tmp_path):
             "--scale", "--scale-model", str(large), "--markdown", str(md)]
     if llama:
         argv += ["--llamacpp-src", str(_converter())]
+    else:  # no converter at hand: a folder without one, so the bench cannot fetch one either
+        (tmp_path / "no-converter").mkdir()
+        argv += ["--llamacpp-src", str(tmp_path / "no-converter")]
     assert main(argv) == 0
     payload = json.loads((out / "bench.json").read_text())
     runs = {r["label"]: r for r in payload["runs"]}

@@ -116,7 +116,10 @@ def test_quality_twin_keeps_policy_precision_and_member_share(tmp_path):
     rec = {"system": "pcmoe int4", "policy": "committee", "committee_sizes": [8, 8, 16, 0], "experts": 32}
     assert regime.member_share(rec) == 0.25
     spec = regime.quality_spec(rec, lm, "heldout.txt", 1)
-    assert spec["budget"] == "25.0%experts" and spec["policy"] == "committee"
+    assert spec["policy"] == "committee" and spec["plan"]["committee_sizes"] == [4] * 6  # 25 % of 16, 6 layers
+    assert spec["plan"]["precisions"] == ["int4"] * 6 and spec["plan"]["nonexpert_precision"] == "int4"
+    tiny = regime.quality_spec(dict(rec, committee_sizes=[1, 1, 1, 1]), lm, "heldout.txt", 1)
+    assert tiny["plan"]["committee_sizes"] == [1] * 6  # at least one member
     assert spec["options"] == {"quantize": "int4", "nonexpert_quantize": "int4"}
     assert spec["eval_tokens"] == regime.QUALITY_TOKENS and "prompts" not in spec
     exact = regime.quality_spec({"system": "pcmoe on-demand bf16", "policy": "on-demand"}, lm, "heldout.txt", 1)

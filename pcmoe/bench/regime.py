@@ -74,11 +74,11 @@ MATCHED = (("pcmoe bf16", "llama.cpp bf16"), ("pcmoe int8", "llama.cpp q8_0"), (
 def ensure_trace(source: Path, data: Path, trace: Path = TRACE) -> Path:
     """The shipped LM's routing on the held-out text, recorded once."""
     if not trace.exists():
-        from pcmoe.cli import main as cli
+        from pcmoe.trace import cmd_trace  # `pcmoe trace --model SOURCE --data DATA -o TRACE`
 
         trace.parent.mkdir(parents=True, exist_ok=True)
-        if cli(["trace", "--model", str(source), "--data", str(data), "-o", str(trace)]) != 0:
-            raise SystemExit(f"error: could not record the routing trace of {source}")
+        cmd_trace(argparse.Namespace(model=str(source), data=str(data), out=str(trace), window=256, max_tokens=None,
+                                     threads=None))
     return trace
 
 
@@ -350,6 +350,7 @@ def _routing_note(model: Path) -> str | None:
 # -- quality, measured on the trained model ---------------------------------------------------------
 
 QUALITY_TOKENS = 4096
+QUALITY_SLACK = 1.05  # "the same quality": perplexity within 5 % of llama.cpp q4_K_M's
 
 
 def member_share(rec: dict) -> float | None:
@@ -363,22 +364,31 @@ def member_share(rec: dict) -> float | None:
 
 
 def quality_spec(rec: dict, source: Path, data: str, threads: int) -> dict | None:
-    """The shipped LM at the same policy, precision and member share as a pcmoe run of the study:
-    its perplexity says what that configuration costs (random weights have no quality of their own)."""
+    """The shipped LM at the same policy, precision and member share as a pcmoe run of the study
+    (a plan of round(share x experts) members per layer, at least 1): its perplexity says what that
+    configuration costs (random weights have no quality of their own)."""
     share = member_share(rec)
     if share is None:
         return None
     precision = PCMOE_SYSTEMS[rec["system"]][1]
     options = {"quantize": precision, "nonexpert_quantize": precision} if precision else {}
     cfg = json.loads((Path(source) / "config.json").read_text())
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
     spec = {"kind": "pcmoe", "model": str(source), "model_fp": common.fingerprint(source), "data": data,
             "eval_tokens": QUALITY_TOKENS, "threads": threads, "section": "regime-quality", "options": options,
-            "share": round(share, 3), "experts": cfg.get("num_experts") or cfg.get("num_local_experts")}
-    if share >= 0.999:
+            "share": round(share, 3), "experts": experts}
+    members = max(1, round(share * experts))
+    if members >= experts:
         spec.update(policy="full", budget=None)
     else:
-        spec.update(policy=rec.get("policy", "committee"), budget=f"{100 * share:.1f}%experts")
-    spec["label"] = f"quality {precision or 'bf16'} {spec['policy']} share {spec['share']:.3f}"
+        from pcmoe.engine import inspect
+
+        layers = inspect(str(source))["moe_layers"]
+        spec.update(policy=rec.get("policy", "committee"), budget=None, plan={
+            "format": "pcmoe-plan/1", "model_type": cfg.get("model_type"), "num_experts": [experts] * layers,
+            "committee_sizes": [members] * layers, "precisions": [precision or "full"] * layers,
+            "nonexpert_precision": precision or "full"})
+    spec["label"] = f"quality {precision or 'bf16'} {spec['policy']} {members}/{experts} members"
     spec["key"] = runner.spec_key(spec, prefix="regime-q-")
     return spec
 
@@ -479,6 +489,16 @@ def ratios(results: list[dict]) -> list[dict]:
         best_l = max((get(s) or 0 for s in LLAMACPP_SYSTEMS), default=0)
         row["best pcmoe"], row["best llama.cpp"] = best_p or None, best_l or None
         row["best pcmoe / best llama.cpp"] = best_p / best_l if best_p and best_l else None
+        # At matched quality: the fastest pcmoe run whose trained-LM perplexity is within QUALITY_SLACK
+        # of llama.cpp's q4_K_M (its least precise GGUF) against the fastest llama.cpp run.
+        q4 = next((r.get("quality_ppl") for r in results if r.get("system") == "llama.cpp q4_K_M"
+                   and r.get("quality_ppl")), None)
+        matched = [ok[(experts, limit, s)] for s in PCMOE_SYSTEMS if (experts, limit, s) in ok]
+        matched = [r for r in matched if q4 and r.get("quality_ppl") and r["quality_ppl"] <= QUALITY_SLACK * q4]
+        fast = max(matched, key=lambda r: r["decode_tokens_per_s"], default=None)
+        row["pcmoe at q4_K_M quality"] = fast["system"] if fast else None
+        row["pcmoe at q4_K_M quality / best llama.cpp"] = (fast["decode_tokens_per_s"] / best_l
+                                                          if fast and best_l else None)
         rows.append(row)
     return rows
 
@@ -511,9 +531,13 @@ def markdown(results: list[dict], meta: dict, plot_name: str | None) -> str:
         lines += _pivot(results, "quality_ppl", ".2f")
     lines += ["", "Ratios of decode speed at the same limit (matched precision, and the best of each):", "",
               "| experts | limit | " + " | ".join(f"{a} / {b}" for a, b in MATCHED)
-              + " | best pcmoe / best llama.cpp |", "|---|---|" + "---|" * (len(MATCHED) + 1)]
+              + " | fastest / fastest (any quality) | pcmoe within 5 % of q4_K_M's perplexity / fastest llama.cpp |",
+              "|---|---|" + "---|" * (len(MATCHED) + 2)]
     for r in ratios(results):
-        cells = [_f(r[f"{a} / {b}"], ".2f") for a, b in MATCHED] + [_f(r["best pcmoe / best llama.cpp"], ".2f")]
+        at = r["pcmoe at q4_K_M quality / best llama.cpp"]
+        cells = [_f(r[f"{a} / {b}"], ".2f") for a, b in MATCHED] + [
+            _f(r["best pcmoe / best llama.cpp"], ".2f"),
+            "-" if at is None else f"{at:.2f} ({r['pcmoe at q4_K_M quality']})"]
         lines.append(f"| E{r['experts']} | {format_bytes(r['limit_bytes'])} | " + " | ".join(cells) + " |")
     lines += ["", "Every run:", "",
               "| experts | limit | system | config | outcome | decode tok/s | prefill tok/s | TTFT cold s | "
