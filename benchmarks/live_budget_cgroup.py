@@ -3,10 +3,10 @@
 `pcmoe serve` runs inside a cgroup v1 memory limit (root; pcmoe.bench.cgroup's controller). A client
 streams requests one after another. Mid-stream the engine is told a lower budget (POST /admin/budget),
 then the cgroup's limit is lowered below what the process used before: to its usage then, less
-the weight bytes the engine freed (or its usage after the shrink, if lower), plus --headroom. The stream goes on; at the end the demonstration reports every request's
-outcome, the OOM kills and failcnt of the group, the RSS and the engine's resident bytes before and
-after. Success = zero OOMs and zero failed requests. Writes live_budget_cgroup.json and .md
-atomically.
+the weight bytes the engine freed (or its usage after the shrink, if lower), plus --headroom. The
+stream goes on; at the end the demonstration reports every request's outcome, the OOM kills and
+failcnt of the group, the RSS and the engine's resident bytes before and after. Success = zero
+OOMs and zero failed requests. Writes live_budget_cgroup.json and .md atomically.
 
     python benchmarks/live_budget_cgroup.py --out docs/results            # the shipped LM
     python benchmarks/live_budget_cgroup.py --model data/scaling/mid-32 --budget 60%experts --low 25%experts
