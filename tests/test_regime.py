@@ -67,6 +67,9 @@ def test_plan_gives_every_system_each_limit_with_stable_keys(tmp_path):
     assert by[(0.5, "llama.cpp q4_K_M")]["gguf"] == str(gguf) and by[(0.5, "llama.cpp q4_K_M")]["use_mmap"]
     assert "not installed" in by[(0.5, "llama.cpp q8_0")]["skip"]
     assert "1 GiB" in by[(0.5, "accelerate")]["skip"]  # 500 MB cannot hold accelerate's runtime
+    shadowed = by[(0.5, "pcmoe int4 + int2 shadows")]
+    assert shadowed["policy"] == "committee" and shadowed["options"]["shadow"] == "int2"
+    assert "shadow" not in by[(1.2, "pcmoe int4 + int2 shadows")]["options"]  # all resident: no shadows
     assert by[(1.2, "accelerate")]["budget_bytes"] == 1200 * MB - regime.ACCELERATE_ALLOWANCE
     again = regime.plan(_args(), tmp_path, s, {"bf16": 300 * MB, "int4": 280 * MB}, [[1, 2]], [[3] * 7], ggufs)
     assert [r["key"] for r in again] == [r["key"] for r in runs] and len({r["key"] for r in runs}) == len(runs)
@@ -89,24 +92,29 @@ def test_report_ratios_tables_and_plot(tmp_path):
                _rec("llama.cpp q4_K_M", 600 * MB, 20.0),
                _rec("pcmoe bf16", 600 * MB, 10.0, budget=300 * MB), _rec("llama.cpp bf16", 600 * MB, 4.0),
                _rec("llama.cpp q8_0", 600 * MB, None, oom_killed=True),
+               _rec("pcmoe int4 + int2 shadows", 600 * MB, 80.0, policy="full"),  # a second sample of int4
+               _rec("pcmoe on-demand int4", 600 * MB, None, returncode=1,
+                    error="PcmoeError: budget 1 MB is below the minimum 2 MB for these shadow experts"),
                {"section": "regime", "experts": 32, "limit_bytes": 600 * MB, "system": "pcmoe int8", "label": "x",
                 "returncode": None, "skipped": "does not fit: 1 MB left for weights"}]
     (row,) = regime.ratios(results)
     assert row["pcmoe int4 / llama.cpp q4_K_M"] == 2.0 and row["pcmoe bf16 / llama.cpp bf16"] == 2.5
-    assert row["pcmoe int8 / llama.cpp q8_0"] is None and row["best pcmoe / best llama.cpp"] == 2.0
+    assert row["pcmoe int8 / llama.cpp q8_0"] is None and row["best pcmoe / best llama.cpp"] == 2.0  # not 80/20
+    refused = next(r for r in results if r["system"] == "pcmoe on-demand int4")
+    assert regime.outcome(refused).startswith("does not fit") and regime.too_small(refused)
     meta = {"commit": "abc", "date": "d", "cpu": "cpu", "threads": 2, "command": "python -m pcmoe.bench.regime",
             "models": [{"experts": 32, "model": "m", "sizes": {"full": 1000 * MB, "nonexpert": 100 * MB},
                         "overheads": {"bf16": 300 * MB}, "gguf_bytes": {"q4_K_M": 290 * MB}, "routing": "baked"}]}
     regime.write_report(tmp_path, results, meta)
     md = (tmp_path / "regime.md").read_text()
-    assert "| E32 | 600.00 MB | 10.0 | does not fit | 40.0 | 4.0 | OOM | 20.0 |" in md
+    assert "| E32 | 600.00 MB | 10.0 | does not fit | 40.0 | does not fit | 80.0 | 4.0 | OOM | 20.0 |" in md
     assert "| E32 | 600.00 MB | 2.50 | - | 2.00 | 2.00 |" in md
     assert "OOM killed" in md and "weights 300.00 MB" in md and "all resident" in md
     assert "| pcmoe int4 | all resident | ok |" in md and regime.outcome(results[0]) == "ok"
     regime.main(["--report-only", "--out", str(tmp_path)])  # rewritten from regime.json alone
     assert (tmp_path / "regime.md").read_text() == md
     data = json.loads((tmp_path / "regime.json").read_text())
-    assert data["ratios"][0]["best pcmoe"] == 40.0 and len(data["results"]) == 6
+    assert data["ratios"][0]["best pcmoe"] == 40.0 and len(data["results"]) == 8
     if not common.missing("matplotlib"):
         assert (tmp_path / "regime.png").read_bytes()[:4] == b"\x89PNG"
 

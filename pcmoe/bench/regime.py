@@ -62,7 +62,9 @@ TIMEOUT_S = 1800
 PCMOE_SYSTEMS = {  # name: (policy, precision or None for the checkpoint's)
     "pcmoe bf16": ("committee", None), "pcmoe int8": ("committee", "int8"), "pcmoe int4": ("committee", "int4"),
     "pcmoe on-demand bf16": ("on-demand", None), "pcmoe on-demand int4": ("on-demand", "int4"),
+    "pcmoe int4 + int2 shadows": ("committee", "int4"),
 }
+SHADOWS = {"pcmoe int4 + int2 shadows": "int2"}  # a low-bit stand-in of every non-member (issue 13)
 LLAMACPP_SYSTEMS = {"llama.cpp bf16": "bf16", "llama.cpp q8_0": "q8_0", "llama.cpp q4_K_M": "q4_K_M"}
 SYSTEMS = (*PCMOE_SYSTEMS, *LLAMACPP_SYSTEMS, "accelerate")
 MATCHED = (("pcmoe bf16", "llama.cpp bf16"), ("pcmoe int8", "llama.cpp q8_0"), ("pcmoe int4", "llama.cpp q4_K_M"))
@@ -132,6 +134,23 @@ def quant_files(model: Path) -> list[Path]:
     return sorted((Path(model) / "pcmoe_quant").glob("*.safetensors"))
 
 
+def shadow_files(model: Path) -> list[Path]:
+    """The shadow cache of a checkpoint (pcmoe.shadow.ShadowCache), evicted like its weights."""
+    import os
+
+    from pcmoe.checkpoint import Checkpoint, CheckpointError
+
+    root = Path(os.environ.get("PCMOE_CACHE") or Path.home() / ".cache" / "pcmoe")
+    try:
+        ckpt = Checkpoint(Path(model))
+    except (OSError, ValueError, CheckpointError):  # no checkpoint (yet): nothing cached for it
+        return []
+    try:
+        return sorted((root / ckpt.fingerprint()).glob("shadows-*.safetensors"))
+    finally:
+        ckpt.close()
+
+
 # -- the plan ------------------------------------------------------------------------------------
 
 
@@ -177,9 +196,12 @@ def plan(args, model: Path, sizes: dict, overheads: dict, prompts, conts, ggufs:
                 policy, precision = PCMOE_SYSTEMS[system]
                 options = {"quantize": precision, "nonexpert_quantize": precision} if precision else {}
                 cfg = pcmoe_config(sizes, precision, policy, pcmoe_budget(limit, overheads.get(precision or "bf16")))
+                if system in SHADOWS and cfg.get("policy") == "committee":
+                    options["shadow"] = SHADOWS[system]
                 run.update(kind="pcmoe", options=options, **cfg)
                 run["evict"] = [str(p) for p in common.weight_files(model)] + (
-                    [str(p) for p in quant_files(model)] if precision else [])
+                    [str(p) for p in quant_files(model)] if precision else []) + (
+                    [str(p) for p in shadow_files(model)] if "shadow" in options else [])
             elif system in LLAMACPP_SYSTEMS:
                 t = LLAMACPP_SYSTEMS[system]
                 run.update(kind="llamacpp", outtype=t, use_mmap=True, n_ctx=512, n_batch=256, logits_all=False)
@@ -228,9 +250,16 @@ def measure(spec: dict, limit: int | None) -> dict:
     return runner.measure(clean, limit, True, TIMEOUT_S, module=module, evict=evict)
 
 
+def too_small(rec: dict) -> bool:
+    """A run whose load refused its budget (e.g. too small for every non-member's shadow)."""
+    return rec.get("returncode") not in (0, None) and "below the minimum" in str(rec.get("error"))
+
+
 def outcome(rec: dict) -> str:
     if rec.get("returncode") is None:  # not run ("skipped" of a finished run counts masked expert choices)
         return rec.get("skipped") or "not run"
+    if too_small(rec):
+        return f"does not fit: {rec['error']}"
     if rec.get("returncode") == 0:
         return "ok"
     if rec.get("oom_killed"):
@@ -251,8 +280,8 @@ def run_all(args) -> dict:
     if args.fresh:
         log.restart()
     # Outcomes are reused (an OOM or a time-out is a result); a failure of another kind is measured again.
-    done = {r["key"]: r for r in log.records
-            if r.get("key") and (r.get("returncode") == 0 or r.get("oom_killed") or r.get("timed_out"))}
+    done = {r["key"]: r for r in log.records if r.get("key") and (
+        r.get("returncode") == 0 or r.get("oom_killed") or r.get("timed_out") or too_small(r))}
     trace = ensure_trace(Path(args.source), Path(args.data))
     results, models = [], []
     for experts in args.experts:
@@ -372,6 +401,8 @@ def quality_spec(rec: dict, source: Path, data: str, threads: int) -> dict | Non
         return None
     precision = PCMOE_SYSTEMS[rec["system"]][1]
     options = {"quantize": precision, "nonexpert_quantize": precision} if precision else {}
+    if rec["system"] in SHADOWS and rec.get("policy") == "committee":
+        options["shadow"] = SHADOWS[rec["system"]]
     cfg = json.loads((Path(source) / "config.json").read_text())
     experts = cfg.get("num_experts") or cfg.get("num_local_experts")
     spec = {"kind": "pcmoe", "model": str(source), "model_fp": common.fingerprint(source), "data": data,
@@ -475,6 +506,8 @@ def ratios(results: list[dict]) -> list[dict]:
     ok = {}
     for r in results:
         if r.get("section") == "regime" and r.get("returncode") == 0 and r.get("decode_tokens_per_s"):
+            if r["system"] in SHADOWS and r.get("policy") == "full":
+                continue  # everything fits: the same configuration as "pcmoe int4" (a second sample, not a rival)
             ok[(r["experts"], r["limit_bytes"], r["system"])] = r
     rows = []
     for experts, limit in sorted({(r["experts"], r["limit_bytes"]) for r in results if r.get("section") == "regime"}):
@@ -578,8 +611,8 @@ def _pivot(results: list[dict], key: str, fmt: str = ".1f") -> list[str]:
                 cells.append("")
             elif r.get("returncode") == 0:
                 cells.append(_f(r.get(key), fmt))
-            elif r.get("returncode") is None:
-                cells.append("does not fit" if "fit" in str(r.get("skipped")) else "-")
+            elif r.get("returncode") is None or too_small(r):
+                cells.append("does not fit" if too_small(r) or "fit" in str(r.get("skipped")) else "-")
             else:
                 cells.append("OOM" if r.get("oom_killed") else "timeout" if r.get("timed_out") else "failed")
         lines.append(f"| E{experts} | {format_bytes(limit)} | " + " | ".join(cells) + " |")
@@ -612,7 +645,7 @@ def plot(out: Path, results: list[dict], meta: dict) -> str | None:
             color, ls = styles[s]
             if good:
                 ax.plot(*zip(*good), ls, marker="o", color=color, label=s)
-            failed += [(x, color) for x, r in pts if r.get("returncode") not in (0, None)]
+            failed += [(x, color) for x, r in pts if r.get("returncode") not in (0, None) and not too_small(r)]
         ys = [y for line in ax.get_lines() for y in line.get_ydata()]
         for x, color in failed:  # OOM / time-out / failure: a cross below the slowest point
             ax.scatter([x], [min(ys, default=1.0) / 2], marker="x", color=color)
