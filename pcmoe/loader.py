@@ -330,7 +330,7 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
         def exact(layer, expert):
             return scratch if read_full_precision(store, layer, expert, scratch) else None
     bandwidth = (_io_bandwidth(opts.io_bandwidth) or 2000.0) * 1e6  # bytes/s; 2 GB/s (ufs) when not emulated
-    choosers = []
+    choosers, cache_ok = [], True
     for i in range(len(blocks)):
         n_sh = sizing.shadow_counts[i] if sizing.shadow_counts else 0
         score = torch.tensor(profile["importance"][i]) if profile else norms[i]
@@ -359,6 +359,12 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
                         cache.put(i, e, made.row_state(e))
             if opts.kernel != "eager" and any(b.experts.native is not None for b in blocks):
                 bank.use_native()
+            made = None
+            if cache_ok:  # this layer's new shadows to disk now: one layer's in memory at a time
+                try:
+                    cache.flush(i)
+                except OSError:
+                    cache_ok = False
         measured = errors[i] if errors else {}
         err = {"shadow": measured.get("shadow", bank.weight_error() if bank is not None else 1.0), "wait": 0.0,
                "exchange": measured.get("exchange", 1.0), "skip": 1.0}
@@ -369,9 +375,7 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
                                     force=None if opts.miss_action == "auto" else opts.miss_action,
                                     wait_above=opts.wait_above, load_exact=exact,
                                     exact_kernel=family.kernel() if exact else None))
-    try:
-        cache.flush()
-    except OSError:  # no cache: demoted members get no shadow (their rows stay with the promoted)
+    if not cache_ok:  # no cache: demoted members get no shadow (their rows stay with the promoted)
         return choosers
     if policy in DYNAMIC_POLICIES:
         for i, chooser in enumerate(choosers):

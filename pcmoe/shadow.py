@@ -334,24 +334,18 @@ class ShadowBank:
 
 
 class ShadowCache:
-    """Shadows made once and kept in `<cache>/<fingerprint>/shadows-<form>.safetensors` (tensors
-    "<layer>.<expert>.<name>"): a later load reads the shadows it needs instead of reading each
-    expert and quantising it. New shadows are merged in by flush() (atomic)."""
+    """Shadows made once and kept in `<cache>/<fingerprint>/shadows-<form>-layer<i>.safetensors`,
+    one file per MoE layer (tensors "<layer>.<expert>.<name>"): a later load reads the shadows it
+    needs instead of reading each expert and quantising it. New shadows are merged in by flush()
+    (atomic), a layer at a time, so making them holds one layer's new shadows in memory, never the
+    whole model's (which, with a serialisation copy on top, does not fit a small box)."""
 
-    def __init__(self, path):
+    def __init__(self, stem):
         from pathlib import Path
 
-        self.path = Path(path)
-        self.new: dict[str, torch.Tensor] = {}
-        self._file = None
-        self._keys: set[str] = set()
-        try:
-            from safetensors import safe_open
-
-            self._file = safe_open(str(self.path), framework="pt")
-            self._keys = set(self._file.keys())
-        except Exception:  # absent or unreadable: made again
-            self._file = None
+        self.stem = Path(stem)                             # <cache>/<fingerprint>/shadows-<form>
+        self.new: dict[int, dict[str, torch.Tensor]] = {}  # layer -> new tensors, until flushed
+        self._files: dict[int, tuple] = {}                 # layer -> (safe_open or None, its keys)
 
     @staticmethod
     def for_checkpoint(fingerprint: str, opts) -> ShadowCache:
@@ -360,42 +354,61 @@ class ShadowCache:
 
         root = Path(opts.cache_dir or os.environ.get("PCMOE_CACHE") or Path.home() / ".cache" / "pcmoe")
         key = spec_key(opts.shadow, opts.shadow_group, opts.shadow_rank).replace("/", "-")
-        return ShadowCache(root / fingerprint / f"shadows-{key}.safetensors")
+        return ShadowCache(root / fingerprint / f"shadows-{key}")
+
+    def path(self, layer: int):
+        return self.stem.with_name(f"{self.stem.name}-layer{layer:03d}.safetensors")
+
+    def _file(self, layer: int) -> tuple:
+        if layer not in self._files:
+            try:
+                from safetensors import safe_open
+
+                f = safe_open(str(self.path(layer)), framework="pt")
+                self._files[layer] = (f, set(f.keys()))
+            except Exception:  # absent or unreadable: made again
+                self._files[layer] = (None, set())
+        return self._files[layer]
 
     def get(self, layer: int, expert: int, names) -> dict[str, torch.Tensor] | None:
-        keys = [f"{layer}.{expert}.{n}" for n in (*names, "err")]
-        if self._file is None or not all(k in self._keys for k in keys):
+        f, keys = self._file(layer)
+        wanted = [f"{layer}.{expert}.{n}" for n in (*names, "err")]
+        if f is None or not all(k in keys for k in wanted):
             return None
-        return {k.split(".", 2)[2]: self._file.get_tensor(k) for k in keys}
+        return {k.split(".", 2)[2]: f.get_tensor(k) for k in wanted}
 
     def put(self, layer: int, expert: int, state: dict[str, torch.Tensor]) -> None:
+        new = self.new.setdefault(layer, {})
         for name, t in state.items():
-            self.new[f"{layer}.{expert}.{name}"] = t.contiguous()
+            new[f"{layer}.{expert}.{name}"] = t.contiguous()
 
-    def flush(self) -> None:
-        """Write the old and new shadows to the file (a temporary file, then a rename)."""
-        if not self.new:
-            return
+    def flush(self, layer: int | None = None) -> None:
+        """Write the new shadows of `layer` (None: of every layer) into its file, merged with the
+        ones already there (a temporary file, then a rename)."""
         import os
         import tempfile
 
-        from safetensors import safe_open
         from safetensors.torch import save_file
 
-        merged = {k: self._file.get_tensor(k) for k in self._keys} if self._file is not None else {}
-        merged.update(self.new)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(merged, tmp)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        self.new = {}
-        self._file = safe_open(str(self.path), framework="pt")   # the merged file, for later get()s
-        self._keys = set(self._file.keys())
+        for i in ([layer] if layer is not None else sorted(self.new)):
+            new = self.new.get(i)
+            if not new:
+                continue
+            f, keys = self._file(i)
+            merged = {k: f.get_tensor(k) for k in keys} if f is not None else {}
+            merged.update(new)
+            out = self.path(i)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
+            os.close(fd)
+            try:
+                save_file(merged, tmp)
+                os.replace(tmp, out)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            del self.new[i], merged
+            self._files.pop(i, None)  # reopened (the merged file) by the next get()
 
 
 # -- native one-token kernel (pcmoe/native/shadow.c) ----------------------------------------------
