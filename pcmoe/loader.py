@@ -365,6 +365,7 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
                     cache.flush(i)
                 except OSError:
                     cache_ok = False
+            cache.release(i)  # the rows are copies in the bank: no mapped cache pages left behind
         measured = errors[i] if errors else {}
         err = {"shadow": measured.get("shadow", bank.weight_error() if bank is not None else 1.0), "wait": 0.0,
                "exchange": measured.get("exchange", 1.0), "skip": 1.0}

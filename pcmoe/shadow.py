@@ -377,6 +377,15 @@ class ShadowCache:
             return None
         return {k.split(".", 2)[2]: f.get_tensor(k) for k in wanted}
 
+    def release(self, layer: int) -> None:
+        """Close the layer's file and drop its pages from the page cache: the rows read from it
+        are copies, and a mapped file's touched pages would otherwise stay in the process's RSS (in
+        a memory cgroup, ~the shadows' bytes a second time). A later get() reopens it."""
+        from pcmoe.system import evict_file
+
+        if self._files.pop(layer, (None,))[0] is not None and self.path(layer).exists():
+            evict_file(self.path(layer))
+
     def put(self, layer: int, expert: int, state: dict[str, torch.Tensor]) -> None:
         new = self.new.setdefault(layer, {})
         for name, t in state.items():
@@ -389,6 +398,8 @@ class ShadowCache:
         import tempfile
 
         from safetensors.torch import save_file
+
+        from pcmoe.system import evict_file
 
         for i in ([layer] if layer is not None else sorted(self.new)):
             new = self.new.get(i)
@@ -403,6 +414,9 @@ class ShadowCache:
             os.close(fd)
             try:
                 save_file(merged, tmp)
+                # Written back and dropped from the page cache now: dirty pages of a file this size
+                # cannot be reclaimed until written, and in a memory cgroup they count against the limit.
+                evict_file(tmp)
                 os.replace(tmp, out)
             finally:
                 if os.path.exists(tmp):
