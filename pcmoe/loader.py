@@ -20,6 +20,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -313,6 +314,13 @@ def _shadow_sizing(lay: _Layout, family, budget_spec, policy: str, plan_sizes, o
                          plan_sizes=plan_sizes)
 
 
+def _cached_shadow(cache, layer: int, names: list[str], expert: int):
+    """A demoted member's shadow from the cache (None if absent), the file released after the read."""
+    row = cache.get(layer, expert, names)
+    cache.release(layer)
+    return row
+
+
 def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, blocks, members, profile, norms):
     """Shadow banks (made from each expert's full-precision weights, read once) and a MissChooser
     per layer, with the layer's measured errors (pcmoe_shadow_errors.json / the cache) or, where
@@ -382,7 +390,7 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
         for i, chooser in enumerate(choosers):
             if chooser.shadows is not None:
                 names = list(chooser.shadows.bank)
-                chooser.source = lambda e, _i=i, _n=names: cache.get(_i, e, _n)
+                chooser.source = partial(_cached_shadow, cache, i, names)
     return choosers
 
 
@@ -421,7 +429,6 @@ def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Eng
     model.eval()
     native, kernel_path = _native_kernels(opts, family, lay.dtype, [b.experts for b in blocks])
     if native is not None:
-        from functools import partial
 
         from pcmoe.native import ops
 

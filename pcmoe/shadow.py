@@ -319,7 +319,7 @@ class ShadowBank:
         if self.mode == "lowrank":
             return self.kernel(x, _LowRankView(self.bank, row))
         if self._dense is None:
-            self._dense = {name: torch.empty(shape, dtype=self.dtype) for name, shape in self.kernel.tensors.items()}
+            self._dense = _dense_scratch(self.kernel, self.dtype)
         for name in self.kernel.tensors:
             if name in self.kernel.linear_weights:
                 self._dense[name].copy_(dequantize(self.bank[name + ".p"][row], self.bank[name + ".s"][row],
@@ -331,6 +331,20 @@ class ShadowBank:
     def reference_one(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """Slow twin: dequantise by the definition (or multiply the factors out), then the ordinary expert."""
         return self.kernel(x, self.dense(expert, reference=True))
+
+
+_SCRATCH: dict = {}  # (thread, dtype, shapes) -> one expert's dense weights, shared by every bank
+
+
+def _dense_scratch(kernel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One expert's dense weights for the eager batch path, shared by the banks of every layer (a
+    forward runs its layers one after another): one buffer per thread instead of one per layer."""
+    import threading
+
+    key = (threading.get_ident(), dtype, tuple(sorted((n, tuple(s)) for n, s in kernel.tensors.items())))
+    if key not in _SCRATCH:
+        _SCRATCH[key] = {name: torch.empty(shape, dtype=dtype) for name, shape in kernel.tensors.items()}
+    return _SCRATCH[key]
 
 
 class ShadowCache:

@@ -56,7 +56,8 @@ def test_plan_gives_every_system_each_limit_with_stable_keys(tmp_path):
     gguf = tmp_path / "m-q4_K_M.gguf"
     gguf.write_bytes(b"x")
     ggufs = {"bf16": "conversion to bf16 failed: boom", "q4_K_M": gguf}
-    runs = regime.plan(_args(), tmp_path, s, {"bf16": 300 * MB, "int4": 280 * MB}, [[1, 2]], [[3] * 7], ggufs)
+    runs = regime.plan(_args(), tmp_path, s, {"bf16": 300 * MB, "int4": 280 * MB, "int4+int2": 290 * MB}, [[1, 2]],
+                       [[3] * 7], ggufs)
     assert len(runs) == 2 * len(regime.SYSTEMS)
     by = {(r["limit_fraction"], r["system"]): r for r in runs}
     assert by[(1.2, "pcmoe bf16")]["budget"] == 1200 * MB - 300 * MB - regime.ALLOCATOR_SLACK
@@ -71,7 +72,8 @@ def test_plan_gives_every_system_each_limit_with_stable_keys(tmp_path):
     assert shadowed["policy"] == "committee" and shadowed["options"]["shadow"] == "int2"
     assert "shadow" not in by[(1.2, "pcmoe int4 + int2 shadows")]["options"]  # all resident: no shadows
     assert by[(1.2, "accelerate")]["budget_bytes"] == 1200 * MB - regime.ACCELERATE_ALLOWANCE
-    again = regime.plan(_args(), tmp_path, s, {"bf16": 300 * MB, "int4": 280 * MB}, [[1, 2]], [[3] * 7], ggufs)
+    again = regime.plan(_args(), tmp_path, s, {"bf16": 300 * MB, "int4": 280 * MB, "int4+int2": 290 * MB}, [[1, 2]],
+                       [[3] * 7], ggufs)
     assert [r["key"] for r in again] == [r["key"] for r in runs] and len({r["key"] for r in runs}) == len(runs)
     longer = regime.plan(_args(decode_tokens=16), tmp_path, s, {"bf16": 300 * MB}, [[1, 2]], [[3] * 15], ggufs)
     assert longer[0]["key"] != runs[0]["key"]

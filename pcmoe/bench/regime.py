@@ -195,7 +195,8 @@ def plan(args, model: Path, sizes: dict, overheads: dict, prompts, conts, ggufs:
             if system in PCMOE_SYSTEMS:
                 policy, precision = PCMOE_SYSTEMS[system]
                 options = {"quantize": precision, "nonexpert_quantize": precision} if precision else {}
-                cfg = pcmoe_config(sizes, precision, policy, pcmoe_budget(limit, overheads.get(precision or "bf16")))
+                calibrated = shadow_key(system) if system in SHADOWS else precision or "bf16"
+                cfg = pcmoe_config(sizes, precision, policy, pcmoe_budget(limit, overheads.get(calibrated)))
                 if system in SHADOWS and cfg.get("policy") == "committee":
                     options["shadow"] = SHADOWS[system]
                 run.update(kind="pcmoe", options=options, **cfg)
@@ -237,7 +238,24 @@ def calibration_runs(args, model: Path, sizes: dict, prompts, conts) -> list[dic
                "label": f"E{sizes['experts']} calibration pcmoe {precision}", "experts": sizes["experts"]}
         run["key"] = runner.spec_key(run, prefix="regime-")
         runs.append(run)
+    # Shadows cost runtime memory of their own (making the bank, the eager batch path): calibrated on a
+    # committee at half the experts with shadows (`full` has no non-members to shadow).
+    for system in [s for s in args.systems if s in SHADOWS]:
+        q = PCMOE_SYSTEMS[system][1]
+        run = dict(kind="pcmoe", model=str(model), model_fp=sizes["fingerprint"],
+                   eval_tokens=0, prompts=prompts, continuations=conts, decode_tokens=args.decode_tokens, trials=1,
+                   warmup=1, threads=args.threads, section="regime-calibration", policy="committee",
+                   budget="50%experts", options={"quantize": q, "nonexpert_quantize": q, "shadow": SHADOWS[system]},
+                   precision=shadow_key(system), label=f"E{sizes['experts']} calibration {system}",
+                   experts=sizes["experts"])
+        run["key"] = runner.spec_key(run, prefix="regime-")
+        runs.append(run)
     return runs
+
+
+def shadow_key(system: str) -> str:
+    """The calibration (runtime overhead) name of a shadowed system: "int4+int2"."""
+    return f"{PCMOE_SYSTEMS[system][1]}+{SHADOWS[system]}"
 
 
 # -- running -------------------------------------------------------------------------------------
