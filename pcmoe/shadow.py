@@ -318,8 +318,7 @@ class ShadowBank:
         row = self.row_of[expert]
         if self.mode == "lowrank":
             return self.kernel(x, _LowRankView(self.bank, row))
-        if self._dense is None:
-            self._dense = _dense_scratch(self.kernel, self.dtype)
+        self._dense = _dense_scratch(self.kernel, self.dtype)
         for name in self.kernel.tensors:
             if name in self.kernel.linear_weights:
                 self._dense[name].copy_(dequantize(self.bank[name + ".p"][row], self.bank[name + ".s"][row],
@@ -341,7 +340,9 @@ def _dense_scratch(kernel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     forward runs its layers one after another): one buffer per thread instead of one per layer."""
     import threading
 
-    key = (threading.get_ident(), dtype, tuple(sorted((n, tuple(s)) for n, s in kernel.tensors.items())))
+    # per thread, and per inference mode (a tensor made inside it cannot be written outside it)
+    key = (threading.get_ident(), torch.is_inference_mode_enabled(), dtype,
+           tuple(sorted((n, tuple(s)) for n, s in kernel.tensors.items())))
     if key not in _SCRATCH:
         _SCRATCH[key] = {name: torch.empty(shape, dtype=dtype) for name, shape in kernel.tensors.items()}
     return _SCRATCH[key]
