@@ -148,6 +148,8 @@ def test_bad_options_are_one_line_errors(capsys):
         regime.main(["--decode-tokens", "1", "--source", str(ROOT / "models/pcmoe-lm")])
     with pytest.raises(SystemExit, match="does not exist"):
         regime.main(["--data", "/nonexistent.txt"])
+    with pytest.raises(SystemExit, match="--out: .* is not a directory"):
+        regime.main(["--source", str(ROOT / "models/pcmoe-lm"), "--out", str(ROOT / "README.md" / "x")])
 
 
 def test_text_prompts_fold_ids_into_the_vocabulary(tmp_path):

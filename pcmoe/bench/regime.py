@@ -788,6 +788,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, least in (("decode_tokens", 2), ("prompts", 1), ("trials", 1), ("threads", 1)):
         if getattr(args, name) < least:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least {least}")
+    from pcmoe.system import check_writable
+
+    why = check_writable(Path(args.out) / "regime.json")  # a bad --out fails now, not after hours
+    if why:
+        raise SystemExit(f"error: --out: {why}")
     args.command = shlex.join(["python", "-m", "pcmoe.bench.regime", *argv])
     from pcmoe.options import PcmoeError
 
