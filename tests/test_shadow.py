@@ -28,6 +28,10 @@ def test_planes_round_trip_and_dequantize_twin(bits):
     assert torch.equal(S.unpack_planes(planes), codes)
     fast = S.dequantize(planes, sm, torch.float32)
     assert torch.allclose(fast, S.dequantize_reference(planes, sm, torch.float32), atol=1e-6)
+    for chunk in (1, 5, 16, 100):  # a row chunk at a time (bounded temporaries): the same numbers
+        into = torch.empty(16, 64, dtype=torch.bfloat16)
+        S.dequantize_into(into, planes, sm, chunk_rows=chunk)
+        assert torch.equal(into, S.dequantize(planes, sm, torch.bfloat16)), chunk
     # the clipping search never does worse than the plain min/max range
     err = (fast - w).pow(2).sum()
     lo, hi = w.view(16, 2, 32).amin(-1), w.view(16, 2, 32).amax(-1)
