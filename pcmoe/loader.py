@@ -315,9 +315,11 @@ def _shadow_sizing(lay: _Layout, family, budget_spec, policy: str, plan_sizes, o
 
 
 def _cached_shadow(cache, layer: int, names: list[str], expert: int):
-    """A demoted member's shadow from the cache (None if absent), the file released after the read."""
+    """A demoted member's shadow from the cache (None if absent). The file is closed after the read
+    but its pages stay cached: unmapped, the kernel reclaims them first, and the next demotion
+    finds them without a disk read."""
     row = cache.get(layer, expert, names)
-    cache.release(layer)
+    cache.release(layer, evict=False)
     return row
 
 

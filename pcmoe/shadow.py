@@ -400,13 +400,13 @@ class ShadowCache:
             return None
         return {k.split(".", 2)[2]: f.get_tensor(k) for k in wanted}
 
-    def release(self, layer: int) -> None:
-        """Close the layer's file and drop its pages from the page cache: the rows read from it
-        are copies, and a mapped file's touched pages would otherwise stay in the process's RSS (in
-        a memory cgroup, ~the shadows' bytes a second time). A later get() reopens it."""
+    def release(self, layer: int, evict: bool = True) -> None:
+        """Close the layer's file (the rows read from it are copies; a mapped file's touched pages
+        would otherwise stay in the process's RSS: in a memory cgroup, ~the shadows' bytes a second
+        time) and, with `evict`, drop its pages from the page cache too. A later get() reopens it."""
         from pcmoe.system import evict_file
 
-        if self._files.pop(layer, (None,))[0] is not None and self.path(layer).exists():
+        if self._files.pop(layer, (None,))[0] is not None and evict and self.path(layer).exists():
             evict_file(self.path(layer))
 
     def put(self, layer: int, expert: int, state: dict[str, torch.Tensor]) -> None:
