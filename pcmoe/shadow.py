@@ -194,7 +194,6 @@ class ShadowBank:
         spec = shadow_tensors(kernel, dtype, mode, self.group, self.rank)
         self.bank = {name: torch.zeros((len(self.experts), *shape), dtype=dt) for name, (shape, dt) in spec.items()}
         self.ready = [False] * num_experts
-        self._dense = None            # one expert's dequantised weights, reused (int2 / int3)
         self._err = [0.0, 0.0]        # sum over written shadows of ||W - W'||^2 and ||W||^2
         self._row_err: dict[int, tuple[float, float]] = {}
         self.native = None            # the native kernel library (use_native), one-token calls only
@@ -327,13 +326,13 @@ class ShadowBank:
         row = self.row_of[expert]
         if self.mode == "lowrank":
             return self.kernel(x, _LowRankView(self.bank, row))
-        self._dense = _dense_scratch(self.kernel, self.dtype)
+        dense = _dense_scratch(self.kernel, self.dtype)
         for name in self.kernel.tensors:
             if name in self.kernel.linear_weights:
-                dequantize_into(self._dense[name], self.bank[name + ".p"][row], self.bank[name + ".s"][row])
+                dequantize_into(dense[name], self.bank[name + ".p"][row], self.bank[name + ".s"][row])
             else:
-                self._dense[name] = self.bank[name][row]
-        return self.kernel(x, self._dense)
+                dense[name] = self.bank[name][row]
+        return self.kernel(x, dense)
 
     def reference_one(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """Slow twin: dequantise by the definition (or multiply the factors out), then the ordinary expert."""
@@ -372,12 +371,17 @@ class ShadowCache:
 
     @staticmethod
     def for_checkpoint(fingerprint: str, opts) -> ShadowCache:
-        import os
-        from pathlib import Path
+        from pcmoe.qcache import cache_root
 
-        root = Path(opts.cache_dir or os.environ.get("PCMOE_CACHE") or Path.home() / ".cache" / "pcmoe")
         key = spec_key(opts.shadow, opts.shadow_group, opts.shadow_rank).replace("/", "-")
-        return ShadowCache(root / fingerprint / f"shadows-{key}")
+        return ShadowCache(cache_root(opts.cache_dir) / fingerprint / f"shadows-{key}")
+
+    @staticmethod
+    def files(fingerprint: str, cache_dir=None) -> list:
+        """Every shadow cache file of a checkpoint (all forms and layers), e.g. to evict them."""
+        from pcmoe.qcache import cache_root
+
+        return sorted((cache_root(cache_dir) / fingerprint).glob("shadows-*.safetensors"))
 
     def path(self, layer: int):
         return self.stem.with_name(f"{self.stem.name}-layer{layer:03d}.safetensors")

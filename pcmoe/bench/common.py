@@ -192,12 +192,15 @@ class ReadMeter:
                 "decode_read_bytes": self.read["decode"] if known else None}
 
 
-def read_figures(meter: ReadMeter, result: dict, prompts, decode_tokens: int) -> dict:
+def read_figures(meter: ReadMeter, result: dict, prompts, decode_tokens: int, cold: bool = True) -> dict:
     """A ReadMeter's figures for one decode_trials `result`, with "decode_read_bytes_per_token":
     storage reads (the kernel's count) during the timed rounds' decode steps, over those steps
     (trials x prompts x (decode_tokens - 1)). Not the engine's own "bytes_per_token" (the bytes
-    its store read, prefill included, over every timed token)."""
+    its store read, prefill included, over every timed token). `cold`: the first prefill was the
+    process's first work (no perplexity before it), so "ttft_cold_s" is a cold start's; else None."""
     out = meter.stop()
+    if not cold:
+        out["ttft_cold_s"] = None
     steps = result["trials"] * len(prompts) * max(decode_tokens - 1, 1)
     out["decode_read_bytes_per_token"] = None if out["decode_read_bytes"] is None else out["decode_read_bytes"] / steps
     return out
@@ -270,6 +273,7 @@ def model_sizes(model: str, quant: bool = True) -> dict:
         i = inspect(model, quantize=quantize)
         return {"nonexpert": i["nonexpert_bytes"], "all_experts": i["all_expert_bytes"],
                 "full": i["full_model_bytes"], "dtype": i["dtype"], "tokenizer": i["tokenizer"],
+                "nonexpert_quantized": i["nonexpert_bytes_quantized"],  # --quantize-nonexpert int8 / int4
                 "min_budget": {True: i.get("minimum_budget", i["minimum_budget_committee"]),
                                False: i["minimum_budget_static"]}}
 

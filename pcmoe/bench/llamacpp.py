@@ -137,9 +137,8 @@ def measure(spec: dict) -> dict:
                                    trials=spec.get("trials", 3), warmup=spec.get("warmup", 1),
                                    after_warmup=meter.reset, continuations=spec.get("continuations"))
         out.update(d)
-        out.update(common.read_figures(meter, d, spec["prompts"], spec.get("decode_tokens", 64)))
-        if spec.get("eval_tokens"):  # the perplexity ran first: the first token is not a cold start's
-            out["ttft_cold_s"] = None
+        out.update(common.read_figures(meter, d, spec["prompts"], spec.get("decode_tokens", 64),
+                                       cold=not spec.get("eval_tokens")))
     if spec.get("logits_for"):  # parity checks: the logits of every position of one id sequence
         llm.reset()
         llm.eval(spec["logits_for"])

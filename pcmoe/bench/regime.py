@@ -40,6 +40,7 @@ checkpoint and spec (--fresh starts over). Writes <out>/regime.json, regime.md a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import sys
@@ -88,22 +89,13 @@ def ensure_checkpoint(experts: int, shape: str, trace: Path, tokenizer_from: Pat
                       root: Path = ROOT) -> Path:
     """The baked checkpoint of `experts` experts per layer, built on first use (the random source,
     then its baked copy: both written to temporary names and renamed when complete)."""
-    from pcmoe.bench import baked, scaling
+    from pcmoe.bench import baked, scale
 
     name = f"qwen3-moe-e{experts}" if shape == "mid" else f"qwen3-moe-{shape}-e{experts}"
     out = root / f"{name}-baked"
     if (out / "config.json").exists():
         return out
-    source = root / name
-    if not (source / "config.json").exists():
-        print(f"[regime] building the random {shape} Qwen3-MoE with {experts} experts per layer in {source} "
-              "(once; minutes)", file=sys.stderr, flush=True)
-        tmp = source.with_name(source.name + ".tmp")
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        scaling.build(tmp, experts, shape, threads)
-        tmp.rename(source)
+    source = scale.ensure_model(root / name, tokenizer_from, shape, experts, threads)
     print(f"[regime] baking the routing of {trace} into {out}", file=sys.stderr, flush=True)
     baked.bake(source, out, trace, tokenizer_from=tokenizer_from)
     return out
@@ -136,17 +128,15 @@ def quant_files(model: Path) -> list[Path]:
 
 def shadow_files(model: Path) -> list[Path]:
     """The shadow cache of a checkpoint (pcmoe.shadow.ShadowCache), evicted like its weights."""
-    import os
-
     from pcmoe.checkpoint import Checkpoint, CheckpointError
+    from pcmoe.shadow import ShadowCache
 
-    root = Path(os.environ.get("PCMOE_CACHE") or Path.home() / ".cache" / "pcmoe")
     try:
         ckpt = Checkpoint(Path(model))
     except (OSError, ValueError, CheckpointError):  # no checkpoint (yet): nothing cached for it
         return []
     try:
-        return sorted((root / ckpt.fingerprint()).glob("shadows-*.safetensors"))
+        return ShadowCache.files(ckpt.fingerprint())
     finally:
         ckpt.close()
 
@@ -187,6 +177,7 @@ def plan(args, model: Path, sizes: dict, overheads: dict, prompts, conts, ggufs:
             "continuations": conts, "decode_tokens": args.decode_tokens, "trials": args.trials, "warmup": 1,
             "threads": args.threads, "section": "regime", "experts": sizes["experts"]}
     runs = []
+    shadows = [str(p) for p in shadow_files(model)] if any(s in SHADOWS for s in args.systems) else []
     for frac, limit in zip(args.limit_fractions, limits_for(sizes["full"], args.limit_fractions)):
         at = dict(base, limit_bytes=limit, limit_fraction=frac)
         for system in args.systems:
@@ -200,9 +191,9 @@ def plan(args, model: Path, sizes: dict, overheads: dict, prompts, conts, ggufs:
                 if system in SHADOWS and cfg.get("policy") == "committee":
                     options["shadow"] = SHADOWS[system]
                 run.update(kind="pcmoe", options=options, **cfg)
-                run["evict"] = [str(p) for p in common.weight_files(model)] + (
-                    [str(p) for p in quant_files(model)] if precision else []) + (
-                    [str(p) for p in shadow_files(model)] if "shadow" in options else [])
+                run["evict"] = ([str(p) for p in common.weight_files(model)]
+                                + ([str(p) for p in quant_files(model)] if precision else [])
+                                + (shadows if "shadow" in options else []))
             elif system in LLAMACPP_SYSTEMS:
                 t = LLAMACPP_SYSTEMS[system]
                 run.update(kind="llamacpp", outtype=t, use_mmap=True, n_ctx=512, n_batch=256, logits_all=False)
@@ -288,6 +279,7 @@ def outcome(rec: dict) -> str:
 
 
 def run_all(args) -> dict:
+    from pcmoe import qcache_build
     from pcmoe.bench import cgroup
 
     if not cgroup.available():
@@ -304,16 +296,9 @@ def run_all(args) -> dict:
     results, models = [], []
     for experts in args.experts:
         model = ensure_checkpoint(experts, args.shape, trace, Path(args.source), args.threads)
-        if not quant_files(model) or len(quant_files(model)) < 2 * json.loads(
-                (model / "config.json").read_text())["num_hidden_layers"]:
-            from pcmoe import qcache_build
-
-            qcache_build.build(model, ["int8", "int4"], progress=True)
+        qcache_build.build(model, ["int8", "int4"], progress=True)  # written once, found afterwards
         sizes = common.model_sizes(str(model))
-        from pcmoe.engine import inspect
-
         sizes["experts"] = experts
-        sizes["nonexpert_quantized"] = inspect(str(model))["nonexpert_bytes_quantized"]
         prompts, conts = text_prompts(model, args.data, args.prompts, args.decode_tokens)
         ggufs = _ggufs(args, model) if any(s in LLAMACPP_SYSTEMS for s in args.systems) else {}
         overheads = {}
@@ -351,14 +336,11 @@ def run_all(args) -> dict:
 
 
 _COPY = ("key", "system", "experts", "limit_bytes", "limit_fraction", "weight_bytes", "budget", "policy",
-         "budget_bytes", "outtype")
+         "budget_bytes", "outtype", "precision")
 
 
 def _run(spec: dict, limit: int | None, log) -> dict:
     rec = runner.record(spec, measure(spec, limit), _COPY)
-    for k in ("precision",):
-        if k in spec:
-            rec[k] = spec[k]
     log.append(rec)
     return rec
 
@@ -410,6 +392,15 @@ def member_share(rec: dict) -> float | None:
     return sum(sizes) / (len(sizes) * n)
 
 
+@functools.lru_cache(maxsize=4)
+def _source_facts(source: str) -> tuple[str, str, int, int]:
+    """(fingerprint, model type, experts per layer, MoE layers) of the trained model, read once."""
+    from pcmoe.engine import inspect
+
+    info = inspect(source)
+    return common.fingerprint(source), info["model_type"], info["experts_per_layer"], info["moe_layers"]
+
+
 def quality_spec(rec: dict, source: Path, data: str, threads: int) -> dict | None:
     """The shipped LM at the same policy, precision and member share as a pcmoe run of the study
     (a plan of round(share x experts) members per layer, at least 1): its perplexity says what that
@@ -421,20 +412,16 @@ def quality_spec(rec: dict, source: Path, data: str, threads: int) -> dict | Non
     options = {"quantize": precision, "nonexpert_quantize": precision} if precision else {}
     if rec["system"] in SHADOWS and rec.get("policy") == "committee":
         options["shadow"] = SHADOWS[rec["system"]]
-    cfg = json.loads((Path(source) / "config.json").read_text())
-    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
-    spec = {"kind": "pcmoe", "model": str(source), "model_fp": common.fingerprint(source), "data": data,
+    fingerprint, model_type, experts, layers = _source_facts(str(source))
+    spec = {"kind": "pcmoe", "model": str(source), "model_fp": fingerprint, "data": data,
             "eval_tokens": QUALITY_TOKENS, "threads": threads, "section": "regime-quality", "options": options,
             "share": round(share, 3), "experts": experts}
     members = max(1, round(share * experts))
     if members >= experts:
         spec.update(policy="full", budget=None)
     else:
-        from pcmoe.engine import inspect
-
-        layers = inspect(str(source))["moe_layers"]
         spec.update(policy=rec.get("policy", "committee"), budget=None, plan={
-            "format": "pcmoe-plan/1", "model_type": cfg.get("model_type"), "num_experts": [experts] * layers,
+            "format": "pcmoe-plan/1", "model_type": model_type, "num_experts": [experts] * layers,
             "committee_sizes": [members] * layers, "precisions": [precision or "full"] * layers,
             "nonexpert_precision": precision or "full"})
     spec["label"] = f"quality {precision or 'bf16'} {spec['policy']} {members}/{experts} members"
@@ -443,7 +430,7 @@ def quality_spec(rec: dict, source: Path, data: str, threads: int) -> dict | Non
 
 
 def llamacpp_quality_spec(outtype: str, gguf, source: Path, streams: Path, threads: int) -> dict:
-    spec = {"kind": "llamacpp", "model": str(source), "model_fp": common.fingerprint(source), "outtype": outtype,
+    spec = {"kind": "llamacpp", "model": str(source), "model_fp": _source_facts(str(source))[0], "outtype": outtype,
             "gguf": str(gguf), "use_mmap": False, "eval_tokens": QUALITY_TOKENS, "streams": str(streams),
             "threads": threads, "section": "regime-quality", "label": f"quality llama.cpp {outtype}"}
     spec["key"] = runner.spec_key(spec, prefix="regime-q-", ignore=("gguf", "streams"))
@@ -527,6 +514,8 @@ def ratios(results: list[dict]) -> list[dict]:
             if r["system"] in SHADOWS and r.get("policy") == "full":
                 continue  # everything fits: the same configuration as "pcmoe int4" (a second sample, not a rival)
             ok[(r["experts"], r["limit_bytes"], r["system"])] = r
+    q4 = next((r.get("quality_ppl") for r in results if r.get("system") == "llama.cpp q4_K_M"
+               and r.get("quality_ppl")), None)
     rows = []
     for experts, limit in sorted({(r["experts"], r["limit_bytes"]) for r in results if r.get("section") == "regime"}):
         def get(system, at=(experts, limit)):
@@ -542,8 +531,6 @@ def ratios(results: list[dict]) -> list[dict]:
         row["best pcmoe / best llama.cpp"] = best_p / best_l if best_p and best_l else None
         # At matched quality: the fastest pcmoe run whose trained-LM perplexity is within QUALITY_SLACK
         # of llama.cpp's q4_K_M (its least precise GGUF) against the fastest llama.cpp run.
-        q4 = next((r.get("quality_ppl") for r in results if r.get("system") == "llama.cpp q4_K_M"
-                   and r.get("quality_ppl")), None)
         matched = [ok[(experts, limit, s)] for s in PCMOE_SYSTEMS if (experts, limit, s) in ok]
         matched = [r for r in matched if q4 and r.get("quality_ppl") and r["quality_ppl"] <= QUALITY_SLACK * q4]
         fast = max(matched, key=lambda r: r["decode_tokens_per_s"], default=None)

@@ -107,13 +107,12 @@ def run_pcmoe(spec):
                 d = decode_trials(meter.wrap(prefill), engine.decode_step, spec["prompts"], t["decode_tokens"],
                                   trials=t["trials"], warmup=t["warmup"], after_warmup=after_warmup,
                                   continuations=spec.get("continuations"))
-            reads = read_figures(meter, d, spec["prompts"], t["decode_tokens"])  # before anything else reads
+            reads = read_figures(meter, d, spec["prompts"], t["decode_tokens"],  # before anything else reads
+                                 cold=not spec.get("eval_tokens"))
             engine.end_input()
             st = _engine_stats(engine)
             out.update(d)
             out.update(reads)
-            if spec.get("eval_tokens"):  # the perplexity ran first: the first token is not a cold start's
-                out["ttft_cold_s"] = None
             out.update({"decode_stats": st, "bytes_per_token": st["bytes_read"] / d["timed_tokens"]})
         out.update(_engine_stats(engine))
         out["series"] = series
@@ -220,9 +219,7 @@ def run_transformers(spec, offload: bool):
                 d = decode_trials(meter.wrap(prefill), step, spec["prompts"], t["decode_tokens"], trials=t["trials"],
                                   warmup=t["warmup"], after_warmup=meter.reset, continuations=spec.get("continuations"))
             out.update(d)
-            out.update(read_figures(meter, d, spec["prompts"], t["decode_tokens"]))
-            if spec.get("eval_tokens"):
-                out["ttft_cold_s"] = None
+            out.update(read_figures(meter, d, spec["prompts"], t["decode_tokens"], cold=not spec.get("eval_tokens")))
         out["peak_rss_bytes"] = peak_rss_bytes()
     finally:
         if tmp:
