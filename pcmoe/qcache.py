@@ -34,7 +34,7 @@ from pcmoe.moe import bank_tensors, expert_buffer
 from pcmoe.quant import quantize_into
 from pcmoe.store import ExpertStore, Piece
 
-FORMAT = "pcmoe-quant/1"
+FORMAT = "pcmoe-quant/2"   # /2: int4 groups refitted by least squares (quant._refit); /1 copies are rebuilt
 FOLDER = "pcmoe_quant"
 _CODES = {v[0]: k for k, v in DTYPES.items()}  # torch dtype name -> safetensors code
 

@@ -72,12 +72,37 @@ def _quantize_rows(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, mode: str)
     out_f, in_f = w.shape
     group = int4_group(in_f)
     wg = w.view(out_f, in_f // group, group)                                     # [out, G, group]
-    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)                                    # [out, G]
-    scale = (hi - lo).clamp(min=1e-12) / 15.0
-    codes = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(out_f, in_f)
-    q.copy_(torch._convert_weight_to_int4pack_for_cpu(codes, 2).view(q.shape))
-    zero = lo + 8.0 * scale                                                       # kernel: (q - 8) * s + z
+    lo = wg.amin(dim=-1)                                                          # [out, G]
+    scale = (wg.amax(dim=-1) - lo).clamp(min=1e-12) / 15.0
+    for _ in range(LS_REFITS):
+        lo, scale = _refit(wg, lo, scale)
+    # codes against the (scale, zero) as stored, so rounding them to s.dtype costs no extra error
+    scale = scale.to(s.dtype).float().clamp(min=1e-12)
+    zero = (lo + 8.0 * scale).to(s.dtype).float()                                 # kernel: (q - 8) * s + z
+    codes = torch.round((wg - (zero - 8.0 * scale)[..., None]) / scale[..., None]).clamp(0, 15)
+    q.copy_(torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).view(out_f, in_f), 2).view(q.shape))
     s.copy_(torch.stack([scale, zero], dim=-1).transpose(0, 1).to(s.dtype))     # [G, out, 2]
+
+
+LS_REFITS = 2   # least-squares refits of each int4 group's (scale, offset); 0 = plain min/max
+
+
+def _refit(wg: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One refit of a group's affine grid: round to the current grid, then the (scale, offset) with
+    the least squared error for those codes (a line through the points (code, weight)). Min/max
+    rounding protects the extremes at the cost of every other weight; the refit moves the grid to
+    where the weights are. Measured on the shipped LM (8192 held-out tokens, int4 experts and
+    non-expert weights): ppl 1.023x full with min/max, 1.017x with two refits (one: 1.018x; more
+    gain nothing); clipping the range by least squared error instead made it worse (1.024x)."""
+    codes = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15)     # [out, G, group]
+    n = wg.shape[-1]
+    sum_q, sum_w = codes.sum(-1), wg.sum(-1)
+    sum_qq, sum_qw = (codes * codes).sum(-1), (codes * wg).sum(-1)
+    det = n * sum_qq - sum_q * sum_q                                              # 0: every code equal
+    fit_scale = (n * sum_qw - sum_q * sum_w) / det.clamp(min=1e-12)
+    ok = (det > 1e-12) & (fit_scale > 1e-12)
+    fit_lo = (sum_w - fit_scale * sum_q) / n
+    return torch.where(ok, fit_lo, lo), torch.where(ok, fit_scale, scale)
 
 
 def dequantize(q: torch.Tensor, s: torch.Tensor, mode: str) -> torch.Tensor:

@@ -36,14 +36,15 @@ def test_torch_kernels_and_row_lookup_match_the_dequantised_reference(mode, dtyp
     assert (lin(x).float() - ref).abs().max().item() <= tol * ref.abs().max().item()
     ids = torch.tensor([0, 31, 32, 63, 64, 100, 191])                          # both nibbles, several blocks
     assert torch.equal(lin.rows(ids), lin.weight_float()[ids])
-    # quantisation is real (this can fail) and within half a step of each row / group
+    # quantisation is real (this can fail) and within half a step of each row (int8) or one step of each
+    # group (int4: the least-squares grid can clamp a group's extremes; pcmoe.quant._refit)
     err = (lin.weight_float() - w.float()).abs()
     assert err.max().item() > 0
     wg = w.float().view(192, 1 if mode == "int8" else 3, -1)                   # [out, groups, columns]
     amax = wg.abs().amax(-1).repeat_interleave(wg.shape[-1], 1)                  # [out, in]
     step = amax / 127 if mode == "int8" else (wg.amax(-1) - wg.amin(-1)).repeat_interleave(32, 1) / 15
     scales_rounding = amax * 2 ** -7 if dtype == torch.bfloat16 else amax * 1e-6   # bf16 scale (and zero)
-    assert (err <= step * 0.5 * 1.001 + scales_rounding).all()
+    assert (err <= step * (0.5 if mode == "int8" else 1.0) * 1.001 + scales_rounding).all()
 
 
 def test_bad_shapes_are_one_line_errors():
