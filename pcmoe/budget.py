@@ -264,6 +264,12 @@ def quantized_weight_nbytes(out_f: int, in_f: int, mode: str | None, itemsize: i
     return out_f * in_f // 2 + in_f // 32 * out_f * 2 * itemsize
 
 
+def is_quantised_nonexpert(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether --quantize-nonexpert quantises this non-expert tensor (attention projections, LM head,
+    embedding)."""
+    return len(shape) == 2 and (_QUANTISED_NONEXPERT.search(name) is not None or name.endswith("embed_tokens.weight"))
+
+
 def nonexpert_nbytes_at(shapes: dict[str, tuple[int, ...]], itemsize: dict[str, int], mode: str | None) -> int:
     """Non-expert bytes with the attention projections, the LM head and the embedding at `mode` (a
     tied embedding is the quantised head: counted once, as the head or, where the head is not
@@ -271,9 +277,7 @@ def nonexpert_nbytes_at(shapes: dict[str, tuple[int, ...]], itemsize: dict[str, 
     name -> shape / bytes per element (names as transformers saves them)."""
     total = 0
     for name, shape in shapes.items():
-        quantised = mode is not None and len(shape) == 2 and (
-            _QUANTISED_NONEXPERT.search(name) is not None or name.endswith("embed_tokens.weight"))
-        if quantised:
+        if mode is not None and is_quantised_nonexpert(name, shape):
             total += quantized_weight_nbytes(shape[0], shape[1], mode, itemsize[name])
         else:
             n = 1

@@ -104,7 +104,7 @@ def inspect(checkpoint_dir: str | os.PathLike, dtype: str = "auto", quantize: st
         "dtype": str(lay.dtype).replace("torch.", ""), "quantize": quantize,
         "nonexpert_bytes": sizes.nonexpert, "expert_bytes": sizes.expert[0],
         "nonexpert_bytes_quantized": {m: _nonexpert_bytes_at(lay.meta_state, lay.nonexpert, m)
-                                      for m in ("int8", "int4")} if family.lean_decoder else {},
+                                      for m in _nonexpert_modes(lay)} if family.lean_decoder else {},
         "all_expert_bytes": sizes.all_experts, "full_model_bytes": sizes.full,
         **minima(sizes, slot_nbytes(family.kernel(), lay.dtype, None), opts.bytes_per_step),
         "tokenizer": (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists(),
@@ -211,6 +211,14 @@ def _layout(folder: Path, ckpt: Checkpoint, family, opts: LoadOptions, plan: dic
     expert_bytes = [slot_nbytes(family.kernel(), dtype, q) for q in quants]
     sizes = ModelBytes(nonexpert_bytes, expert_bytes, [N] * len(block_names))
     return _Layout(model, dtype, block_names, pieces, meta_state, nonexpert, missing, sizes, quants)
+
+
+def _nonexpert_modes(lay: _Layout) -> list[str]:
+    """The --quantize-nonexpert modes the non-expert shapes allow (int4 wants whole blocks)."""
+    from pcmoe.nonexpert import NONEXPERT_MODES, layout_error
+
+    shapes = {k: tuple(lay.meta_state[k].shape) for k in lay.nonexpert}
+    return [m for m in NONEXPERT_MODES if layout_error(shapes, m) is None]
 
 
 def _nonexpert_bytes_at(meta_state: dict, nonexpert: dict, mode: str | None) -> int:

@@ -14,6 +14,8 @@ Dimension legend: n rows (tokens), in / out features, G input groups, V vocabula
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +36,29 @@ def check_shape(out_f: int, in_f: int, mode: str, what: str) -> None:
     if mode == "int4" and (in_f % 32 or out_f % 64):
         raise NonexpertError(f"int4 non-expert weights need [out, in] with out a multiple of 64 and in of 32; "
                              f"{what} is [{out_f}, {in_f}] (use int8)")
+
+
+_QKV = re.compile(r"^(.*\.self_attn\.)[qkv]_proj\.weight$")
+
+
+def layout_error(shapes: dict[str, tuple[int, ...]], mode: str) -> str | None:
+    """What quantize_nonexpert's shape checks would say of a checkpoint, from its non-expert tensor
+    names and shapes alone (q, k and v fused per layer as it fuses them); None if `mode` fits."""
+    fused: dict[str, list[int]] = {}                                  # layer prefix -> [rows, in]
+    try:
+        for name, shape in shapes.items():
+            if len(shape) != 2:
+                continue
+            m = _QKV.match(name)
+            if m:
+                fused.setdefault(m.group(1), [0, shape[1]])[0] += shape[0]
+            elif name.endswith(("self_attn.o_proj.weight", "lm_head.weight", "embed_tokens.weight")):
+                check_shape(shape[0], shape[1], mode, name)
+        for prefix, (rows, in_f) in fused.items():
+            check_shape(rows, in_f, mode, prefix + "q/k/v")
+    except NonexpertError as e:
+        return str(e)
+    return None
 
 
 class QuantLinear(nn.Module):

@@ -244,3 +244,17 @@ def test_quantising_in_row_chunks_gives_the_same_bits(mode, rows):
     for chunk in (64, 128, 200):
         q, s = quantised(chunk)
         assert torch.equal(q, whole_q) and torch.equal(s, whole_s), chunk
+
+
+def test_inspect_offers_only_the_modes_the_loader_can_build(tiny_checkpoint):
+    """nonexpert.layout_error (names and shapes, no model: what inspect and the planner see) says what
+    quantize_nonexpert says on the loaded model: a [300, H] head has no whole int4 blocks."""
+    from pcmoe.loader import inspect
+    from pcmoe.options import PcmoeError
+
+    folder, _ = tiny_checkpoint("qwen3_moe", vocab_size=300, dtype=torch.bfloat16)
+    assert list(inspect(folder)["nonexpert_bytes_quantized"]) == ["int8"]
+    with pytest.raises(PcmoeError, match="int4 non-expert weights need"):
+        pcmoe.load(folder, policy="full", nonexpert_quantize="int4", progress=False)
+    folder, _ = tiny_checkpoint("qwen3_moe", dtype=torch.bfloat16)
+    assert list(inspect(folder)["nonexpert_bytes_quantized"]) == ["int8", "int4"]

@@ -20,19 +20,23 @@ from pcmoe.planner.space import Config, PlanError, SearchSpace
 DOCS = "\n\n=====\n\n".join(["hello world the quick brown fox jumps over the lazy dog " * 3,
                                "def main():\n    return 0\n" * 4, "the lazy dog says hello world " * 5] * 2)
 RUNTIME, GEMM, KV, UPDATE = 300_000_000, 50_000_000, 1_000, {"full": 1e-5, "int8": 3e-5, "int4": 6e-5}
+NONEXPERT_S = {"full": 5e-4, "int8": 4e-4, "int4": 3e-4}        # seconds per token outside the MoE layers
+NONEXPERT_LOSS = {"full": 0.0, "int8": 0.001, "int4": 0.03}
 
 
-def planted_loss(sizes, precisions, num_experts):
-    """A known quality: loss grows as layers lose experts (the first layer most) and with int4."""
+def planted_loss(sizes, precisions, num_experts, nonexpert="full"):
+    """A known quality: loss grows as layers lose experts (the first layer most), with int4 experts
+    and with quantised non-expert weights."""
     miss = 1 - np.array(sizes) / np.array(num_experts)
     int4 = sum(p == "int4" for p in precisions)
-    return 2.0 + float((np.linspace(0.6, 0.2, len(sizes)) * miss ** 2).sum()) + 0.02 * int4
+    return 2.0 + float((np.linspace(0.6, 0.2, len(sizes)) * miss ** 2).sum()) + 0.02 * int4 + NONEXPERT_LOSS[nonexpert]
 
 
 def synthetic_measurements(facts, count=40, seed=0):
     """What a calibration of `facts` would have measured on a machine with RUNTIME bytes of runtime,
     KV bytes per token, per-layer decode times by precision and the planted loss."""
-    space = SearchSpace(tuple(facts["num_experts"]), tuple(facts["expert_bytes"]), (8, 16, 32))
+    space = SearchSpace(tuple(facts["num_experts"]), tuple(facts["expert_bytes"]), (8, 16, 32),
+                        tuple(facts["nonexpert_precisions"]))
     weights = MemoryModel(space, DeviceProfile.from_dict({
         "num_experts": facts["num_experts"], "expert_bytes": facts["expert_bytes"],
         "nonexpert_bytes": facts["nonexpert_bytes"], "full_precision": "full", "n_buffers": facts["n_buffers"],
@@ -42,25 +46,27 @@ def synthetic_measurements(facts, count=40, seed=0):
     rng = np.random.default_rng(seed)
     done = {f"kv:{w}": {"returncode": 0, "peak_rss_bytes": 400_000_000 + KV * w} for w in calibrate.KV_WINDOWS}
 
-    def record(key, sizes, precs, f):
+    def record(key, sizes, precs, f, ne="full"):
         cfg = {"committee_sizes": [int(n) for n in sizes], "expert_precisions": list(precs), "update_every": f,
-               "nonexpert_precision": None}
+               "nonexpert_precision": ne}
         w = weights(space.encode([Config.from_dict(cfg, space)]))[0]
         swapping = [p for n, p in zip(sizes, precs) if n < N]
-        lat = 5e-4 + sum(layer_s[p] for p in precs) + sum(UPDATE[p] for p in swapping) * 16 / f
+        lat = NONEXPERT_S[ne] + sum(layer_s[p] for p in precs) + sum(UPDATE[p] for p in swapping) * 16 / f
         gemm = GEMM * any(p == "full" and n >= 2 for n, p in zip(sizes, precs))
         wobble = 1000 * (key.startswith("sample:") and int(key[7:]) % 3)     # runs differ a little
-        done[key] = {"returncode": 0, "config": cfg, "loss": planted_loss(sizes, precs, facts["num_experts"]),
+        done[key] = {"returncode": 0, "config": cfg, "loss": planted_loss(sizes, precs, facts["num_experts"], ne),
                      "latency_s": lat, "layer_s": [layer_s[p] for p in precs], "step_s": 0.0,
                      "peak_rss_bytes": int(w + RUNTIME + gemm - wobble + KV * calibrate.MEASURED_KV_TOKENS)}
 
     for p in facts["expert_bytes"]:
         for n in (1, N // 2, N):
             record(f"latency:{p}:{n}", [n] * L, [p] * L, 16)
+    for q in facts["nonexpert_precisions"][1:]:
+        record(f"nonexpert:{q}", [N] * L, ["full"] * L, 16, q)
     precisions = list(facts["expert_bytes"])
     for i in range(count):
         record(f"sample:{i}", rng.integers(1, N + 1, L), [precisions[j] for j in rng.integers(0, 3, L)],
-               int(rng.choice([8, 16, 32])))
+               int(rng.choice([8, 16, 32])), facts["nonexpert_precisions"][i % len(facts["nonexpert_precisions"])])
     return done
 
 
@@ -107,7 +113,10 @@ def test_derive_recovers_the_planted_machine(lm_with_profile):
     assert data["full_gemm_bytes"] == GEMM
     assert RUNTIME - 2000 <= data["memory_fit"]["runtime_bytes_min"] < RUNTIME
     assert data["kv_bytes_per_token"] == max(KV, data["memory_fit"]["kv_bytes_per_token_cache"])
-    assert data["latency"]["nonexpert_s"]["full"] == pytest.approx(5e-4)
+    # the tiny LM's head [300, 64] has no whole int4 blocks: int8 is the only quantised non-expert precision
+    assert data["nonexpert_precisions"] == ["full", "int8"] and set(data["nonexpert_bytes"]) == {"full", "int8"}
+    assert data["latency"]["nonexpert_s"] == pytest.approx({q: NONEXPERT_S[q] for q in ("full", "int8")})
+    assert data["nonexpert_bytes"]["full"] > data["nonexpert_bytes"]["int8"]
     assert data["latency_fit"]["heldout"]["mae"] < 0.1
     q = data["quality"]
     assert q["metric"] == "log_ppl" and q["model"] in ("sensitivity", "mlp") and set(q["heldout"]) == {"sensitivity",
@@ -162,11 +171,15 @@ def test_measurement_specs_are_unique_valid_and_seeded(lm_with_profile):
     a = calibrate.measurement_specs(str(lm_with_profile), facts, stream, 12, seed=3, threads=1)
     b = calibrate.measurement_specs(str(lm_with_profile), facts, stream, 20, seed=3, threads=1)
     keys = [s["key"] for s in a]
-    assert len(set(keys)) == len(keys) and len(a) == 2 + 2 + 9 + 2 + 12 + 6     # 2 long runs; near: half as many again
+    # load + imports, 2 KV windows, 9 latency points, 1 non-expert run, 2 long runs; near: half as many again
+    assert len(set(keys)) == len(keys) and len(a) == 2 + 2 + 9 + 1 + 2 + 12 + 6
+    drawn = [s["config"]["nonexpert_precision"] for s in a if s["key"].startswith(("sample:", "near:"))]
+    assert set(drawn) == set(facts["nonexpert_precisions"]) == {"full", "int8"}  # sampled (int4: the head's shape)
+    assert all(s["plan"]["nonexpert_precision"] == s["config"]["nonexpert_precision"] for s in a if s.get("config"))
     by_key = {s["key"]: s for s in b}
     assert all(by_key[s["key"]].get("plan") == s.get("plan") for s in a)      # a longer run extends the same
     assert calibrate.measurement_specs(str(lm_with_profile), facts, stream, 12, seed=4, threads=1)[-1] != a[-1]
-    space = SearchSpace(tuple(facts["num_experts"]), ("full", "int8", "int4"), (8, 16, 32))
+    space = SearchSpace(tuple(facts["num_experts"]), ("full", "int8", "int4"), (8, 16, 32), ("full", "int8", "int4"))
     for s in a:
         if s.get("config"):
             Config.from_dict(s["config"], space)
@@ -223,6 +236,32 @@ def test_plan_files_round_trip(lm_with_profile, tmp_path, capsys):
         st = engine.stats()
         assert st["committee_sizes"] == sizes
         assert [r["precision"] for r in st["per_layer"]] == list(config.precisions)
+    finally:
+        engine.close()
+
+
+def test_plans_quantise_the_nonexpert_weights_where_memory_needs_it(lm_with_profile, tmp_path):
+    """The least memory any configuration needs has quantised (int8: see above) non-expert weights;
+    its plan file says so and the runtime holds them so (pcmoe.nonexpert)."""
+    planner = Planner.from_file(lm_with_profile / PROFILE_FILE)
+    assert planner.space.nonexpert_precisions == ("full", "int8")
+    least = planner.memory.least()[0]
+    plan = planner.plan(least)
+    assert plan.config.nonexpert_precision == "int8" and "non-expert int8" in planner.describe(plan)
+    roomy = planner.plan(planner.full_memory())          # room for everything: the planted loss says full
+    assert roomy.config.nonexpert_precision == "full"
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(lm_with_profile), "--memory", str(int(least)), "-o", str(out)]) == 0
+    data = read_plan(out)
+    assert data["nonexpert_precision"] == "int8"
+    assert config_of_plan(data, planner.space) == plan.config
+    assert planner.predict(config_of_plan(data, planner.space))["memory_bytes"] == int(plan.memory)
+    engine = pcmoe.load(lm_with_profile, plan=out, progress=False)
+    try:
+        st = engine.stats()
+        assert st["nonexpert_precision"] == "int8" and st["committee_sizes"] == list(plan.config.sizes)
+        assert st["nonexpert_bytes"] == planner.profile.nonexpert_bytes["int8"]
+        assert len(list(engine.generate("hello", max_new_tokens=3))) >= 1
     finally:
         engine.close()
 
@@ -452,6 +491,8 @@ def test_bench_plans_a_planned_curve(lm_with_profile):
     sizes = suite._model_sizes(str(lm_with_profile))
     runs = [r for r in suite.plan_runs(args, [[1]], sizes) if r["curve"] == "planned"]
     budgets = {suite._pct_bytes(sizes, b) for b in suite.QUICK_BUDGETS} | {q["full"] for q in sizes["quant"].values()}
+    ne = sizes["nonexpert_quantized"]          # and everything (experts and non-expert weights) int8 / int4
+    budgets |= {sizes["quant"][q]["full"] - sizes["nonexpert"] + ne[q] for q in ne}
     assert len(runs) == len(budgets) and len({r["key"] for r in runs}) == len(runs)
     planner = Planner.from_file(lm_with_profile / PROFILE_FILE, weights_only=True)
     for r in runs:

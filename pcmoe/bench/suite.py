@@ -260,9 +260,10 @@ def plan_runs(args, prompts, sizes: dict, vision_sizes: dict | None = None) -> l
 
 
 def _planned_runs(args, base: dict, sizes: dict, grid: dict) -> list[dict]:
-    """The "planned" curve: at each weight budget of the committee curve and at full/int8's and
-    full/int4's bytes, the configuration the planner picks for that many weight bytes (per-layer
-    sizes, precisions, F) from the model's device profile (pcmoe.planner; docs/PLANNER.md)."""
+    """The "planned" curve: at each weight budget of the committee curve, at full/int8's and
+    full/int4's bytes and at those of int8 / int4 everything, the configuration the planner picks
+    for that many weight bytes (per-layer sizes, precisions, F, the non-expert precision) from the
+    model's device profile (pcmoe.planner; docs/PLANNER.md)."""
     from pcmoe.planner.planning import Planner, profile_file
 
     path = profile_file(args.model)
@@ -272,6 +273,11 @@ def _planned_runs(args, base: dict, sizes: dict, grid: dict) -> list[dict]:
     planner = Planner.from_file(path, weights_only=True)
     points = {_pct_bytes(sizes, b) for b in grid.get("committee", FULL_BUDGETS)}
     points |= {q["full"] for q in sizes["quant"].values() if q}
+    # and everything quantised alike (experts and non-expert weights int8 / int4: int4's is llama.cpp
+    # q4_K_M's weight bytes on the shipped LM, 13.9 MB), where the profile searches the non-expert precision
+    ne = planner.profile.nonexpert_bytes
+    if planner.space.nonexpert_precisions:
+        points |= {q["full"] - ne["full"] + ne[mode] for mode, q in sizes["quant"].items() if q and mode in ne}
     runs = []
     for nbytes in sorted(points):
         pct = _pct_of(sizes, nbytes)

@@ -8,7 +8,9 @@ inside a memory cgroup without a limit where cgroup v1 is writable, so its peak 
     kv:short/long the same documents scored in windows of 128 and 1024 tokens: KV bytes per token
     latency:P:n   uniform configurations (every layer n experts at precision P, n in 1, N/2, N):
                   decode time inside each MoE block, in the step boundary and outside (non-expert)
-    sample:i      random configurations (per-layer sizes and precisions, F), seeded
+    nonexpert:Q   every expert resident at full precision, the non-expert weights (attention, LM
+                  head) at Q (int8, int4; lean-decoder families only): their bytes and time
+    sample:i      random configurations (per-layer sizes and precisions, F, non-expert precision), seeded
     near:i        half as many again with every committee at least half its layer (where plans live)
 
 Every configuration measurement also scores the profiling stream (text: the even documents of
@@ -45,7 +47,8 @@ from pcmoe.planner.predict import PROFILE_FORMAT, DeviceProfile, LatencyModel, M
 from pcmoe.planner.quality import fit_quality, samples_from_dicts, split
 from pcmoe.planner.space import Config, PlanError, SearchSpace
 
-VERSION = 1                      # of the measurement list; a profile of another version is not resumed
+VERSION = 2                      # of the measurement list; a profile of another version is not resumed
+                                 # (2: the non-expert precision is measured and sampled)
 KV_WINDOWS = (128, 1024)
 MEASURED_KV_TOKENS = 256         # the KV cache capacity the configuration measurements hold (window 256, prompt 128)
 TEXT_DEFAULTS = {"documents": "even", "doc_tokens": 512, "window": 256, "chunk": 32}
@@ -85,7 +88,9 @@ def model_facts(model_dir: str) -> dict:
     return {
         "model_type": full["model_type"], "num_experts": [N] * L, "vision": vision,
         "expert_bytes": {p: [info[p]["expert_bytes"]] * L for p in info},
-        "nonexpert_bytes": {"full": full["nonexpert_bytes"]},
+        "nonexpert_bytes": {"full": full["nonexpert_bytes"], **full["nonexpert_bytes_quantized"]},
+        # where the runtime can quantise them (the lean decoder): a planner dimension
+        "nonexpert_precisions": ["full", *full["nonexpert_bytes_quantized"]] * bool(full["nonexpert_bytes_quantized"]),
         "n_buffers": full["swap_buffers"], "staging_bytes": full["swap_buffer_bytes"] // max(full["swap_buffers"], 1),
         "dtype": full["dtype"], "update_unit": unit, "default_interval": options.get("update_every", 16),
         "kv_bytes_per_token_cache": kv, "context_tokens": 0 if vision else config.get("max_position_embeddings", 0),
@@ -119,13 +124,16 @@ def measurement_specs(model_dir: str, facts: dict, stream: dict, samples: int, s
     decode = None if facts["vision"] else dict(DECODE_DEFAULTS)
     base = {"model": str(model_dir), "threads": threads, "policy": "committee"}
 
-    def config_spec(key, sizes, precs, f):
+    nonexpert = facts.get("nonexpert_precisions") or []
+
+    def config_spec(key, sizes, precs, f, ne=None):
         options = {"update_every": int(f), "update_unit": facts["update_unit"]}
         plan = {"format": "pcmoe-plan/1", "model_type": facts["model_type"], "num_experts": facts["num_experts"],
-                "committee_sizes": [int(n) for n in sizes], "precisions": list(precs), "options": options}
+                "committee_sizes": [int(n) for n in sizes], "precisions": list(precs), "options": options,
+                "nonexpert_precision": ne or "full"}
         return {**base, "key": key, "plan": plan, "stream": stream, "decode": decode,
                 "config": {"committee_sizes": list(map(int, sizes)), "expert_precisions": list(precs),
-                           "update_every": int(f), "nonexpert_precision": None}}
+                           "update_every": int(f), "nonexpert_precision": (ne or "full") if nonexpert else None}}
 
     specs = [{**base, "key": "load", "load_timing": {"experts": 16}},
              {**base, "key": "imports:serve", "imports": ["pcmoe.server.api", "uvicorn"]}]
@@ -135,6 +143,8 @@ def measurement_specs(model_dir: str, facts: dict, stream: dict, samples: int, s
     for p in precisions:
         for n in sorted({1, N // 2, N}):
             specs.append(config_spec(f"latency:{p}:{n}", [n] * L, [p] * L, default_f))
+    for q in nonexpert[1:]:
+        specs.append(config_spec(f"nonexpert:{q}", [N] * L, [precisions[0]] * L, default_f, q))
     # Long runs: the profiling stream and then the held-out one (what --validate and a server run),
     # repeating a latency configuration; their peak over its single-stream peak is heap growth with
     # running time, which derive adds to runtime_bytes.
@@ -142,16 +152,25 @@ def measurement_specs(model_dir: str, facts: dict, stream: dict, samples: int, s
     for p, n in long_runs(precisions, N):
         specs.append({**config_spec(f"long:{p}:{n}", [n] * L, [p] * L, default_f), "heldout": held})
     rng = np.random.default_rng(seed)
+    # the non-expert precision from streams of its own (one per kind of sample, so that more samples
+    # extend the same list): the other genes stay those of version 1's samples
+    ne_rng = {"sample": np.random.default_rng([seed, 2]), "near": np.random.default_rng([seed, 3])}
+
+    def draw_nonexpert(kind):
+        return nonexpert[int(ne_rng[kind].integers(0, len(nonexpert)))] if nonexpert else None
+
     for i in range(samples):
         sizes = rng.integers(1, N + 1, L)
         precs = [precisions[j] for j in rng.integers(0, len(precisions), L)]
-        specs.append(config_spec(f"sample:{i}", sizes, precs, intervals[int(rng.integers(0, len(intervals)))]))
+        specs.append(config_spec(f"sample:{i}", sizes, precs, intervals[int(rng.integers(0, len(intervals)))],
+                                 draw_nonexpert("sample")))
     # Plans live where quality is high: more samples with every committee at least half its layer.
     rng = np.random.default_rng([seed, 1])
     for i in range(samples // 2):
         sizes = rng.integers(N // 2, N + 1, L)
         precs = [precisions[j] for j in rng.integers(0, len(precisions), L)]
-        specs.append(config_spec(f"near:{i}", sizes, precs, intervals[int(rng.integers(0, len(intervals)))]))
+        specs.append(config_spec(f"near:{i}", sizes, precs, intervals[int(rng.integers(0, len(intervals)))],
+                                 draw_nonexpert("near")))
     return specs
 
 
@@ -255,7 +274,12 @@ def import_quality(out: str, source: str, tolerance: float = 1e-3) -> int:
     if (new.get("calibration") or {}).get("ident", {}).get("stream") != \
             (old.get("calibration") or {}).get("ident", {}).get("stream"):
         raise PlanError(f"{source} was scored on another stream than {out}; its losses are not comparable")
-    shared = [k for k in a if k in b and "loss" in a[k] and "loss" in b[k]]
+    def same(x, y):   # the same configuration (null non-expert precision = full)
+        def norm(c):
+            return {**c, "nonexpert_precision": c.get("nonexpert_precision") or "full"}
+        return bool(x.get("config")) and bool(y.get("config")) and norm(x["config"]) == norm(y["config"])
+
+    shared = [k for k in a if k in b and "loss" in a[k] and "loss" in b[k] and same(a[k], b[k])]
     worst = max((abs(a[k]["loss"] - b[k]["loss"]) for k in shared), default=None)
     if worst is None:
         raise PlanError(f"{source} and {out} share no scored configuration to compare; not importing")
@@ -308,10 +332,12 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
     profile = {"format": PROFILE_FORMAT, "model_type": facts["model_type"], "num_experts": facts["num_experts"],
                "precisions": precisions, "intervals": list(INTERVALS[unit]), "update_unit": unit,
                "expert_bytes": facts["expert_bytes"], "nonexpert_bytes": facts["nonexpert_bytes"],
+               "nonexpert_precisions": facts.get("nonexpert_precisions") or [],
                "full_precision": "full", "n_buffers": facts["n_buffers"], "spare_slots": 0, "quant_staging": 1,
                "context_tokens": facts["context_tokens"], "machine": {"cpu": cpu_name(), "threads": None}}
     space = SearchSpace(num_experts=tuple(facts["num_experts"]), precisions=tuple(precisions),
-                        intervals=tuple(INTERVALS[unit]))
+                        intervals=tuple(INTERVALS[unit]),
+                        nonexpert_precisions=tuple(facts.get("nonexpert_precisions") or ()))
     # long runs repeat a latency configuration: only their peak RSS is used (long_run_growth)
     scored = {k: r for k, r in done.items() if _ok(r) and r.get("config") and "loss" in r and not k.startswith("long:")}
     # "quality:" records carry a loss alone (imported from an earlier calibration, see import_quality):
@@ -421,7 +447,12 @@ def _latency(facts: dict, done: dict, configs: dict, space: SearchSpace, profile
         return {}
     outside = [t for full, t in nonexpert if full] or [t for _, t in nonexpert]
     lat = {"nonexpert_s": {"full": float(max(np.median(outside), 0.0))}, "layer_points": points, "update_s": {}}
-    if set(space.precisions) <= {p["precision"] for p in points}:
+    for q in space.nonexpert_precisions[1:]:   # the same full committees with the non-expert weights at q
+        r = done.get(f"nonexpert:{q}")
+        if _ok(r) and r.get("layer_s"):
+            lat["nonexpert_s"][q] = float(max(r["latency_s"] - sum(r["layer_s"]) - r.get("step_s", 0.0), 0.0))
+    if set(space.precisions) <= {p["precision"] for p in points} and \
+            set(space.nonexpert_precisions) <= set(lat["nonexpert_s"]):
         lat["update_s"] = _update_costs(space, {**profile, "latency": lat}, _sample_rows(space, configs))
     return lat
 
@@ -437,7 +468,8 @@ def _speed_features(space: SearchSpace, r: dict) -> list[float]:
         part = [n < N[i] and q == p for i, (n, q) in enumerate(zip(c.sizes, c.precisions))]
         f += [sum(full), sum(part), sum(n / N[i] for i, (n, ok) in enumerate(zip(c.sizes, part)) if ok)]
     nonfull = sum(n < N[i] for i, n in enumerate(c.sizes))
-    return f + [nonfull * (c.interval == F) for F in space.intervals]
+    return (f + [nonfull * (c.interval == F) for F in space.intervals]
+            + [float(c.nonexpert_precision == q) for q in space.nonexpert_precisions[1:]])
 
 
 def _speed_factors(space: SearchSpace, configs: dict) -> tuple[dict[str, float], str | None]:

@@ -1,8 +1,8 @@
 """From a device profile to a plan file: what `pcmoe plan` and `--memory` call.
 
     planner = Planner.from_file("models/pcmoe-lm/device_profile.json")
-    plan = planner.plan(memory=parse_memory("420MB", planner), latency=None)
-    write_plan_file("plan.json", planner, plan)
+    plan = planner.plan(memory=parse_memory("420MB", planner.full_memory()), latency=None)
+    planner.plan_dict(plan)      # the plan file's JSON (`pcmoe plan -o` writes it; pcmoe.load(plan=...) serves it)
 
 Torch-free unless the chosen quality model is the MLP (fitting it needs torch). The profile is
 the JSON `pcmoe calibrate` writes (predict.py documents its fields); besides them it names the
@@ -104,7 +104,8 @@ class Planner:
         profile = DeviceProfile.from_dict(data)
         space = SearchSpace(num_experts=profile.num_experts,
                             precisions=tuple(data.get("precisions") or ("full",)),
-                            intervals=tuple(int(f) for f in data.get("intervals") or (16,)))
+                            intervals=tuple(int(f) for f in data.get("intervals") or (16,)),
+                            nonexpert_precisions=tuple(data.get("nonexpert_precisions") or ()))
         changes = {}
         if context_tokens is not None:
             if context_tokens < 0:
@@ -168,7 +169,8 @@ class Planner:
 
     def describe(self, plan: Plan) -> str:
         c = plan.config
-        return (f"sizes {' '.join(map(str, c.sizes))}; precisions {' '.join(c.precisions)}; F {c.interval}; "
+        nonexpert = f"; non-expert {c.nonexpert_precision}" if c.nonexpert_precision else ""
+        return (f"sizes {' '.join(map(str, c.sizes))}; precisions {' '.join(c.precisions)}{nonexpert}; F {c.interval}; "
                 f"memory {format_bytes(plan.memory)}; latency {format_latency(plan.latency)}; "
                 f"{self.quality_text(plan.quality)}")
 
@@ -180,7 +182,7 @@ class Planner:
             options["update_unit"] = self.data["update_unit"]
         return {"format": "pcmoe-plan/1", "model_type": self.model_type, "num_experts": list(self.space.num_experts),
                 "committee_sizes": list(c.sizes), "precisions": list(c.precisions), "options": options,
-                "nonexpert_precision": "full",   # the runtime cannot quantise non-expert weights yet
+                "nonexpert_precision": c.nonexpert_precision or "full",
                 "predicted": {"memory_bytes": int(plan.memory), "latency_s": plan.latency, "loss": plan.quality,
                               "quality": self.quality_value(plan.quality), "metric": self.metric,
                               "context_tokens": self.profile.context_tokens},
@@ -188,26 +190,36 @@ class Planner:
                                                     "quality_model": self.quality.name}}
 
 
-def config_of_plan(data: dict) -> Config:
-    """The planner's Config of a plan file (precisions default to full, F to 16)."""
+def config_of_plan(data: dict, space: SearchSpace | None = None) -> Config:
+    """The planner's Config of a plan file (precisions default to full, F to 16; the non-expert
+    precision to full where `space` searches it, else to none)."""
     sizes = data.get("committee_sizes")
     if not isinstance(sizes, list):
         raise PlanError("the plan has no committee_sizes list")
     precisions = data.get("precisions") or ["full"] * len(sizes)
     options = data.get("options") or {}
-    return Config(sizes=tuple(sizes), precisions=tuple(precisions), interval=options.get("update_every", 16))
+    nonexpert = data.get("nonexpert_precision")
+    if space is not None:
+        if not space.nonexpert_precisions:
+            nonexpert = None if nonexpert in (None, "full") else nonexpert   # a quantised one: validate says no
+        elif nonexpert is None:
+            nonexpert = space.nonexpert_precisions[0]
+    return Config(sizes=tuple(sizes), precisions=tuple(precisions), interval=options.get("update_every", 16),
+                  nonexpert_precision=nonexpert)
 
 
 def uniform_batch(space: SearchSpace) -> Batch:
-    """Every uniform configuration: the same size and precision in every layer (and each F)."""
+    """Every uniform configuration: the same size and precision in every layer (and each F and
+    non-expert precision, which are one knob for the whole model anyway)."""
     import numpy as np
 
-    rows = [(n, p, f) for n in range(1, min(space.num_experts) + 1) for p in range(len(space.precisions))
-            for f in range(len(space.intervals))]
+    rows = [(n, p, f, ne) for n in range(1, min(space.num_experts) + 1) for p in range(len(space.precisions))
+            for f in range(len(space.intervals)) for ne in range(max(1, len(space.nonexpert_precisions)))]
     L = space.layers
-    return Batch(sizes=np.array([[min(n, N) for N in space.num_experts] for n, _, _ in rows]).reshape(-1, L),
-                 prec=np.array([[p] * L for _, p, _ in rows]).reshape(-1, L),
-                 nonexpert=np.zeros(len(rows), dtype=np.int64), interval=np.array([f for _, _, f in rows]))
+    return Batch(sizes=np.array([[min(n, N) for N in space.num_experts] for n, _, _, _ in rows]).reshape(-1, L),
+                 prec=np.array([[p] * L for _, p, _, _ in rows]).reshape(-1, L),
+                 nonexpert=np.array([ne for *_, ne in rows], dtype=np.int64),
+                 interval=np.array([f for _, _, f, _ in rows]))
 
 
 def best_uniform(planner: Planner, memory: float | None, latency: float | None = None) -> Plan:

@@ -13,7 +13,7 @@ evaluate a whole population with a few numpy gathers; `Config` is what users and
 Config JSON (also the "config" of a quality sample in the profile):
   {"committee_sizes": [8, 16, ...],                # resident experts per MoE layer
    "expert_precisions": ["int4", "bf16", ...],     # per MoE layer, one of the space's precisions
-   "nonexpert_precision": "bf16" | null,           # null when the space does not search it
+   "nonexpert_precision": "full" | "int8" | "int4" | null,   # attention + LM head; null: as stored
    "update_every": 16}                             # F, tokens between committee updates
 """
 
@@ -145,8 +145,14 @@ class Config:
         sizes, precisions = data["committee_sizes"], data["expert_precisions"]
         if not isinstance(sizes, list) or not isinstance(precisions, list):
             raise PlanError("committee_sizes and expert_precisions must be lists, one entry per MoE layer")
+        nonexpert = data.get("nonexpert_precision")
+        if space is not None:   # null means "as stored": the space's first (full) precision, if it searches one
+            if nonexpert is None and space.nonexpert_precisions:
+                nonexpert = space.nonexpert_precisions[0]
+            elif nonexpert == "full" and not space.nonexpert_precisions:
+                nonexpert = None
         config = cls(sizes=tuple(sizes), precisions=tuple(precisions), interval=data["update_every"],
-                     nonexpert_precision=data.get("nonexpert_precision"))
+                     nonexpert_precision=nonexpert)
         return config.validate(space) if space is not None else config
 
     def to_json(self) -> str:

@@ -60,7 +60,7 @@ def run_plan(planner: Planner, model_dir: str, plan: dict | None, limit: int | N
 
 def compare(planner: Planner, plan: dict, rec: dict, limit: int | None) -> dict:
     """Predicted vs measured memory, latency and quality; relative errors; limit violations."""
-    predicted = plan.get("predicted") or planner.predict(config_of_plan(plan))
+    predicted = plan.get("predicted") or planner.predict(config_of_plan(plan, planner.space))
     limits = plan.get("limits") or {}
     measured = {"memory_bytes": rec.get("peak_rss_bytes"), "cgroup_peak_bytes": rec.get("cgroup_max_usage_bytes"),
                 "latency_s": rec.get("latency_s"), "loss": rec.get("loss"), "returncode": rec.get("returncode"),
@@ -101,7 +101,7 @@ def compare(planner: Planner, plan: dict, rec: dict, limit: int | None) -> dict:
 
 def validate(planner: Planner, model_dir: str, plan: dict, threads: int = 1, use_cgroup: bool | None = None) -> dict:
     limits = plan.get("limits") or {}
-    predicted = plan.get("predicted") or planner.predict(config_of_plan(plan))
+    predicted = plan.get("predicted") or planner.predict(config_of_plan(plan, planner.space))
     limit = limits.get("memory_bytes") or predicted["memory_bytes"]
     rec = run_plan(planner, model_dir, plan, int(math.ceil(limit)), threads, use_cgroup)
     return {**compare(planner, plan, rec, int(limit)), "record": rec}
