@@ -85,8 +85,9 @@ def markdown(meta: dict, rows: list[dict], quality_name: str) -> str:
             continue
         p, m, e, c = r["predicted"], r["measured"], r["errors"], r["config"]
         opts = c.get("options") or {}
+        ne = c.get("nonexpert_precision") or "full"
         cfg = (f"{' '.join(map(str, c['committee_sizes']))} / {' '.join(c.get('precisions') or [])} / "
-               f"F {opts.get('update_every', '-')}")
+               f"F {opts.get('update_every', '-')}" + (f" / non-expert {ne}" if ne != "full" else ""))
         busy = (r.get("record") or {}).get("cpu_other_share")
         flag = f" (busy {busy:.0%})" if busy is not None and busy > 0.15 else ""
         at_speed = e.get("latency_at_calibration_speed")

@@ -19,7 +19,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from pcmoe.budget import (
     BudgetError,
     ModelBytes,
     Sizing,
+    format_bytes,
     minima,
     parse_budget,
     size_committees,
@@ -50,7 +51,7 @@ from pcmoe.models import family_class, load_family
 from pcmoe.models.base import parameters_on_meta
 from pcmoe.models.config import lean_config
 from pcmoe.models.lean import LeanCausalLM, SparseBlock, lean_supported
-from pcmoe.moe import CommitteeMoE, SlotExperts, expert_buffer, slot_nbytes
+from pcmoe.moe import CommitteeMoE, SlotExperts, bank_tensors, expert_buffer, slot_nbytes
 from pcmoe.options import LoadOptions, PcmoeError, PcmoeWarning, resolve_options, validate
 from pcmoe.policies import (
     ALL_RESIDENT_POLICIES,
@@ -106,7 +107,7 @@ def inspect(checkpoint_dir: str | os.PathLike, dtype: str = "auto", quantize: st
         "nonexpert_bytes_quantized": {m: _nonexpert_bytes_at(lay.meta_state, lay.nonexpert, m)
                                       for m in _nonexpert_modes(lay)} if family.lean_decoder else {},
         "all_expert_bytes": sizes.all_experts, "full_model_bytes": sizes.full,
-        **minima(sizes, slot_nbytes(family.kernel(), lay.dtype, None), opts.bytes_per_step),
+        **minima(sizes, _staging_bytes(family, lay), opts.bytes_per_step),
         "tokenizer": (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists(),
     }
 
@@ -304,7 +305,17 @@ def _sizing(lay: _Layout, family, budget_spec, policy: str, plan, opts: LoadOpti
     return size_committees(sizes, parse_budget(budget_spec, sizes), policy=policy,
                            swapped=policy in DYNAMIC_POLICIES, all_resident=policy in ALL_RESIDENT_POLICIES,
                            spare_slots=opts.spare_slots, bytes_per_step=opts.bytes_per_step,
-                           staging_bytes=slot_nbytes(family.kernel(), lay.dtype, None), plan_sizes=plan_sizes)
+                           staging_bytes=_staging_bytes(family, lay), plan_sizes=plan_sizes)
+
+
+def _staging_bytes(family, lay: _Layout) -> int:
+    """One shared staging buffer as the load will size it (store.staging_nbytes): room for the largest
+    expert any layer reads, quantised where a layer is read from a quantised copy (pcmoe.qcache, on
+    unless PCMOE_QUANT_COPY=0), else at full precision."""
+    from pcmoe.store import layout_nbytes
+
+    kernel = family.kernel()
+    return max(layout_nbytes(bank_tensors(kernel, lay.dtype, q if qcache.enabled() else None)) for q in lay.quants)
 
 
 def _shadow_sizing(lay: _Layout, family, budget_spec, policy: str, plan_sizes, opts: LoadOptions) -> Sizing:
@@ -313,12 +324,12 @@ def _shadow_sizing(lay: _Layout, family, budget_spec, policy: str, plan_sizes, o
     from pcmoe.budget import shadow_sizing
     from pcmoe.shadow import shadow_nbytes
 
-    staging = slot_nbytes(family.kernel(), lay.dtype, None)
+    full = slot_nbytes(family.kernel(), lay.dtype, None)   # the exact-load scratch of --wait-above
     one = shadow_nbytes(family.kernel(), lay.dtype, opts.shadow, opts.shadow_group, opts.shadow_rank)
     return shadow_sizing(lay.sizes, parse_budget(budget_spec, lay.sizes), one, policy=policy,
                          swapped=policy in DYNAMIC_POLICIES, spare_slots=opts.spare_slots,
-                         bytes_per_step=opts.bytes_per_step, staging_bytes=staging,
-                         wait_bytes=staging if opts.wait_above is not None else 0, shadows=opts.shadow_experts,
+                         bytes_per_step=opts.bytes_per_step, staging_bytes=_staging_bytes(family, lay),
+                         wait_bytes=full if opts.wait_above is not None else 0, shadows=opts.shadow_experts,
                          plan_sizes=plan_sizes)
 
 
@@ -448,8 +459,15 @@ def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Eng
     store = ExpertStore(ckpt, lay.pieces, io_bandwidth_mbps=_io_bandwidth(opts.io_bandwidth), evict=opts.evict)
     copies = qcache.attach(ckpt, store, [b.experts for b in blocks], family.kernel(), lay.dtype, lay.quants,
                            cache_dir=opts.cache_dir, progress=lambda it, desc: _progress(it, desc, opts.progress))
-    io = ExpertIO(store, [b.experts for b in blocks],
-                  [expert_buffer(family.kernel(), lay.dtype) for _ in range(sizing.swap_buffers)])
+    io = ExpertIO(store, [b.experts for b in blocks], sizing.swap_buffers)
+    if sizing.swap_buffers and io.buffer_nbytes > _staging_bytes(family, lay):   # a copy could not be written
+        import warnings
+
+        extra = sizing.swap_buffers * (io.buffer_nbytes - _staging_bytes(family, lay))
+        warnings.warn(f"the staging buffers hold full-precision experts (no quantised copy for some layer): "
+                      f"{format_bytes(extra)} beyond the budget", PcmoeWarning, stacklevel=3)
+        sizing = replace(sizing, buffer_bytes=sizing.swap_buffers * io.buffer_nbytes,
+                                     weight_bytes=sizing.weight_bytes + extra)
     norms = _expert_norms(ckpt, store, sizes.num_experts, opts)
     profile_file = profile_path(folder, opts.profile, policy)
     profile = read_profile(profile_file, family.config.model_type, sizes.num_experts) if profile_file else None

@@ -151,7 +151,6 @@ class Engine:
             raise PcmoeError(f"budget unchanged: policy {self.policy} keeps a fixed subset; live budget changes "
                              f"need one of {', '.join(LIVE_BUDGET_POLICIES)}")
         model_bytes = self.model_bytes
-        block = self.layers[0].block.experts
         if sizes is not None and (len(sizes) != len(self.layers) or any(
                 isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= c.num_experts
                 for n, c in zip(sizes, self.committees))):
@@ -167,7 +166,7 @@ class Engine:
             return size_committees(model_bytes, value, policy=self.policy, swapped=self.policy == "committee",
                                    all_resident=self.policy in ("full", "topk-reduce"),
                                    spare_slots=self.options.spare_slots, bytes_per_step=self.sizing.bytes_per_step,
-                                   staging_bytes=_staging_bytes(block), plan_sizes=sizes)
+                                   staging_bytes=self.io.buffer_nbytes, plan_sizes=sizes)
         except BudgetError as e:
             raise PcmoeError(f"budget unchanged: {e}") from None
 
@@ -178,11 +177,11 @@ class Engine:
         from pcmoe.shadow import shadow_nbytes
 
         o, block = self.options, self.layers[0].block.experts
-        staging = _staging_bytes(block)
+        staging, full = self.io.buffer_nbytes, _full_expert_bytes(block)
         one = shadow_nbytes(self.family.kernel(), block.dtype, o.shadow, o.shadow_group, o.shadow_rank)
         return shadow_sizing(self.model_bytes, budget, one, policy=self.policy, swapped=self.policy == "committee",
                              spare_slots=o.spare_slots, bytes_per_step=self.sizing.bytes_per_step,
-                             staging_bytes=staging, wait_bytes=staging if o.wait_above is not None else 0,
+                             staging_bytes=staging, wait_bytes=full if o.wait_above is not None else 0,
                              shadows=o.shadow_experts, plan_sizes=sizes)
 
     def set_budget(self, budget, now: bool = True, sizes: list[int] | None = None) -> dict:
@@ -231,13 +230,7 @@ class Engine:
         if getattr(self.options, "shadow", None):
             for i in range(len(self.layers)):
                 self._resize_shadows(i, sizing.shadow_counts[i] if sizing.shadow_counts else 0, fills[i])
-        buffers = self.io.buffers
-        del buffers[sizing.swap_buffers:]
-        while len(buffers) < sizing.swap_buffers:
-            from pcmoe.moe import expert_buffer
-
-            block = self.layers[0].block.experts
-            buffers.append(expert_buffer(block.kernel, block.dtype))
+        self.io.resize_buffers(sizing.swap_buffers)
         if any(fills) or (self.scheduler is None and self.policy == "committee"
                           and any(n < c.num_experts for n, c in zip(sizing.committee_sizes, self.committees))):
             if self.scheduler is None:
@@ -569,8 +562,8 @@ def budget_summary(sizing: Sizing, sizes: ModelBytes) -> dict:
             "swap_buffers": sizing.swap_buffers, "experts": list(sizes.num_experts)}
 
 
-def _staging_bytes(bank) -> int:
-    """Bytes of one staging buffer: an expert as stored (full precision, whatever the bank holds)."""
+def _full_expert_bytes(bank) -> int:
+    """Bytes of one expert as the checkpoint stores it (full precision, whatever the bank holds)."""
     from pcmoe.moe import slot_nbytes
 
     return slot_nbytes(bank.kernel, bank.dtype, None)

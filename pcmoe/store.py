@@ -9,6 +9,7 @@ an edge device's storage speed.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -131,13 +132,25 @@ class ExpertIO:
     """Moves experts from the store into the layers' slot banks: straight into an empty slot, or
     into one of the shared staging buffers of staged swaps and, at the switch, from the buffer
     into the outgoing member's slot. The scheduler and the on-demand policy see only these three
-    calls; the banks never see the store."""
+    calls; the banks never see the store.
 
-    def __init__(self, store: ExpertStore, banks: list, buffers: list[dict[str, torch.Tensor]]):
+    A staging buffer is one block of bytes that each layer sees in the layout its reads arrive in
+    (staged_layout): a layer read from a quantised copy stages quantised bytes, so when every layer
+    is, the buffers are the size of a quantised expert, not of one at full precision."""
+
+    def __init__(self, store: ExpertStore, banks: list, buffer_count: int):
         self.store = store
         self.banks = banks          # per MoE layer, a moe.SlotExperts
-        self.buffers = buffers      # staging buffers: name -> tensor, an expert at full precision
-        self._views: dict = {}      # (buffer, layout) -> (that buffer, its quantised views)
+        self.buffer_nbytes = staging_nbytes(banks)
+        self.buffers = [new_staging_buffer(self.buffer_nbytes) for _ in range(buffer_count)]  # [nbytes] uint8
+        self._views: dict = {}      # (buffer, layer) -> (that buffer, the layer's views of it)
+
+    def resize_buffers(self, count: int) -> None:
+        """`count` staging buffers (the live budget's), sized for the banks as they are now."""
+        self.buffer_nbytes = staging_nbytes(self.banks)
+        kept = [b for b in self.buffers[:count] if b.numel() >= self.buffer_nbytes]
+        self.buffers[:] = kept + [new_staging_buffer(self.buffer_nbytes) for _ in range(count - len(kept))]
+        self._views.clear()
 
     def load_slot(self, layer: int, expert: int, slot: int) -> bool:
         bank = self.banks[layer]
@@ -148,17 +161,13 @@ class ExpertIO:
         return ok
 
     def buffer_for(self, layer: int, buffer: int) -> dict[str, torch.Tensor]:
-        """Staging buffer `buffer` as this layer's store pieces fill it: the full-precision buffer,
-        or (a layer read from a quantised copy) views of its memory shaped as one of the bank's
-        slots. A quantised expert is smaller, so the buffers are sized for full precision only."""
-        buf, bank = self.buffers[buffer], self.banks[layer]
-        if not getattr(bank, "stored_quantised", False):
-            return buf
-        like = bank.slot(0)
-        key = (buffer, tuple((n, tuple(t.shape), t.dtype) for n, t in like.items()))
-        hit = self._views.get(key)
+        """Staging buffer `buffer` as this layer's store pieces fill it (name -> tensor views)."""
+        buf = self.buffers[buffer]
+        hit = self._views.get((buffer, layer))
         if hit is None or hit[0] is not buf:        # the runtime may replace buffers (live budget)
-            hit = self._views[key] = (buf, carve(buf, like))
+            like = {n: torch.empty(shape, dtype=dt, device="meta") for n, (shape, dt)
+                    in staged_layout(self.banks[layer]).items()}
+            hit = self._views[(buffer, layer)] = (buf, carve({"bytes": buf}, like))
         return hit[1]
 
     def load_buffer(self, layer: int, expert: int, buffer: int) -> bool:
@@ -168,7 +177,34 @@ class ExpertIO:
         self.banks[layer].write(slot, self.buffer_for(layer, buffer))
 
 
-def carve(storage: dict[str, torch.Tensor], like: dict[str, torch.Tensor], align: int = 64) -> dict[str, torch.Tensor]:
+ALIGN = 64   # bytes: where carve() places each tensor in a staging buffer
+
+
+def staged_layout(bank) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What one expert of this bank looks like as the store reads it (name -> (shape, dtype)): one of
+    its slots where it is read from a quantised copy, else the expert at full precision."""
+    from pcmoe.moe import bank_tensors
+
+    quant = bank.quant if getattr(bank, "stored_quantised", False) else None
+    return bank_tensors(bank.kernel, bank.dtype, quant)
+
+
+def layout_nbytes(layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """Bytes carve() needs for `layout` (each tensor at an ALIGN boundary)."""
+    return sum(-(-math.prod(shape) * dt.itemsize // ALIGN) * ALIGN for shape, dt in layout.values())
+
+
+def staging_nbytes(banks: list) -> int:
+    """One shared staging buffer: room for the largest staged expert of any layer."""
+    return max((layout_nbytes(staged_layout(b)) for b in banks), default=0)
+
+
+def new_staging_buffer(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def carve(storage: dict[str, torch.Tensor], like: dict[str, torch.Tensor],
+          align: int = ALIGN) -> dict[str, torch.Tensor]:
     """Tensors shaped as `like` (name -> tensor), placed in the memory of `storage`'s tensors
     (first fit, `align`-byte aligned); raises ValueError if they do not fit."""
     free = [[t.view(-1).view(torch.uint8), 0] for t in storage.values()]

@@ -40,7 +40,7 @@ def synthetic_measurements(facts, count=40, seed=0):
     weights = MemoryModel(space, DeviceProfile.from_dict({
         "num_experts": facts["num_experts"], "expert_bytes": facts["expert_bytes"],
         "nonexpert_bytes": facts["nonexpert_bytes"], "full_precision": "full", "n_buffers": facts["n_buffers"],
-        "quant_staging": 1}))
+        "staging_bytes": facts["staging_bytes"], "quant_staging": facts["quant_staging"]}))
     layer_s = {"full": 1e-4, "int8": 2e-4, "int4": 3e-4}
     L, N = len(facts["num_experts"]), facts["num_experts"][0]
     rng = np.random.default_rng(seed)
@@ -372,12 +372,15 @@ def test_memory_excludes_budget_plan_and_other_policies(lm_with_profile, tmp_pat
 # -- the memory model is the runtime's accounting ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_memory_model_equals_the_runtime_accounting(tiny_checkpoint, seed, monkeypatch):
-    # quantising on the fly (the model's quant_staging term); banks read from pcmoe.qcache copies hold no staging
-    monkeypatch.setenv("PCMOE_QUANT_COPY", "0")
+@pytest.mark.parametrize("seed, copies", [(0, "0"), (1, "0"), (2, "0"), (0, "1"), (1, "1")])
+def test_memory_model_equals_the_runtime_accounting(tiny_checkpoint, seed, copies, monkeypatch):
+    # copies "0": quantising on the fly (the model's quant_staging term, full-precision staging buffers);
+    # "1": banks read from pcmoe.qcache copies hold no staging and stage swaps at their own precision
+    monkeypatch.setenv("PCMOE_QUANT_COPY", copies)
     folder, _ = tiny_checkpoint("qwen3_moe")
     facts = calibrate.model_facts(str(folder))
+    assert facts["quant_staging"] == (copies == "0")
+    assert (facts["staging_bytes"]["int4"] < facts["staging_bytes"]["full"]) == (copies == "1")
     data = calibrate.derive(facts, {}, fit=False)
     space = SearchSpace(tuple(facts["num_experts"]), tuple(data["precisions"]), tuple(data["intervals"]))
     only = {**data, "runtime_bytes": 0, "kv_bytes_per_token": 0, "full_gemm_bytes": 0}   # weights alone
@@ -400,7 +403,7 @@ def test_memory_model_equals_the_runtime_accounting(tiny_checkpoint, seed, monke
             for layer in engine.layers:
                 bank = layer.block.experts
                 buffers = getattr(bank._staging, "buffers", None)
-                assert (buffers is not None) == (bank.quant is not None)
+                assert (buffers is not None) == (bank.quant is not None and copies == "0")
                 staging += sum(t.numel() * t.element_size() for t in (buffers or {}).values())
             assert MemoryModel(space, profile)(batch)[0] - weights(batch)[0] == staging
         finally:

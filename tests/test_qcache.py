@@ -55,9 +55,15 @@ def _tokens(folder, monkeypatch, copy, **kw):
 @pytest.mark.parametrize("quant, full_over", [("int8", 1.9), ("int4", 3.0)])
 def test_swaps_read_bytes_at_the_committees_precision(model, quant, full_over, monkeypatch):
     """A committee with swaps through the staging buffers: the same tokens as on the fly, and
-    every read is one quantised slot's bytes (on the fly it was the full-precision expert)."""
+    every read is one quantised slot's bytes (on the fly it was the full-precision expert). The
+    committees are fixed by a plan: at one budget, copies' smaller staging buffers leave room for
+    more members."""
     kw = dict(policy="committee", budget="60%experts", quantize=quant, update_every=1, margin=0.0)
     fly, st_fly, io_fly, _ = _tokens(model, monkeypatch, False, **kw)
+    kw = dict(policy="committee", update_every=1, margin=0.0,
+              plan={"format": "pcmoe-plan/1", "model_type": "qwen3_moe", "num_experts": [8, 8],
+                    "committee_sizes": st_fly["committee_sizes"], "precisions": [quant] * 2})
+    assert _tokens(model, monkeypatch, False, **kw)[0] == fly
     runs = [_tokens(model, monkeypatch, True, synchronous=s, **kw) for s in (True, False)]
     (sync, st, io, blocks), (asyn, _, _, _) = runs
     assert st["swaps"] > 0 and sync == fly == asyn
@@ -161,3 +167,22 @@ def test_copies_can_be_written_ahead(model, monkeypatch, capsys):
     assert main([str(model / "nowhere")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_staging_buffers_hold_an_expert_as_the_layers_read_it(model, quant, monkeypatch):
+    """Read from copies, swaps stage quantised bytes: the shared buffers shrink to a quantised slot
+    (and the budget counts that); quantised on the fly, they hold a full-precision expert."""
+    from pcmoe.store import layout_nbytes, staged_layout
+
+    sizes = {}
+    for copy in (False, True):
+        monkeypatch.setenv("PCMOE_QUANT_COPY", "1" if copy else "0")
+        with pcmoe.load(model, policy="committee", budget="60%experts", quantize=quant, progress=False) as engine:
+            bank, st = engine.blocks[0].experts, engine.stats()
+            assert engine.io.buffer_nbytes == layout_nbytes(staged_layout(bank))
+            assert st["swap_buffer_bytes"] == len(engine.io.buffers) * engine.io.buffer_nbytes > 0
+            sizes[copy] = (engine.io.buffer_nbytes, bank.slot_nbytes, st["committee_sizes"])
+    (fly_buf, slot, fly_sizes), (copy_buf, slot2, copy_sizes) = sizes[False], sizes[True]
+    assert copy_buf == slot == slot2 < fly_buf
+    assert sum(copy_sizes) >= sum(fly_sizes)   # the bytes saved go to members

@@ -68,6 +68,7 @@ def cpu_name() -> str:
 
 def model_facts(model_dir: str) -> dict:
     """What the loader's own accounting says a configuration weighs (no weight is read)."""
+    from pcmoe import qcache
     from pcmoe.checkpoint import read_config_dict
     from pcmoe.formats import read_model_options
     from pcmoe.loader import inspect
@@ -91,7 +92,11 @@ def model_facts(model_dir: str) -> dict:
         "nonexpert_bytes": {"full": full["nonexpert_bytes"], **full["nonexpert_bytes_quantized"]},
         # where the runtime can quantise them (the lean decoder): a planner dimension
         "nonexpert_precisions": ["full", *full["nonexpert_bytes_quantized"]] * bool(full["nonexpert_bytes_quantized"]),
-        "n_buffers": full["swap_buffers"], "staging_bytes": full["swap_buffer_bytes"] // max(full["swap_buffers"], 1),
+        "n_buffers": full["swap_buffers"],
+        # one staging buffer with every layer at a precision (quantised layers stage quantised bytes
+        # when read from quantised copies, pcmoe.qcache; then no full-precision buffer per layer either)
+        "staging_bytes": {p: info[p]["swap_buffer_bytes"] // max(info[p]["swap_buffers"], 1) for p in info},
+        "quant_staging": 0 if qcache.enabled() else 1,
         "dtype": full["dtype"], "update_unit": unit, "default_interval": options.get("update_every", 16),
         "kv_bytes_per_token_cache": kv, "context_tokens": 0 if vision else config.get("max_position_embeddings", 0),
     }
@@ -333,7 +338,8 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
                "precisions": precisions, "intervals": list(INTERVALS[unit]), "update_unit": unit,
                "expert_bytes": facts["expert_bytes"], "nonexpert_bytes": facts["nonexpert_bytes"],
                "nonexpert_precisions": facts.get("nonexpert_precisions") or [],
-               "full_precision": "full", "n_buffers": facts["n_buffers"], "spare_slots": 0, "quant_staging": 1,
+               "full_precision": "full", "n_buffers": facts["n_buffers"], "spare_slots": 0,
+               "staging_bytes": facts["staging_bytes"], "quant_staging": facts.get("quant_staging", 1),
                "context_tokens": facts["context_tokens"], "machine": {"cpu": cpu_name(), "threads": None}}
     space = SearchSpace(num_experts=tuple(facts["num_experts"]), precisions=tuple(precisions),
                         intervals=tuple(INTERVALS[unit]),

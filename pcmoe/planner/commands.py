@@ -250,7 +250,8 @@ def _pareto(args, planner) -> int:
         c = plan.config
         print(f"{format_bytes(limit):>14}  {format_bytes(plan.memory):>10}  {format_latency(plan.latency):>9}  "
               f"{planner.quality_text(plan.quality):<22}  {' '.join(map(str, c.sizes))} / "
-              f"{' '.join(c.precisions)} / F {c.interval}")
+              f"{' '.join(c.precisions)} / F {c.interval}"
+              + (f" / non-expert {c.nonexpert_precision}" if c.nonexpert_precision not in (None, "full") else ""))
         out.append({"limit_bytes": limit, **planner.plan_dict(plan, {"memory_bytes": limit})})
     png = args.png or str(Path(args.out).with_name("pareto.png") if args.out else "pareto.png")
     _plot(planner, out, png)

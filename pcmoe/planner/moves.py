@@ -71,13 +71,14 @@ def fit_to_limits(problem, batch: Batch, limits, order: np.ndarray, protect: np.
     update = lat_model.update[batch.interval] if lat_model is not None else np.zeros((C, 1))  # [C, P] s per layer
     candidates = np.arange(1, mem_model.layer_bytes.shape[2] + 1)                          # [S] sizes
     nonfull = (sizes < N).sum(axis=1)                                                      # [C] swapping layers
+    stage = mem_model.staging[batch.prec].max(axis=1)            # [C] staging bytes while any layer swaps
     for l in order.T:                                                                      # [C] one layer per row
         n, p = sizes[rows, l], batch.prec[rows, l]
         was, becomes = n < N[l], candidates[None, :] < N[l][:, None]                      # [C], [C, S]
         others = nonfull - was > 0                                                         # [C] another layer swaps
         # The shared staging buffers exist while any layer swaps; each swapping layer pays the update cost.
         mem_d = (mem_model.layer_bytes[l, p] - mem_model.layer_bytes[l, p, n - 1][:, None]
-                 + mem_model.staging_bytes * ((others[:, None] | becomes).astype(float) - (others | was)[:, None]))
+                 + stage[:, None] * ((others[:, None] | becomes).astype(float) - (others | was)[:, None]))
         u = update[rows, p] if lat_model is not None else update[:, 0]                     # [C] this layer's
         lat_d = u[:, None] * (becomes.astype(float) - was[:, None])                        # [C, S] seconds
         if lat_model is not None:

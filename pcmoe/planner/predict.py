@@ -5,9 +5,11 @@ runtime's own accounting (pcmoe/engine.py, pcmoe/moe.py) rather than "experts ×
 
     total = non-expert weights(precision)
           + Σ_l slots_l × bytes of one expert(layer l, precision_l)    slots = n_l (+ spare if n_l < N_l)
-          + n_buffers × one full-precision expert   (shared swap staging; none if every layer is full
-                                                      or spare slots are used instead)
-          + quant_staging × one full-precision expert per quantised layer   (SlotExperts.staging)
+          + n_buffers × max_l staged expert(precision_l)   (shared swap staging: an expert as layer l
+                      reads it, quantised from a quantised copy; none if every layer is full or spare
+                      slots are used instead; store.staging_nbytes)
+          + quant_staging × one full-precision expert per quantised layer   (SlotExperts.staging: only
+                                                      where quantised layers are read at full precision)
           + runtime_bytes + kv_bytes_per_token × context_tokens              (measured, not modelled)
           + full_gemm_bytes if some full-precision layer holds >= 2 slots    (measured: bf16 matmuls of multi-token
                                                                             steps raise peak RSS, see calibrate.py)
@@ -28,6 +30,8 @@ will write as JSON:
    "nonexpert_bytes": {"bf16": 9000000, "int8": 5000000},               # all non-expert weights, bytes
    "full_precision": "bf16",        # how experts are stored on disk (staging buffers hold this)
    "n_buffers": 2,                  # shared swap staging buffers (engine: bytes_per_step / expert)
+   "staging_bytes": {"bf16": 393216, "int4": 122880},   # one staging buffer when every layer is at that
+                                    # precision (default: one full-precision expert)
    "spare_slots": 0,                # extra slots per non-full layer (then no shared buffers)
    "quant_staging": 1,              # full-precision buffers per quantised layer (one per loading thread)
    "runtime_bytes": 180000000,      # measured process memory beyond weights and KV: torch, allocator, activations
@@ -78,6 +82,7 @@ class DeviceProfile:
     full_gemm_bytes: int = 0                     # see the module docstring
     kv_bytes_per_token: int = 0
     context_tokens: int = 0
+    staging_bytes: dict[str, int] = field(default_factory=dict)   # precision -> one staging buffer's bytes
     nonexpert_s: dict[str, float] = field(default_factory=dict)   # precision -> seconds per token
     layer_points: tuple[LatencyPoint, ...] = ()
     update_s: dict = field(default_factory=dict)   # F -> seconds per token per non-full layer (or {precision: s})
@@ -97,6 +102,7 @@ class DeviceProfile:
             return cls(num_experts=tuple(int(n) for n in data["num_experts"]),
                        expert_bytes={str(k): tuple(int(b) for b in v) for k, v in data["expert_bytes"].items()},
                        nonexpert_bytes={str(k): int(v) for k, v in data["nonexpert_bytes"].items()},
+                       staging_bytes={str(k): int(v) for k, v in (data.get("staging_bytes") or {}).items()},
                        **{k: (str if k == "full_precision" else int)(data[k]) for k in _SCALARS if k in data},
                        nonexpert_s={str(k): float(v) for k, v in lat.get("nonexpert_s", {}).items()},
                        layer_points=points,
@@ -108,7 +114,8 @@ class DeviceProfile:
     def to_dict(self) -> dict:
         return {"format": PROFILE_FORMAT, "num_experts": list(self.num_experts),
                 "expert_bytes": {k: list(v) for k, v in self.expert_bytes.items()},
-                "nonexpert_bytes": dict(self.nonexpert_bytes), **{k: getattr(self, k) for k in _SCALARS},
+                "nonexpert_bytes": dict(self.nonexpert_bytes), "staging_bytes": dict(self.staging_bytes),
+                **{k: getattr(self, k) for k in _SCALARS},
                 "latency": {"nonexpert_s": dict(self.nonexpert_s),
                             "layer_points": [{"layer": q.layer, "size": q.size, "precision": q.precision,
                                               "seconds": q.seconds} for q in self.layer_points],
@@ -164,8 +171,10 @@ class MemoryModel:
             quant_buf = profile.quant_staging * full if p != profile.full_precision else 0.0
             table[:, i, :] = slots * per_expert[:, None] + np.broadcast_to(quant_buf, (space.layers,))[:, None]
         self.layer_bytes = np.where((n[None, :] > N[:, None])[:, None, :], np.inf, table)  # no sizes beyond N_l
-        # Shared swap buffers exist only when some layer swaps and swaps go through them (no spare slots).
-        self.staging_bytes = float(profile.n_buffers * full.max()) if profile.spare_slots == 0 else 0.0
+        # Shared swap buffers exist only when some layer swaps and swaps go through them (no spare slots);
+        # each holds the largest expert any layer stages (by its precision).
+        per = [profile.staging_bytes.get(p, full.max()) for p in space.precisions]
+        self.staging = np.array(per, float) * profile.n_buffers * (profile.spare_slots == 0)     # [P] bytes
         self.nonexpert = np.array([profile.nonexpert_bytes[p] for p in _nonexpert_keys(space, profile)], float)
         self.fixed = float(profile.runtime_bytes + profile.kv_bytes_per_token * profile.context_tokens)
         # [L, P, S] True where layer l at precision p and size s holds a full-precision bank of >= 2 slots
@@ -178,19 +187,21 @@ class MemoryModel:
         """[P] predicted bytes of the whole process."""
         layers = np.arange(self.space.layers)
         weights = self.layer_bytes[layers, batch.prec, batch.sizes - 1].sum(axis=1)           # [P]
-        swapping = (batch.sizes < np.array(self.space.num_experts)).any(axis=1)              # [P]
         gemm = self.gemm_cells[layers, batch.prec, batch.sizes - 1].any(axis=1)              # [P]
-        return (self.nonexpert[batch.nonexpert] + weights + swapping * self.staging_bytes + self.fixed
-                + gemm * self.gemm_bytes)
+        return self.nonexpert[batch.nonexpert] + weights + self.staging_of(batch) + self.fixed + gemm * self.gemm_bytes
+
+    def staging_of(self, batch: Batch) -> np.ndarray:
+        """[P] bytes of the shared staging buffers (0 where no layer swaps)."""
+        swapping = (batch.sizes < np.array(self.space.num_experts)).any(axis=1)              # [P]
+        return swapping * self.staging[batch.prec].max(axis=1)
 
     def breakdown(self, batch: Batch, i: int = 0) -> dict[str, int]:
         one = batch.take([i])
         layers = np.arange(self.space.layers)
-        swapping = bool((one.sizes < np.array(self.space.num_experts)).any())
         gemm = bool(self.gemm_cells[layers, one.prec[0], one.sizes[0] - 1].any())
         return {"nonexpert": int(self.nonexpert[one.nonexpert[0]]),
                 "experts": int(self.layer_bytes[layers, one.prec[0], one.sizes[0] - 1].sum()),
-                "staging": int(self.staging_bytes * swapping),
+                "staging": int(self.staging_of(one)[0]),
                 "runtime": int(self.profile.runtime_bytes + gemm * self.gemm_bytes),
                 "kv_cache": int(self.profile.kv_bytes_per_token * self.profile.context_tokens),
                 "total": int(self(one)[0])}
@@ -209,13 +220,14 @@ class MemoryModel:
         N = np.array(self.space.num_experts)
         L = self.space.layers
         layers = np.arange(L)
-        # Case "all full": no staging. Case "some swap": each layer its cheapest (size, precision), + staging.
-        # (If the latter's choice is all full it costs more than the former, so min of the two is exact.)
+        # Case "all full": no staging. Case "some swap": each layer its cheapest (size, precision), + staging
+        # of those precisions. (If the latter's choice is all full it costs more than the former, so min of the
+        # two is exact, given that the cheapest precision also stages the fewest bytes, as quantised ones do.)
         full_p = table[layers, :, N - 1].argmin(axis=1)                                      # [L]
         full_cost = table[layers, full_p, N - 1].sum()
         flat = table.reshape(L, -1).argmin(axis=1)                                            # [L] over (p, s)
         any_p, any_s = flat // table.shape[2], flat % table.shape[2]
-        any_cost = table[layers, any_p, any_s].sum() + self.staging_bytes
+        any_cost = table[layers, any_p, any_s].sum() + self.staging[any_p].max()
         ne = int(self.nonexpert.argmin())
         if full_cost <= any_cost:
             best = Batch(N[None, :].copy(), full_p[None, :], np.array([ne]), np.array([0]))
