@@ -589,8 +589,7 @@ def _expert_norms(ckpt: Checkpoint, store: ExpertStore, num_experts: list[int],
     """||E_i|| per layer, streamed from disk once and cached by checkpoint fingerprint."""
     key = ckpt.fingerprint()
     shipped = ckpt.folder / "pcmoe_expert_norms.json"
-    cache_root = Path(opts.cache_dir or os.environ.get("PCMOE_CACHE") or Path.home() / ".cache" / "pcmoe")
-    cached = cache_root / key / "expert_norms.json"
+    cached = qcache.cache_root(opts.cache_dir) / key / "expert_norms.json"
     for path in (shipped, cached):
         if path.exists():
             with contextlib.suppress(ValueError, KeyError):

@@ -33,6 +33,7 @@ from pcmoe.checkpoint import DTYPES, Checkpoint, CheckpointError, _read_header
 from pcmoe.moe import bank_tensors, expert_buffer
 from pcmoe.quant import quantize_into
 from pcmoe.store import ExpertStore, Piece
+from pcmoe.system import cache_root
 
 FORMAT = "pcmoe-quant/2"   # /2: int4 groups refitted by least squares (quant._refit); /1 copies are rebuilt
 FOLDER = "pcmoe_quant"
@@ -59,10 +60,6 @@ class Copies:
 
 def enabled() -> bool:
     return os.environ.get("PCMOE_QUANT_COPY", "1") not in ("0", "no", "off", "false")
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    return Path(cache_dir or os.environ.get("PCMOE_CACHE") or Path.home() / ".cache" / "pcmoe")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

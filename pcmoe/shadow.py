@@ -572,11 +572,11 @@ def spec_key(mode: str, group: int | None = None, rank: int | None = None) -> st
 
 
 def _errors_paths(folder, fingerprint: str, cache_dir=None):
-    import os
     from pathlib import Path
 
-    root = Path(cache_dir or os.environ.get("PCMOE_CACHE") or Path.home() / ".cache" / "pcmoe")
-    return [Path(folder) / ERRORS_FILE, root / fingerprint / "shadow_errors.json"]
+    from pcmoe.system import cache_root
+
+    return [Path(folder) / ERRORS_FILE, cache_root(cache_dir) / fingerprint / "shadow_errors.json"]
 
 
 def read_errors(folder, fingerprint: str, opts) -> list[dict] | None:

@@ -15,6 +15,12 @@ class WriteError(OSError):
     """A file could not be written; the message names the file and the reason."""
 
 
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where pcmoe keeps what it derives from a checkpoint (quantised copies, norms, shadows, server
+    state): `cache_dir`, else $PCMOE_CACHE, else ~/.cache/pcmoe."""
+    return Path(cache_dir or os.environ.get("PCMOE_CACHE") or Path.home() / ".cache" / "pcmoe")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file so that readers see the old or the new content, never a part, even after a
     crash: a unique temporary file beside it, flushed to disk, then renamed over it."""

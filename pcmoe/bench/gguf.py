@@ -42,7 +42,9 @@ CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("PCMOE_CACHE") or Path.home() / ".cache" / "pcmoe")
+    from pcmoe.system import cache_root
+
+    return cache_root()
 
 
 def installed_version() -> str | None:

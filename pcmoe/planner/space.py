@@ -74,7 +74,8 @@ class SearchSpace:
             prec=np.array([[self.precisions.index(p) for p in c.precisions] for c in configs],
                           dtype=np.int64).reshape(len(configs), self.layers),
             nonexpert=np.array([self.nonexpert_precisions.index(c.nonexpert_precision)
-                                if self.nonexpert_precisions else 0 for c in configs], dtype=np.int64),
+                                if self.nonexpert_precisions and c.nonexpert_precision is not None else 0
+                                for c in configs], dtype=np.int64),
             interval=np.array([self.intervals.index(c.interval) for c in configs], dtype=np.int64))
 
     def decode(self, batch: Batch, i: int) -> Config:
@@ -122,8 +123,8 @@ class Config:
                                 f"{', '.join(space.precisions)}")
         if self.interval not in space.intervals:
             raise PlanError(f"update interval {self.interval!r} is not one of {', '.join(map(str, space.intervals))}")
-        if space.nonexpert_precisions:
-            if self.nonexpert_precision not in space.nonexpert_precisions:
+        if space.nonexpert_precisions:   # None: as stored, the space's first (full) precision
+            if self.nonexpert_precision is not None and self.nonexpert_precision not in space.nonexpert_precisions:
                 raise PlanError(f"non-expert precision {self.nonexpert_precision!r} is not one of "
                                 f"{', '.join(space.nonexpert_precisions)}")
         elif self.nonexpert_precision is not None:

@@ -47,8 +47,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def default_state_dir(model: str | os.PathLike) -> Path:
-    root = Path(os.environ.get("PCMOE_CACHE") or Path.home() / ".cache" / "pcmoe")
-    return root / "users" / hashlib.sha1(str(Path(model).resolve()).encode()).hexdigest()[:12]
+    from pcmoe.system import cache_root
+
+    return cache_root() / "users" / hashlib.sha1(str(Path(model).resolve()).encode()).hexdigest()[:12]
 
 
 def _check(args) -> None:

@@ -37,8 +37,11 @@ def planned_sizes(engine, budget) -> tuple[list[int] | None, str]:
         precisions = tuple(layer.block.experts.quant or "full" for layer in engine.layers)
         interval = min(space.intervals, key=lambda f: abs(f - engine.options.update_every))
 
+        nonexpert = engine.load_info.get("nonexpert_precision", "full") if space.nonexpert_precisions else None
+
         def losses(candidates: list[list[int]]):
-            return planner.quality(space.encode([Config(tuple(c), precisions, interval) for c in candidates]))
+            return planner.quality(space.encode([Config(tuple(c), precisions, interval, nonexpert)
+                                                 for c in candidates]))
 
         return _greedy(engine, uniform, losses), "planner"
     except Exception as e:  # a profile that does not fit: plan uniformly, say why in the log
