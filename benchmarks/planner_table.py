@@ -69,7 +69,8 @@ def _num(value) -> str:
 
 def markdown(meta: dict, rows: list[dict], quality_name: str) -> str:
     """The docs table: one line per measured row (variants at the same limits next to each other)."""
-    head = ("| limits (memory : latency) | variant | sizes / precisions / F | memory pred -> peak RSS (err) | "
+    head = ("| limits (memory : latency) | variant | sizes / precisions / F | "
+            "memory pred (run's KV) -> peak RSS (err) | "
             "cgroup peak | latency pred -> meas (err; at calib. speed) | "
             f"{quality_name} pred -> meas (err) | held-out | violations |")
     lines = [f"Model {meta['model']}, commit {meta['commit']}, quality model {meta['quality_model']}, "
@@ -92,8 +93,8 @@ def markdown(meta: dict, rows: list[dict], quality_name: str) -> str:
         flag = f" (busy {busy:.0%})" if busy is not None and busy > 0.15 else ""
         at_speed = e.get("latency_at_calibration_speed")
         variant = r["variant"] + (f" ({r['policy']})" if r["policy"] != "committee" else "")
-        memory = (f"{format_bytes(p.get('memory_bytes'))} -> {format_bytes(m.get('memory_bytes'))} "
-                  f"({_pct(e.get('memory_bytes'))})")
+        memory = (f"{format_bytes(p.get('memory_bytes_at_run_context', p.get('memory_bytes')))} -> "
+                  f"{format_bytes(m.get('memory_bytes'))} ({_pct(e.get('memory_bytes'))})")
         latency = (f"{format_latency(p.get('latency_s'))} -> {format_latency(m.get('latency_s'))} "
                    f"({_pct(e.get('latency_s'))}{'; ' + _pct(at_speed) if at_speed is not None else ''}){flag}")
         quality = f"{_num(p.get('quality'))} -> {_num(m.get('quality'))} ({_pct(e.get('quality'))})"

@@ -22,6 +22,7 @@ DOCS = "\n\n=====\n\n".join(["hello world the quick brown fox jumps over the laz
 RUNTIME, GEMM, KV, UPDATE = 300_000_000, 50_000_000, 1_000, {"full": 1e-5, "int8": 3e-5, "int4": 6e-5}
 NONEXPERT_S = {"full": 5e-4, "int8": 4e-4, "int4": 3e-4}        # seconds per token outside the MoE layers
 NONEXPERT_LOSS = {"full": 0.0, "int8": 0.001, "int4": 0.03}
+NONEXPERT_RUNTIME = {"full": 0, "int8": -5_000_000, "int4": -9_000_000}   # runtime bytes beyond full's
 
 
 def planted_loss(sizes, precisions, num_experts, nonexpert="full"):
@@ -56,7 +57,8 @@ def synthetic_measurements(facts, count=40, seed=0):
         wobble = 1000 * (key.startswith("sample:") and int(key[7:]) % 3)     # runs differ a little
         done[key] = {"returncode": 0, "config": cfg, "loss": planted_loss(sizes, precs, facts["num_experts"], ne),
                      "latency_s": lat, "layer_s": [layer_s[p] for p in precs], "step_s": 0.0,
-                     "peak_rss_bytes": int(w + RUNTIME + gemm - wobble + KV * calibrate.MEASURED_KV_TOKENS)}
+                     "peak_rss_bytes": int(w + RUNTIME + gemm - wobble + KV * calibrate.MEASURED_KV_TOKENS
+                                           + NONEXPERT_RUNTIME[ne])}
 
     for p in facts["expert_bytes"]:
         for n in (1, N // 2, N):
@@ -117,6 +119,9 @@ def test_derive_recovers_the_planted_machine(lm_with_profile):
     assert data["nonexpert_precisions"] == ["full", "int8"] and set(data["nonexpert_bytes"]) == {"full", "int8"}
     assert data["latency"]["nonexpert_s"] == pytest.approx({q: NONEXPERT_S[q] for q in ("full", "int8")})
     assert data["nonexpert_bytes"]["full"] > data["nonexpert_bytes"]["int8"]
+    # the runtime's memory at int8 non-expert weights, as an offset from full (the runs wobble 0..2000)
+    assert set(data["nonexpert_runtime_bytes"]) == {"int8"}
+    assert data["nonexpert_runtime_bytes"]["int8"] == pytest.approx(NONEXPERT_RUNTIME["int8"], abs=2000)
     assert data["latency_fit"]["heldout"]["mae"] < 0.1
     q = data["quality"]
     assert q["metric"] == "log_ppl" and q["model"] in ("sensitivity", "mlp") and set(q["heldout"]) == {"sensitivity",
@@ -532,7 +537,10 @@ def test_validation_compares_and_flags_violations_and_busy_timing(lm_with_profil
     rec = {"returncode": 0, "peak_rss_bytes": 510_000_000, "cgroup_max_usage_bytes": 400_000_000,
            "latency_s": 2e-3, "probe_s": 0.02, "loss": 2.0, "cpu_other_share": 0.5}
     result = compare(planner, plan, rec, 10**9)
-    assert result["errors"]["memory_bytes"] == pytest.approx(0.02)
+    assert result["errors"]["memory_bytes_at_plan_context"] == pytest.approx(0.02)
+    unheld = planner.profile.kv_bytes_per_token * (planner.profile.context_tokens - calibrate.MEASURED_KV_TOKENS)
+    assert unheld > 0 and result["predicted"]["memory_bytes_at_run_context"] == 500_000_000 - unheld
+    assert result["errors"]["memory_bytes"] == pytest.approx(510_000_000 / (500_000_000 - unheld) - 1)
     assert result["errors"]["latency_s"] == pytest.approx(1.0)
     assert result["errors"]["latency_at_calibration_speed"] == pytest.approx(0.0)   # the run was 2x slow
     assert result["errors"]["quality"] == pytest.approx(0.0)

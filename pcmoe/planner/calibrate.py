@@ -375,6 +375,14 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
             overhead.append(r["peak_rss_bytes"] - (w - g) - held_kv)
             if r.get("cgroup_max_usage_bytes"):
                 cg_ratio.append(r["cgroup_max_usage_bytes"] / r["peak_rss_bytes"])
+        # The runtime's own memory depends on the non-expert precision (on the shipped LM, runs with
+        # int8 / int4 non-expert weights need 6-12 MB less beyond their bytes than full ones: the
+        # quantised head returns bf16 logits): measured per precision, as an offset from full.
+        deltas = _nonexpert_runtime_deltas(space, batch, overhead, gemm)
+        if deltas:
+            profile["nonexpert_runtime_bytes"] = deltas
+            keys = space.nonexpert_precisions
+            overhead = [o - deltas.get(keys[int(i)], 0) for o, i in zip(overhead, batch.nonexpert)]
     if overhead:
         plain = [o for o, g in zip(overhead, gemm) if not g] or overhead
         with_gemm = [o for o, g in zip(overhead, gemm) if g]
@@ -436,6 +444,25 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
                 profile["latency_fit"] = latency_fit or {**_latency_errors(space, profile, configs),
                                                          "speed": _speed_summary(speed, speed_source)}
     return profile
+
+
+MIN_RUNS_PER_PRECISION = 3   # plain runs at a non-expert precision (and at full) before its offset is trusted
+
+
+def _nonexpert_runtime_deltas(space: SearchSpace, batch, overhead: list, gemm: list) -> dict[str, int]:
+    """Per quantised non-expert precision q: max overhead of the plain runs (no full-precision bank of
+    >= 2 slots) at q minus that at full, where both have MIN_RUNS_PER_PRECISION runs; never above 0
+    (a larger need stays in runtime_bytes, which is the full precision's)."""
+    if len(space.nonexpert_precisions) < 2:
+        return {}
+    plain = {}
+    for o, g, i in zip(overhead, gemm, batch.nonexpert):
+        if not g:
+            plain.setdefault(int(i), []).append(o)
+    if len(plain.get(0, [])) < MIN_RUNS_PER_PRECISION:
+        return {}
+    return {q: int(min(0, max(plain[j]) - max(plain[0]))) for j, q in enumerate(space.nonexpert_precisions)
+            if j and len(plain.get(j, [])) >= MIN_RUNS_PER_PRECISION}
 
 
 def _latency(facts: dict, done: dict, configs: dict, space: SearchSpace, profile: dict) -> dict:

@@ -112,7 +112,7 @@ class Planner:
                 raise PlanError(f"context must be >= 0 tokens, got {context_tokens}")
             changes["context_tokens"] = context_tokens
         if weights_only:
-            changes.update(runtime_bytes=0, kv_bytes_per_token=0, context_tokens=0)
+            changes.update(runtime_bytes=0, kv_bytes_per_token=0, context_tokens=0, nonexpert_runtime_bytes={})
         elif extra_bytes:
             changes["runtime_bytes"] = profile.runtime_bytes + int(extra_bytes)
         profile = dataclasses.replace(profile, **changes)

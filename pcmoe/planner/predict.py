@@ -11,6 +11,8 @@ runtime's own accounting (pcmoe/engine.py, pcmoe/moe.py) rather than "experts ×
           + quant_staging × one full-precision expert per quantised layer   (SlotExperts.staging: only
                                                       where quantised layers are read at full precision)
           + runtime_bytes + kv_bytes_per_token × context_tokens              (measured, not modelled)
+          + nonexpert_runtime_bytes[precision]   (measured: what running at that non-expert precision
+                                                  needs beyond its bytes, relative to full; ≤ 0)
           + full_gemm_bytes if some full-precision layer holds >= 2 slots    (measured: bf16 matmuls of multi-token
                                                                             steps raise peak RSS, see calibrate.py)
 
@@ -35,6 +37,8 @@ will write as JSON:
    "spare_slots": 0,                # extra slots per non-full layer (then no shared buffers)
    "quant_staging": 1,              # full-precision buffers per quantised layer (one per loading thread)
    "runtime_bytes": 180000000,      # measured process memory beyond weights and KV: torch, allocator, activations
+   "nonexpert_runtime_bytes": {"int4": -12000000},   # the runtime's memory at that non-expert precision
+                                    # minus at full (default 0)
    "full_gemm_bytes": 60000000,     # measured extra peak RSS once any full-precision bank of >= 2 slots computes
    "kv_bytes_per_token": 12288,     # KV cache bytes per token of context
    "context_tokens": 1024,          # context the plan must hold (dataclasses.replace to plan for another)
@@ -83,6 +87,7 @@ class DeviceProfile:
     kv_bytes_per_token: int = 0
     context_tokens: int = 0
     staging_bytes: dict[str, int] = field(default_factory=dict)   # precision -> one staging buffer's bytes
+    nonexpert_runtime_bytes: dict[str, int] = field(default_factory=dict)   # precision -> runtime bytes vs full
     nonexpert_s: dict[str, float] = field(default_factory=dict)   # precision -> seconds per token
     layer_points: tuple[LatencyPoint, ...] = ()
     update_s: dict = field(default_factory=dict)   # F -> seconds per token per non-full layer (or {precision: s})
@@ -103,6 +108,8 @@ class DeviceProfile:
                        expert_bytes={str(k): tuple(int(b) for b in v) for k, v in data["expert_bytes"].items()},
                        nonexpert_bytes={str(k): int(v) for k, v in data["nonexpert_bytes"].items()},
                        staging_bytes={str(k): int(v) for k, v in (data.get("staging_bytes") or {}).items()},
+                       nonexpert_runtime_bytes={str(k): int(v) for k, v in
+                                                (data.get("nonexpert_runtime_bytes") or {}).items()},
                        **{k: (str if k == "full_precision" else int)(data[k]) for k in _SCALARS if k in data},
                        nonexpert_s={str(k): float(v) for k, v in lat.get("nonexpert_s", {}).items()},
                        layer_points=points,
@@ -115,6 +122,7 @@ class DeviceProfile:
         return {"format": PROFILE_FORMAT, "num_experts": list(self.num_experts),
                 "expert_bytes": {k: list(v) for k, v in self.expert_bytes.items()},
                 "nonexpert_bytes": dict(self.nonexpert_bytes), "staging_bytes": dict(self.staging_bytes),
+                "nonexpert_runtime_bytes": dict(self.nonexpert_runtime_bytes),
                 **{k: getattr(self, k) for k in _SCALARS},
                 "latency": {"nonexpert_s": dict(self.nonexpert_s),
                             "layer_points": [{"layer": q.layer, "size": q.size, "precision": q.precision,
@@ -175,7 +183,8 @@ class MemoryModel:
         # each holds the largest expert any layer stages (by its precision).
         per = [profile.staging_bytes.get(p, full.max()) for p in space.precisions]
         self.staging = np.array(per, float) * profile.n_buffers * (profile.spare_slots == 0)     # [P] bytes
-        self.nonexpert = np.array([profile.nonexpert_bytes[p] for p in _nonexpert_keys(space, profile)], float)
+        self.nonexpert = np.array([profile.nonexpert_bytes[p] + profile.nonexpert_runtime_bytes.get(p, 0)
+                                   for p in _nonexpert_keys(space, profile)], float)        # [NE] bytes
         self.fixed = float(profile.runtime_bytes + profile.kv_bytes_per_token * profile.context_tokens)
         # [L, P, S] True where layer l at precision p and size s holds a full-precision bank of >= 2 slots
         self.gemm_cells = np.zeros(self.layer_bytes.shape, dtype=bool)
@@ -199,10 +208,12 @@ class MemoryModel:
         one = batch.take([i])
         layers = np.arange(self.space.layers)
         gemm = bool(self.gemm_cells[layers, one.prec[0], one.sizes[0] - 1].any())
-        return {"nonexpert": int(self.nonexpert[one.nonexpert[0]]),
+        key = _nonexpert_keys(self.space, self.profile)[int(one.nonexpert[0])]
+        delta = self.profile.nonexpert_runtime_bytes.get(key, 0)
+        return {"nonexpert": int(self.nonexpert[one.nonexpert[0]] - delta),
                 "experts": int(self.layer_bytes[layers, one.prec[0], one.sizes[0] - 1].sum()),
                 "staging": int(self.staging_of(one)[0]),
-                "runtime": int(self.profile.runtime_bytes + gemm * self.gemm_bytes),
+                "runtime": int(self.profile.runtime_bytes + delta + gemm * self.gemm_bytes),
                 "kv_cache": int(self.profile.kv_bytes_per_token * self.profile.context_tokens),
                 "total": int(self(one)[0])}
 

@@ -76,10 +76,21 @@ def compare(planner: Planner, plan: dict, rec: dict, limit: int | None) -> dict:
         # The machine's speed during this run relative to the calibration's median (worker.speed_probe).
         measured["speed_factor"] = rec["probe_s"] / reference
         measured["latency_at_calibration_speed_s"] = rec["latency_s"] / measured["speed_factor"]
+    # The plan reserves a KV cache for the profile's whole context; the run holds the calibration's
+    # window. The memory error compares with what the model predicts for the run as it ran.
+    predicted = dict(predicted)
+    if predicted.get("memory_bytes"):
+        from pcmoe.planner.calibrate import MEASURED_KV_TOKENS
+
+        prof = planner.profile
+        unheld = prof.kv_bytes_per_token * max(0, prof.context_tokens - MEASURED_KV_TOKENS)
+        predicted["memory_bytes_at_run_context"] = predicted["memory_bytes"] - unheld
     errors = {}
-    for key in ("memory_bytes", "latency_s"):
-        if predicted.get(key) and measured.get(key):
-            errors[key] = measured[key] / predicted[key] - 1
+    for key, pred in (("memory_bytes", "memory_bytes_at_run_context"), ("latency_s", "latency_s")):
+        if predicted.get(pred) and measured.get(key):
+            errors[key] = measured[key] / predicted[pred] - 1
+    if predicted.get("memory_bytes") and measured.get("memory_bytes"):
+        errors["memory_bytes_at_plan_context"] = measured["memory_bytes"] / predicted["memory_bytes"] - 1
     if predicted.get("latency_s") and measured.get("latency_at_calibration_speed_s"):
         errors["latency_at_calibration_speed"] = measured["latency_at_calibration_speed_s"] / predicted["latency_s"] - 1
     if measured.get("loss") is not None:
@@ -115,8 +126,12 @@ def report_lines(planner: Planner, result: dict) -> list[str]:
 
     lines = [f"{'':10}{'predicted':>16}{'measured':>16}"]
     lines.append(f"{'memory':10}{format_bytes(p.get('memory_bytes')):>16}{format_bytes(m.get('memory_bytes')):>16}"
-                 f"{pct('memory_bytes')}  peak RSS; cgroup peak {format_bytes(m.get('cgroup_peak_bytes'))} "
-                 f"under a limit of {format_bytes(result.get('cgroup_limit_bytes'))}")
+                 f"{pct('memory_bytes_at_plan_context')}  peak RSS; cgroup peak "
+                 f"{format_bytes(m.get('cgroup_peak_bytes'))} under a limit of "
+                 f"{format_bytes(result.get('cgroup_limit_bytes'))}")
+    if p.get("memory_bytes_at_run_context") not in (None, p.get("memory_bytes")):
+        lines.append(f"{'':10}{format_bytes(p['memory_bytes_at_run_context']):>16}{'':>16}{pct('memory_bytes')}  "
+                     "predicted with the KV cache this run held (the plan reserves the whole context)")
     lines.append(f"{'latency':10}{format_latency(p.get('latency_s')):>16}{format_latency(m.get('latency_s')):>16}"
                  f"{pct('latency_s')}  per {'token' if planner.metric == 'log_ppl' else 'frame'}")
     if m.get("speed_factor"):
