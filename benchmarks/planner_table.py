@@ -78,6 +78,9 @@ def markdown(meta: dict, rows: list[dict], quality_name: str) -> str:
              head, "|" + "---|" * 9]
     for r in rows:
         violations = "; ".join(r["violations"]) or "none"
+        if r.get("variant") == "infeasible":
+            lines.append(f"| {r['key'].rsplit('/', 1)[0]} | none: {r['reason']} | | | | | | | |")
+            continue
         if r.get("variant") == "cli":
             rec = r["record"]
             lines.append(f"| {r['key'].split('/')[0]} | `pcmoe eval --memory` | {(rec.get('planned') or [''])[0]} | "
@@ -133,9 +136,9 @@ def main(argv=None) -> int:
             return
         limit = int(limits.get("memory_bytes") or plan_data["predicted"]["memory_bytes"])
         rec = run_plan(planner, args.model, plan_data, limit, args.threads, policy=policy)
-        row = {"key": key, "variant": variant, "policy": policy, "config": {k: plan_data.get(k) for k in (
-            "committee_sizes", "precisions", "options")}, **compare(planner, {**plan_data, "limits": limits}, rec,
-                                                                      limit)}
+        config = {k: plan_data.get(k) for k in ("committee_sizes", "precisions", "options", "nonexpert_precision")}
+        row = {"key": key, "variant": variant, "policy": policy, "config": config,
+               **compare(planner, {**plan_data, "limits": limits}, rec, limit)}
         row["record"] = {k: rec.get(k) for k in ("peak_rss_bytes", "cgroup_max_usage_bytes", "cgroup_failcnt",
                                                  "latency_s", "loss", "heldout", "cpu_other_share", "resident_bytes",
                                                  "returncode", "error", "decode_trials_tokens_per_s")}
@@ -161,7 +164,16 @@ def main(argv=None) -> int:
         else:
             latency = parse_latency(lat_s)
         limits = {"memory_bytes": memory, **({"latency_s": latency} if latency else {})}
-        plan = planner.plan(memory, latency, seed=args.seed)
+        try:
+            plan = planner.plan(memory, latency, seed=args.seed)
+        except ValueError as e:      # an impossible pair is a row of the table, not the end of it
+            if f"{pair}/planned" not in done:
+                rows.append({"key": f"{pair}/planned", "variant": "infeasible", "limits": limits,
+                             "violations": [], "reason": str(e).splitlines()[0]})
+                done.add(f"{pair}/planned")
+                save()
+            print(f"{pair}: {str(e).splitlines()[0]}", flush=True)
+            continue
         planned = planner.plan_dict(plan, limits)
         measure(f"{pair}/planned", "planned", planned, limits)
         if args.ablations:
