@@ -31,13 +31,16 @@ import pcmoe  # noqa: E402
 from pcmoe.system import atomic_write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {  # name -> (expert quantize, non-expert quantize)
+CONFIGS = {  # name -> (expert quantize, non-expert quantize[, attention op by op])
     "bf16": (None, None),
     "int4 experts": ("int4", None),
     "int4 experts + int8 non-expert": ("int4", "int8"),
     "int4 experts + int4 non-expert": ("int4", "int4"),
     "int8 experts + int8 non-expert": ("int8", "int8"),
+    # the op-by-op twin of the fused quantised attention block (fast.LeanCausalLM.fused_quantized=False)
+    "int4 experts + int4 non-expert, op by op": ("int4", "int4", True),
 }
+DEFAULT = [n for n in CONFIGS if "op by op" not in n]
 PROMPT = [11, 257, 1023, 42, 7, 4099, 310, 5]
 
 
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of: " + ", ".join(CONFIGS))
+    p.add_argument("--configs", default=",".join(DEFAULT), help="comma-separated names of: " + ", ".join(CONFIGS))
     args = p.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     bad = [n for n in names if n not in CONFIGS]
@@ -76,9 +79,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     engines, info = {}, {}
     for name in names:
-        quant, nonexpert = CONFIGS[name]
+        quant, nonexpert, *op_by_op = CONFIGS[name]
         engine = pcmoe.load(args.model, policy="full", quantize=quant, nonexpert_quantize=nonexpert,
                             threads=args.threads, progress=False)
+        if op_by_op and engine.fast is not None:
+            engine.fast.fused_quantized = False
         stats = engine.stats()
         engines[name] = engine
         info[name] = {"quantize": quant or "full", "nonexpert_precision": stats["nonexpert_precision"],

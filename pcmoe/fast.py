@@ -108,7 +108,10 @@ class FastDecoder:
             self.qkv = [(layer.self_attn.qkv_quant, None, layer.self_attn.qkv_split) for layer in self.layers]
         else:
             self.qkv = [_fuse_qkv(layer.self_attn) for layer in self.layers]
-        if native is not None and not self.quantized:
+        # With quantised non-expert weights the attention block runs the quantised products in the same
+        # one call (pcmoe_attention_block_quant); fused_quantized=False runs its op-by-op twin instead.
+        self.fused_quantized = True
+        if native is not None:
             mode = 1 if self.per_head_norm else 2 if self.projection_norm else 0
             self.attention_blocks = [ops.AttentionBlock(native, layer, qkv, mode, self.clip, self.head_dim)
                                      for layer, qkv in zip(self.layers, self.qkv)]
@@ -173,7 +176,7 @@ class FastDecoder:
         x = self.embed(ids)                                                   # [1, 1, H]
         cos, sin = self.rotary(x, torch.tensor([[p]]))                        # [1, 1, D]
         cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
-        if self.quantized:
+        if self.quantized and not self.fused_quantized:
             return self._forward_one_quantized(x, cos, sin, cache, p)
         cos_ptr, sin_ptr = cos.data_ptr(), sin.data_ptr()
         for i, (layer, block) in enumerate(zip(self.layers, self.attention_blocks)):
@@ -181,12 +184,14 @@ class FastDecoder:
             x = x + layer.mlp(h)
         cache.length = p + 1
         x = ops.rmsnorm(k, x, self.final_norm.weight, self.final_norm.variance_epsilon)
+        if self.quantized:
+            return self.lm_head.native(k, x).view(1, -1)                       # [1, V] float32
         return ops.linear(k, x, self.lm_head.weight, None, torch.float32)[0]  # [1, V]
 
     def _forward_one_quantized(self, x, cos, sin, cache: KVCache, p: int) -> torch.Tensor:
-        """The native step with quantised non-expert weights: the fused attention kernel takes bf16
-        weights, so its steps run one by one here around the quantised products (VNNI gemv), with
-        the kernel's roundings (bf16 q/k/v, rotary in float32 then bf16, bf16 o_proj output)."""
+        """The native step with quantised non-expert weights, op by op: the twin of the fused
+        quantised attention block (each step a torch op around the quantised products, VNNI gemv,
+        with the kernel's roundings: bf16 q/k/v, rotary in float32 then bf16, bf16 o_proj output)."""
         k, D, Hq, Hkv = self.native, self.head_dim, self.q_heads, self.kv_heads
         half = D // 2
         cos = cos.float()

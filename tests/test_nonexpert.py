@@ -258,3 +258,25 @@ def test_inspect_offers_only_the_modes_the_loader_can_build(tiny_checkpoint):
         pcmoe.load(folder, policy="full", nonexpert_quantize="int4", progress=False)
     folder, _ = tiny_checkpoint("qwen3_moe", dtype=torch.bfloat16)
     assert list(inspect(folder)["nonexpert_bytes_quantized"]) == ["int8", "int4"]
+
+
+@needs_native
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family, overrides", [("qwen3_moe", {"tie_word_embeddings": True}), ("olmoe", {})])
+def test_the_fused_quantised_attention_block_matches_its_op_by_op_twin(tiny_checkpoint, family, overrides, mode):
+    """pcmoe_attention_block_quant does in one call what _forward_one_quantized does op by op (the
+    same quantised products, the same bf16 roundings): the same logits within float32 reordering."""
+    folder, _ = tiny_checkpoint(family, **overrides)
+    fused, engine = _steps(folder, "native", nonexpert_quantize=mode)
+    assert engine.fast.fused_quantized and engine.fast.attention_blocks[0].lead   # the quantised block ran
+
+    def twin(fast):
+        fast.fused_quantized = False
+
+    with pcmoe.load(folder, policy="full", dtype="bfloat16", kernel="native", progress=False,
+                    nonexpert_quantize=mode) as slow:
+        twin(slow.fast)
+        logits, state = slow.prefill([3, 9, 27, 81, 7, 21])
+        out = [logits.float()] + [slow.decode_step(state, t).float() for t in (5, 17, 2, 99, 40, 11, 8)]
+    _close(fused, torch.stack(out), 1e-2)
+    assert (fused.argmax(-1) == torch.stack(out).argmax(-1)).all()

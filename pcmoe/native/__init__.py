@@ -33,7 +33,7 @@ def sources() -> list[Path]:
     return [SOURCE] + [SOURCE.with_name(name) for name in EXTRA_SOURCES]
 FLAGS = ["-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
          "-fPIC", "-shared", "-fvisibility=hidden"]
-ABI_VERSION = 2
+ABI_VERSION = 3
 KERNELS = ("auto", "eager", "native")
 NO_VNNI = ("this CPU lacks AVX-512 VNNI/VBMI: int8/int4 experts run the native float32 kernels, slower than "
            "their bytes allow")
@@ -92,12 +92,16 @@ class Kernels:
             "pcmoe_act_scratch_floats": [i],
             "pcmoe_attention_block": [p, p, p, f, p, p, i, p, p, f, f, p, p, p, p, i, i, p, p, p, f, i, i, i, i,
                                       f, p],
+            "pcmoe_attention_block_quant": [i, i, i, p, p, p, f, p, p, p, i, p, p, f, f, p, p, p, p, i, i, p, p, p, p,
+                                            f, i, i, i, i, f, p],
+            "pcmoe_attention_scratch_floats": [i, i, i, i, i],
         }
         for name, args in sig.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
             setattr(self, name.removeprefix("pcmoe_"), fn)
-        for name in ("pcmoe_set_threads", "pcmoe_use_vnni", "pcmoe_vnni_supported", "pcmoe_act_scratch_floats"):
+        for name in ("pcmoe_set_threads", "pcmoe_use_vnni", "pcmoe_vnni_supported", "pcmoe_act_scratch_floats",
+                     "pcmoe_attention_scratch_floats"):
             getattr(lib, name).restype = ctypes.c_int
         # int8/int4 experts: VNNI integer dot products where the CPU has them (AVX-512 VNNI and
         # VBMI), else the float32 kernels, correct but slower (the loader says so in one line).

@@ -30,7 +30,7 @@
 
 #define EXPORT __attribute__((visibility("default")))
 
-int EXPORT pcmoe_abi_version(void) { return 2; }
+int EXPORT pcmoe_abi_version(void) { return 3; }
 
 int EXPORT pcmoe_cpu_supported(void) {
     __builtin_cpu_init();
@@ -638,23 +638,49 @@ void EXPORT pcmoe_attention_bf16(const uint16_t *q, const uint16_t *kc, const ui
  * of the new x. qk_norm: 0 none, 1 per head (weights [D]), 2 over the whole projection (weights
  * [Hq*D], [Hkv*D]). cos/sin [D] bf16 of this position (rotate_half convention). The new key and
  * value go to position p of the caches [Hkv, cap, D]. Rounding to bf16 where the eager path
- * stores bf16: q/k/v, the attention output, x, h_out. scratch: 4*(Hq+2*Hkv)*D + 2*H + p + 1 floats. */
-void EXPORT pcmoe_attention_block(uint16_t *x, uint16_t *h_out, const uint16_t *in_norm, float in_eps,
-                                  const uint16_t *qkv_w, const uint16_t *qkv_b, int qk_norm, const uint16_t *q_norm,
-                                  const uint16_t *k_norm, float qk_eps, float clip, const uint16_t *cos,
-                                  const uint16_t *sin, uint16_t *kc, uint16_t *vc, int p, int cap,
-                                  const uint16_t *o_w, const uint16_t *o_b, const uint16_t *post_norm,
-                                  float post_eps, int H, int Hq, int Hkv, int D, float scale, float *scratch) {
-    int nq = Hq * D, nk = Hkv * D, nqkv = nq + 2 * nk;
+ * stores bf16: q/k/v, the attention output, x, h_out. scratch: pcmoe_attention_scratch_floats(). */
+/* A projection's weights: bf16 [out, in] (quant 0), or int8 / int4 as pcmoe.quant holds them
+ * (quant 1 / 2, scales s, bf16 unless scale_f32, int4 groups of `group` columns). */
+typedef struct {
+    int quant, scale_f32, group;
+    const void *w, *s;
+} proj_t;
+
+/* y[out] = W x for one bf16 x; quantised weights take x as float32 (xf [in]) and, with VNNI, round
+ * it to int8 per block of 32 (work: ACT_SCRATCH_FLOATS(in) floats), as QuantLinear.native does. */
+static void project(const proj_t *pr, const uint16_t *x16, float *y, int out, int in, float *xf, float *work) {
+    if (pr->quant == 0) {
+        gemv_bf16((const uint16_t *)pr->w, x16, y, out, in);
+        return;
+    }
+    for (int i = 0; i < in; i++) xf[i] = bf16_to_f32(x16[i]);
+    pcmoe_gemv_quant(pr->quant, 1, pr->w, pr->s, pr->scale_f32, pr->group, xf, y, out, in, work);
+}
+
+/* Floats of scratch the attention blocks need at position p. */
+int EXPORT pcmoe_attention_scratch_floats(int H, int Hq, int Hkv, int D, int p) {
+    int nq = Hq * D, nqkv = nq + 2 * Hkv * D, nin = H > nq ? H : nq;
+    return nqkv + H + nqkv + (nqkv > H ? nqkv : H) + nq + nin + ACT_SCRATCH_FLOATS(nin) + p + 1 + D + 64;
+}
+
+static void attention_block(uint16_t *x, uint16_t *h_out, const uint16_t *in_norm, float in_eps, const proj_t *qkv_w,
+                            const uint16_t *qkv_b, int qk_norm, const uint16_t *q_norm, const uint16_t *k_norm,
+                            float qk_eps, float clip, const uint16_t *cos, const uint16_t *sin, uint16_t *kc,
+                            uint16_t *vc, int p, int cap, const proj_t *o_w, const uint16_t *o_b,
+                            const uint16_t *post_norm, float post_eps, int H, int Hq, int Hkv, int D, float scale,
+                            float *scratch) {
+    int nq = Hq * D, nk = Hkv * D, nqkv = nq + 2 * nk, nin = H > nq ? H : nq;
     float *f = scratch;                                  /* [nqkv] projection, float32 */
     uint16_t *h16 = (uint16_t *)(f + nqkv);              /* [H] normed input */
     uint16_t *qkv16 = (uint16_t *)(f + nqkv + H);        /* [nqkv] bf16 */
     float *f2 = f + nqkv + H + nqkv;                     /* [max(nqkv, H)] work */
     uint16_t *att16 = (uint16_t *)(f2 + (nqkv > H ? nqkv : H));  /* [nq] */
-    float *att_scratch = f2 + (nqkv > H ? nqkv : H) + nq;        /* [p + 1 + D] */
+    float *xf = f2 + (nqkv > H ? nqkv : H) + nq;         /* [max(H, nq)] a projection's float32 input */
+    float *qwork = xf + nin;                             /* [ACT_SCRATCH_FLOATS(max(H, nq))] */
+    float *att_scratch = qwork + ACT_SCRATCH_FLOATS(nin);        /* [p + 1 + D] */
 
     pcmoe_rmsnorm_bf16(x, in_norm, h16, 1, H, in_eps, f2);
-    gemv_bf16(qkv_w, h16, f, nqkv, H);
+    project(qkv_w, h16, f, nqkv, H, xf, qwork);
     if (qkv_b)
         for (int i = 0; i < nqkv; i++) f[i] += bf16_to_f32(qkv_b[i]);
     f32_to_bf16_n(f, qkv16, nqkv);
@@ -687,10 +713,37 @@ void EXPORT pcmoe_attention_block(uint16_t *x, uint16_t *h_out, const uint16_t *
         memcpy(vc + ((size_t)hk * cap + p) * D, v + hk * D, D * sizeof(uint16_t));
     }
     pcmoe_attention_bf16(q, kc, vc, att16, Hq, Hkv, D, p + 1, cap, scale, att_scratch);
-    gemv_bf16(o_w, att16, f2, H, nq);
+    project(o_w, att16, f2, H, nq, xf, qwork);
     for (int i = 0; i < H; i++) {
         float o = bf16_to_f32(f32_to_bf16(o_b ? f2[i] + bf16_to_f32(o_b[i]) : f2[i]));  /* o_proj output, bf16 */
         x[i] = f32_to_bf16(bf16_to_f32(x[i]) + o);
     }
     pcmoe_rmsnorm_bf16(x, post_norm, h_out, 1, H, post_eps, f2);
+}
+
+/* bf16 weights (fused q/k/v [Hq*D + 2*Hkv*D, H], o_proj [H, Hq*D]). */
+void EXPORT pcmoe_attention_block(uint16_t *x, uint16_t *h_out, const uint16_t *in_norm, float in_eps,
+                                  const uint16_t *qkv_w, const uint16_t *qkv_b, int qk_norm, const uint16_t *q_norm,
+                                  const uint16_t *k_norm, float qk_eps, float clip, const uint16_t *cos,
+                                  const uint16_t *sin, uint16_t *kc, uint16_t *vc, int p, int cap,
+                                  const uint16_t *o_w, const uint16_t *o_b, const uint16_t *post_norm,
+                                  float post_eps, int H, int Hq, int Hkv, int D, float scale, float *scratch) {
+    proj_t qkv = {0, 0, 0, qkv_w, 0}, o = {0, 0, 0, o_w, 0};
+    attention_block(x, h_out, in_norm, in_eps, &qkv, qkv_b, qk_norm, q_norm, k_norm, qk_eps, clip, cos, sin, kc, vc,
+                    p, cap, &o, o_b, post_norm, post_eps, H, Hq, Hkv, D, scale, scratch);
+}
+
+/* The same with the fused q/k/v and o_proj held quantised (quant 1 int8, 2 int4; pcmoe.nonexpert):
+ * what LeanCausalLM._forward_one_quantized does op by op, in one call. */
+void EXPORT pcmoe_attention_block_quant(int quant, int scale_f32, int group, uint16_t *x, uint16_t *h_out,
+                                        const uint16_t *in_norm, float in_eps, const void *qkv_q, const void *qkv_s,
+                                        const uint16_t *qkv_b, int qk_norm, const uint16_t *q_norm,
+                                        const uint16_t *k_norm, float qk_eps, float clip, const uint16_t *cos,
+                                        const uint16_t *sin, uint16_t *kc, uint16_t *vc, int p, int cap,
+                                        const void *o_q, const void *o_s, const uint16_t *o_b,
+                                        const uint16_t *post_norm, float post_eps, int H, int Hq, int Hkv, int D,
+                                        float scale, float *scratch) {
+    proj_t qkv = {quant, scale_f32, group, qkv_q, qkv_s}, o = {quant, scale_f32, group, o_q, o_s};
+    attention_block(x, h_out, in_norm, in_eps, &qkv, qkv_b, qk_norm, q_norm, k_norm, qk_eps, clip, cos, sin, kc, vc,
+                    p, cap, &o, o_b, post_norm, post_eps, H, Hq, Hkv, D, scale, scratch);
 }

@@ -137,26 +137,41 @@ def combine(k, ys: torch.Tensor, weights: list[float], present: list[bool], hidd
 
 class AttentionBlock:
     """One decoder layer's attention for one token in one native call; the weights' addresses and
-    shapes are read once here (they never move after load), so a step passes only what changes."""
+    shapes are read once here (they never move after load), so a step passes only what changes.
+    qkv: (fused bf16 weight [Hq*D + 2*Hkv*D, H], its bias, split), or (a QuantLinear of the fused
+    q/k/v, None, split) with o_proj a QuantLinear too (pcmoe.nonexpert): then the block runs the
+    quantised products (pcmoe_attention_block_quant)."""
 
     def __init__(self, k, layer, qkv, qk_norm: int, clip: float | None, head_dim: int):
         attn = layer.self_attn
-        weight, bias, _ = qkv
+        weight, bias, split = qkv
         norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
         qn, kn = (attn.q_norm, attn.k_norm) if qk_norm else (None, None)
+        quant = None if isinstance(weight, torch.Tensor) else weight.mode   # a QuantLinear: "int8" / "int4"
         H, D = norm_in.weight.numel(), head_dim
-        Hq, Hkv = attn.o_proj.weight.shape[1] // D, attn.k_proj.weight.shape[0] // D
+        Hq, Hkv = split[0] // D, split[1] // D
 
         def ptr(t):
             return t.data_ptr() if t is not None else None
 
-        self.fn = k.attention_block
-        self.pre = (ptr(norm_in.weight), norm_in.variance_epsilon, ptr(weight), ptr(bias), qk_norm,
-                    ptr(qn.weight) if qn is not None else None, ptr(kn.weight) if kn is not None else None,
-                    qn.variance_epsilon if qn is not None else 0.0, float(clip or 0.0))
-        self.post = (ptr(attn.o_proj.weight), ptr(attn.o_proj.bias), ptr(norm_post.weight),
-                     norm_post.variance_epsilon, H, Hq, Hkv, D, attn.scaling)
-        self.scratch_floats = 4 * (Hq + 2 * Hkv) * D + 2 * H + Hq * D + D + 64
+        norms = (ptr(qn.weight) if qn is not None else None, ptr(kn.weight) if kn is not None else None,
+                 qn.variance_epsilon if qn is not None else 0.0, float(clip or 0.0))
+        shapes = (ptr(norm_post.weight), norm_post.variance_epsilon, H, Hq, Hkv, D, attn.scaling)
+        if quant is None:
+            self.fn = k.attention_block
+            self.lead = ()
+            self.pre = (ptr(norm_in.weight), norm_in.variance_epsilon, ptr(weight), ptr(bias), qk_norm, *norms)
+            self.post = (ptr(attn.o_proj.weight), ptr(attn.o_proj.bias), *shapes)
+        else:
+            o = attn.o_proj
+            if o.mode != quant or o.s.dtype != weight.s.dtype or o.group != weight.group:
+                raise ValueError("q/k/v and o_proj are quantised differently")
+            self.fn = k.attention_block_quant
+            self.lead = (QUANT_CODES[quant], int(weight.s.dtype == torch.float32), weight.group)
+            self.pre = (ptr(norm_in.weight), norm_in.variance_epsilon, ptr(weight.q), ptr(weight.s), ptr(weight.bias),
+                        qk_norm, *norms)
+            self.post = (ptr(o.q), ptr(o.s), ptr(o.bias), *shapes)
+        self.scratch_floats = k.attention_scratch_floats(H, Hq, Hkv, D, 0)
         self._keep = (weight, bias)  # the fused q/k/v tensors live as long as this block
 
     def __call__(self, x: torch.Tensor, cos_ptr: int, sin_ptr: int, keys: torch.Tensor, values: torch.Tensor,
@@ -164,6 +179,7 @@ class AttentionBlock:
         """x [1, 1, H] is updated in place (x += attention); returns the post-attention RMSNorm
         of the new x, the MoE block's input."""
         h = torch.empty_like(x)
-        self.fn(x.data_ptr(), h.data_ptr(), *self.pre, cos_ptr, sin_ptr, keys.data_ptr(), values.data_ptr(),
-                position, keys.shape[2], *self.post, _scratch(self.scratch_floats + position).data_ptr())
+        self.fn(*self.lead, x.data_ptr(), h.data_ptr(), *self.pre, cos_ptr, sin_ptr, keys.data_ptr(),
+                values.data_ptr(), position, keys.shape[2], *self.post,
+                _scratch(self.scratch_floats + position).data_ptr())
         return h
