@@ -38,7 +38,7 @@ CONFIGS = {  # name -> (expert quantize, non-expert quantize[, attention op by o
     "int4 experts + int4 non-expert": ("int4", "int4"),
     "int8 experts + int8 non-expert": ("int8", "int8"),
     # the op-by-op twin of the fused quantised attention block (fast.LeanCausalLM.fused_quantized=False)
-    "int4 experts + int4 non-expert, op by op": ("int4", "int4", True),
+    "int4 experts + int4 non-expert (op by op)": ("int4", "int4", True),
 }
 DEFAULT = [n for n in CONFIGS if "op by op" not in n]
 PROMPT = [11, 257, 1023, 42, 7, 4099, 310, 5]
