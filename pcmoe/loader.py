@@ -460,14 +460,13 @@ def _build(folder, ckpt, family, budget_spec, policy, plan, opts, t_load) -> Eng
     copies = qcache.attach(ckpt, store, [b.experts for b in blocks], family.kernel(), lay.dtype, lay.quants,
                            cache_dir=opts.cache_dir, progress=lambda it, desc: _progress(it, desc, opts.progress))
     io = ExpertIO(store, [b.experts for b in blocks], sizing.swap_buffers)
-    if sizing.swap_buffers and io.buffer_nbytes > _staging_bytes(family, lay):   # a copy could not be written
+    extra = sizing.swap_buffers * (io.buffer_nbytes - _staging_bytes(family, lay))
+    if extra > 0:   # the budget assumed quantised copies that could not be written
         import warnings
 
-        extra = sizing.swap_buffers * (io.buffer_nbytes - _staging_bytes(family, lay))
         warnings.warn(f"the staging buffers hold full-precision experts (no quantised copy for some layer): "
                       f"{format_bytes(extra)} beyond the budget", PcmoeWarning, stacklevel=3)
-        sizing = replace(sizing, buffer_bytes=sizing.swap_buffers * io.buffer_nbytes,
-                                     weight_bytes=sizing.weight_bytes + extra)
+        sizing = replace(sizing, buffer_bytes=sizing.buffer_bytes + extra, weight_bytes=sizing.weight_bytes + extra)
     norms = _expert_norms(ckpt, store, sizes.num_experts, opts)
     profile_file = profile_path(folder, opts.profile, policy)
     profile = read_profile(profile_file, family.config.model_type, sizes.num_experts) if profile_file else None

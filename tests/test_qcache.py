@@ -186,3 +186,21 @@ def test_staging_buffers_hold_an_expert_as_the_layers_read_it(model, quant, monk
     (fly_buf, slot, fly_sizes), (copy_buf, slot2, copy_sizes) = sizes[False], sizes[True]
     assert copy_buf == slot == slot2 < fly_buf
     assert sum(copy_sizes) >= sum(fly_sizes)   # the bytes saved go to members
+
+
+def test_a_copy_that_cannot_be_written_gets_full_size_staging_and_says_so(model, monkeypatch):
+    """The budget counted int4 staging buffers; with no copy (nowhere to write one) the layers stage
+    full-precision experts: the buffers grow, one warning says by how much, the stats count it."""
+    from pcmoe.options import PcmoeWarning
+
+    monkeypatch.setenv("PCMOE_QUANT_COPY", "1")
+    monkeypatch.setattr(qcache, "ensure", lambda *a, **k: qcache.Copies(missing=[0, 1]))
+    with pytest.warns(PcmoeWarning, match="staging buffers hold full-precision experts"):
+        engine = pcmoe.load(model, policy="committee", budget="60%experts", quantize="int4", progress=False)
+    with engine:
+        st = engine.stats()
+        full = engine.blocks[0].experts.kernel.tensors
+        full_bytes = sum(torch.Size(s).numel() * 2 for s in full.values())   # bf16
+        assert engine.io.buffer_nbytes >= full_bytes
+        assert st["swap_buffer_bytes"] == len(engine.io.buffers) * engine.io.buffer_nbytes
+        assert [b.experts.stored_quantised for b in engine.blocks] == [False, False]
