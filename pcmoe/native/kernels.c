@@ -634,11 +634,6 @@ void EXPORT pcmoe_attention_bf16(const uint16_t *q, const uint16_t *kc, const ui
 
 /* -- one attention block of a llama-style decoder, for one token ------------------------------- */
 
-/* x [H] bf16 (updated in place: x += o_proj(attention)), h_out [H] bf16 = post-attention RMSNorm
- * of the new x. qk_norm: 0 none, 1 per head (weights [D]), 2 over the whole projection (weights
- * [Hq*D], [Hkv*D]). cos/sin [D] bf16 of this position (rotate_half convention). The new key and
- * value go to position p of the caches [Hkv, cap, D]. Rounding to bf16 where the eager path
- * stores bf16: q/k/v, the attention output, x, h_out. scratch: pcmoe_attention_scratch_floats(). */
 /* A projection's weights: bf16 [out, in] (quant 0), or int8 / int4 as pcmoe.quant holds them
  * (quant 1 / 2, scales s, bf16 unless scale_f32, int4 groups of `group` columns). */
 typedef struct {
@@ -663,6 +658,11 @@ int EXPORT pcmoe_attention_scratch_floats(int H, int Hq, int Hkv, int D, int p) 
     return nqkv + H + nqkv + (nqkv > H ? nqkv : H) + nq + nin + ACT_SCRATCH_FLOATS(nin) + p + 1 + D + 64;
 }
 
+/* x [H] bf16 (updated in place: x += o_proj(attention)), h_out [H] bf16 = post-attention RMSNorm
+ * of the new x. qk_norm: 0 none, 1 per head (weights [D]), 2 over the whole projection (weights
+ * [Hq*D], [Hkv*D]). cos/sin [D] bf16 of this position (rotate_half convention). The new key and
+ * value go to position p of the caches [Hkv, cap, D]. Rounding to bf16 where the eager path
+ * stores bf16: q/k/v, the attention output, x, h_out. scratch: pcmoe_attention_scratch_floats(). */
 static void attention_block(uint16_t *x, uint16_t *h_out, const uint16_t *in_norm, float in_eps, const proj_t *qkv_w,
                             const uint16_t *qkv_b, int qk_norm, const uint16_t *q_norm, const uint16_t *k_norm,
                             float qk_eps, float clip, const uint16_t *cos, const uint16_t *sin, uint16_t *kc,
