@@ -376,7 +376,7 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
             if r.get("cgroup_max_usage_bytes"):
                 cg_ratio.append(r["cgroup_max_usage_bytes"] / r["peak_rss_bytes"])
         # The runtime's own memory depends on the non-expert precision (on the shipped LM, runs with
-        # int8 / int4 non-expert weights need 6-12 MB less beyond their bytes than full ones: the
+        # int8 / int4 non-expert weights need 5-12 MB less beyond their bytes than full ones: the
         # quantised head returns bf16 logits): measured per precision, as an offset from full.
         deltas = _nonexpert_runtime_deltas(space, batch, overhead, gemm)
         if deltas:
