@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pcmoe.budget import is_quantised_nonexpert  # the tensors the byte accounting quantises
 from pcmoe.native import ops  # ctypes wrappers: importing them loads no library
 from pcmoe.quant import QUANT_MODES, dequantize, int4_group, quantize_into, quantized_shapes
 
@@ -47,12 +48,12 @@ def layout_error(shapes: dict[str, tuple[int, ...]], mode: str) -> str | None:
     fused: dict[str, list[int]] = {}                                  # layer prefix -> [rows, in]
     try:
         for name, shape in shapes.items():
-            if len(shape) != 2:
+            if not is_quantised_nonexpert(name, shape):
                 continue
             m = _QKV.match(name)
             if m:
                 fused.setdefault(m.group(1), [0, shape[1]])[0] += shape[0]
-            elif name.endswith(("self_attn.o_proj.weight", "lm_head.weight", "embed_tokens.weight")):
+            else:
                 check_shape(shape[0], shape[1], mode, name)
         for prefix, (rows, in_f) in fused.items():
             check_shape(rows, in_f, mode, prefix + "q/k/v")

@@ -200,10 +200,7 @@ def config_of_plan(data: dict, space: SearchSpace | None = None) -> Config:
     options = data.get("options") or {}
     nonexpert = data.get("nonexpert_precision")
     if space is not None:
-        if not space.nonexpert_precisions:
-            nonexpert = None if nonexpert in (None, "full") else nonexpert   # a quantised one: validate says no
-        elif nonexpert is None:
-            nonexpert = space.nonexpert_precisions[0]
+        nonexpert = space.nonexpert_of(nonexpert)   # a quantised one where none is searched: validate says no
     return Config(sizes=tuple(sizes), precisions=tuple(precisions), interval=options.get("update_every", 16),
                   nonexpert_precision=nonexpert)
 

@@ -183,8 +183,10 @@ class MemoryModel:
         # each holds the largest expert any layer stages (by its precision).
         per = [profile.staging_bytes.get(p, full.max()) for p in space.precisions]
         self.staging = np.array(per, float) * profile.n_buffers * (profile.spare_slots == 0)     # [P] bytes
-        self.nonexpert = np.array([profile.nonexpert_bytes[p] + profile.nonexpert_runtime_bytes.get(p, 0)
-                                   for p in _nonexpert_keys(space, profile)], float)        # [NE] bytes
+        keys = _nonexpert_keys(space, profile)
+        self.nonexpert_bytes = np.array([profile.nonexpert_bytes[p] for p in keys], float)              # [NE]
+        self.nonexpert_runtime = np.array([profile.nonexpert_runtime_bytes.get(p, 0) for p in keys], float)  # [NE]
+        self.nonexpert = self.nonexpert_bytes + self.nonexpert_runtime                                    # [NE]
         self.fixed = float(profile.runtime_bytes + profile.kv_bytes_per_token * profile.context_tokens)
         # [L, P, S] True where layer l at precision p and size s holds a full-precision bank of >= 2 slots
         self.gemm_cells = np.zeros(self.layer_bytes.shape, dtype=bool)
@@ -208,9 +210,9 @@ class MemoryModel:
         one = batch.take([i])
         layers = np.arange(self.space.layers)
         gemm = bool(self.gemm_cells[layers, one.prec[0], one.sizes[0] - 1].any())
-        key = _nonexpert_keys(self.space, self.profile)[int(one.nonexpert[0])]
-        delta = self.profile.nonexpert_runtime_bytes.get(key, 0)
-        return {"nonexpert": int(self.nonexpert[one.nonexpert[0]] - delta),
+        ne = int(one.nonexpert[0])
+        delta = self.nonexpert_runtime[ne]
+        return {"nonexpert": int(self.nonexpert_bytes[ne]),
                 "experts": int(self.layer_bytes[layers, one.prec[0], one.sizes[0] - 1].sum()),
                 "staging": int(self.staging_of(one)[0]),
                 "runtime": int(self.profile.runtime_bytes + delta + gemm * self.gemm_bytes),

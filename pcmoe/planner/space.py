@@ -53,6 +53,13 @@ class SearchSpace:
         if len(set(self.nonexpert_precisions)) != len(self.nonexpert_precisions):
             raise PlanError(f"nonexpert_precisions must be distinct, got {list(self.nonexpert_precisions)}")
 
+    def nonexpert_of(self, value: str | None) -> str | None:
+        """A configuration's non-expert precision as this space names it: null ("as stored") is the
+        space's first (full) precision where it searches one, and "full" is null where it does not."""
+        if self.nonexpert_precisions:
+            return self.nonexpert_precisions[0] if value is None else value
+        return None if value == "full" else value
+
     @property
     def layers(self) -> int:
         return len(self.num_experts)
@@ -147,11 +154,8 @@ class Config:
         if not isinstance(sizes, list) or not isinstance(precisions, list):
             raise PlanError("committee_sizes and expert_precisions must be lists, one entry per MoE layer")
         nonexpert = data.get("nonexpert_precision")
-        if space is not None:   # null means "as stored": the space's first (full) precision, if it searches one
-            if nonexpert is None and space.nonexpert_precisions:
-                nonexpert = space.nonexpert_precisions[0]
-            elif nonexpert == "full" and not space.nonexpert_precisions:
-                nonexpert = None
+        if space is not None:
+            nonexpert = space.nonexpert_of(nonexpert)
         config = cls(sizes=tuple(sizes), precisions=tuple(precisions), interval=data["update_every"],
                      nonexpert_precision=nonexpert)
         return config.validate(space) if space is not None else config
