@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pcmoe import moe
 from pcmoe.moe import HAS_GROUPED_MM, GluKernel, GptOssKernel, MlpKernel, SlotExperts
 
 KERNELS = {
@@ -40,6 +41,33 @@ def test_bank_paths_agree(kind, tokens):
     if HAS_GROUPED_MM:
         bank.use_grouped = True
         torch.testing.assert_close(bank(x, slot_idx, weights), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_GROUPED_MM, reason="torch without grouped_mm")
+@pytest.mark.parametrize("kernel", [GluKernel(16, 8, F.silu), GptOssKernel(16, 8, alpha=1.702, limit=7.0),
+                                    MlpKernel(16, 16, F.relu)], ids=["glu", "gpt_oss", "mlp"])
+def test_grouped_rows_are_padded_without_changing_outputs(kernel, monkeypatch):
+    """Each slot's rows reach the grouped GEMM padded to a multiple of GROUP_ROWS (bounding the
+    row counts oneDNN builds primitives for); the outputs are the unpadded ones, bit for bit."""
+    torch.manual_seed(1)
+    bank = SlotExperts(kernel, num_slots=5, dtype=torch.bfloat16)
+    for t in bank.bank.values():
+        t.normal_(0, 0.3)
+    x = torch.randn(11, 16, dtype=torch.bfloat16)
+    slot_idx, weights = torch.randint(-1, 5, (11, 3)), torch.rand(11, 3)
+    monkeypatch.setattr(moe, "GROUP_ROWS", 1)
+    unpadded = bank(x, slot_idx, weights)
+    monkeypatch.setattr(moe, "GROUP_ROWS", 8)
+    seen = []
+    grouped = bank.kernel.grouped
+
+    def spy(xs, b, offs, slots):
+        seen.append(offs)
+        return grouped(xs, b, offs, slots)
+
+    monkeypatch.setattr(bank.kernel, "grouped", spy)
+    assert torch.equal(bank(x, slot_idx, weights), unpadded)
+    assert seen and all(int(v) % 8 == 0 for offs in seen for v in offs)
 
 
 def test_no_valid_choice_gives_zero():
