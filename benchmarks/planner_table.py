@@ -91,7 +91,8 @@ def markdown(meta: dict, rows: list[dict], quality_name: str) -> str:
         opts = c.get("options") or {}
         ne = c.get("nonexpert_precision") or "full"
         cfg = (f"{' '.join(map(str, c['committee_sizes']))} / {' '.join(c.get('precisions') or [])} / "
-               f"F {opts.get('update_every', '-')}" + (f" / non-expert {ne}" if ne != "full" else ""))
+               f"F {opts.get('update_every', '-')}" + (f" / non-expert {ne}" if ne != "full" else "")
+               + (f" / shadows {c['shadow']}" if c.get("shadow") else ""))
         busy = (r.get("record") or {}).get("cpu_other_share")
         flag = f" (busy {busy:.0%})" if busy is not None and busy > 0.15 else ""
         at_speed = e.get("latency_at_calibration_speed")
@@ -136,7 +137,8 @@ def main(argv=None) -> int:
             return
         limit = int(limits.get("memory_bytes") or plan_data["predicted"]["memory_bytes"])
         rec = run_plan(planner, args.model, plan_data, limit, args.threads, policy=policy)
-        config = {k: plan_data.get(k) for k in ("committee_sizes", "precisions", "options", "nonexpert_precision")}
+        config = {k: plan_data.get(k) for k in ("committee_sizes", "precisions", "options", "nonexpert_precision",
+                                                 "shadow")}
         row = {"key": key, "variant": variant, "policy": policy, "config": config,
                **compare(planner, {**plan_data, "limits": limits}, rec, limit)}
         row["record"] = {k: rec.get(k) for k in ("peak_rss_bytes", "cgroup_max_usage_bytes", "cgroup_failcnt",

@@ -4,7 +4,8 @@
                    "committee_sizes": [members per MoE layer], "options": {load() options},
                    "precisions": [per MoE layer: "full" (the model's dtype), "int8" or "int4"] (optional),
                    "nonexpert_precision": "full" | "int8" | "int4" (optional: attention projections and LM
-                   head, lean-decoder families)}
+                   head, lean-decoder families),
+                   "shadow": "int2" | "int3" | "lowrank" (optional: shadows of every non-member, pcmoe.shadow)}
   model options   pcmoe_options.json beside a checkpoint: {"format": "pcmoe-options/1", "options": {...}},
                   committee knobs the model's publisher measured best (below plan and explicit options)
   routing profile profile.json (from `pcmoe profile`): {"format": "pcmoe-profile/1", "model_type",
@@ -93,6 +94,19 @@ def check_nonexpert_precision(data: dict) -> str | None:
     if not isinstance(value, str) or value.lower() not in PRECISIONS:
         raise FormatError(f"plan nonexpert_precision {value!r} is not one of full, int8, int4")
     return PRECISIONS[value.lower()]
+
+
+SHADOW_FORMS = ("int2", "int3", "lowrank")   # pcmoe.shadow's forms (named here: formats stays torch-free)
+
+
+def check_shadow(data: dict) -> str | None:
+    """The plan's shadow form (None: no shadows; "none" says so explicitly)."""
+    value = data.get("shadow")
+    if value is None or value == "none":
+        return None
+    if not isinstance(value, str) or value not in SHADOW_FORMS:
+        raise FormatError(f"plan shadow {value!r} is not one of none, {', '.join(SHADOW_FORMS)}")
+    return value
 
 
 def write_plan(path: str | os.PathLike, model_type: str, num_experts: list[int], committee_sizes: list[int],

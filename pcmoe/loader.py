@@ -43,6 +43,7 @@ from pcmoe.formats import (
     check_nonexpert_precision,
     check_plan,
     check_precisions,
+    check_shadow,
     profile_path,
     read_profile,
 )
@@ -107,9 +108,23 @@ def inspect(checkpoint_dir: str | os.PathLike, dtype: str = "auto", quantize: st
         "nonexpert_bytes_quantized": {m: _nonexpert_bytes_at(lay.meta_state, lay.nonexpert, m)
                                       for m in _nonexpert_modes(lay)} if family.lean_decoder else {},
         "all_expert_bytes": sizes.all_experts, "full_model_bytes": sizes.full,
+        "shadow_bytes": _shadow_bytes(family, lay.dtype),
         **minima(sizes, _staging_bytes(family, lay), opts.bytes_per_step),
         "tokenizer": (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists(),
     }
+
+
+def _shadow_bytes(family, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes of one expert's shadow in each group-quantised form its kernel allows (pcmoe.shadow)."""
+    from pcmoe.shadow import shadow_nbytes
+
+    out = {}
+    for form in ("int2", "int3"):
+        try:
+            out[form] = shadow_nbytes(family.kernel(), dtype, form)
+        except ValueError:   # no linear weights, or an input size that is not a multiple of 8
+            pass
+    return out
 
 
 # -- options (the rules are in pcmoe.options) ------------------------------------------------------
@@ -288,6 +303,8 @@ def _load(folder: Path, budget_spec, policy: str, plan, opts: LoadOptions) -> En
     family = _load_family(folder, config_dict, opts)  # an unsupported model is reported before reading files
     if plan is not None and opts.nonexpert_quantize is None:  # an explicit option (full included) wins
         opts.nonexpert_quantize = check_nonexpert_precision(plan)
+    if plan is not None and opts.shadow is None:              # likewise an explicit --shadow
+        opts.shadow = check_shadow(plan)
     validate(policy, opts, family.top_k, bool(family.kernel().linear_weights), family.model_types[0])
     ckpt = Checkpoint(folder, config_dict)
     try:

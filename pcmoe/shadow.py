@@ -24,7 +24,9 @@ import time
 
 import torch
 
-SHADOW_MODES = ("int2", "int3", "lowrank")
+from pcmoe.formats import SHADOW_FORMS
+
+SHADOW_MODES = SHADOW_FORMS  # the names a plan file may carry (pcmoe.formats, torch-free)
 DEFAULT_GROUP = {"int2": 128, "int3": 128}   # per byte the best of 32/64/128 on the shipped LM
 DEFAULT_RANK = 32
 _CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # shrink of the group's range

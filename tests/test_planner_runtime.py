@@ -176,15 +176,18 @@ def test_measurement_specs_are_unique_valid_and_seeded(lm_with_profile):
     a = calibrate.measurement_specs(str(lm_with_profile), facts, stream, 12, seed=3, threads=1)
     b = calibrate.measurement_specs(str(lm_with_profile), facts, stream, 20, seed=3, threads=1)
     keys = [s["key"] for s in a]
-    # load + imports, 2 KV windows, 9 latency points, 1 non-expert run, 2 long runs; near: half as many again
-    assert len(set(keys)) == len(keys) and len(a) == 2 + 2 + 9 + 1 + 2 + 12 + 6
+    # load + imports, 2 KV windows, 9 latency points, 1 non-expert run, 2 long runs; near: half as many again;
+    # 2 shadow forms x 2 sizes and half as many shadow samples again
+    assert facts["shadow_modes"] == ["none", "int2", "int3"]
+    assert len(set(keys)) == len(keys) and len(a) == 2 + 2 + 9 + 1 + 2 + 12 + 6 + 4 + 6
     drawn = [s["config"]["nonexpert_precision"] for s in a if s["key"].startswith(("sample:", "near:"))]
     assert set(drawn) == set(facts["nonexpert_precisions"]) == {"full", "int8"}  # sampled (int4: the head's shape)
     assert all(s["plan"]["nonexpert_precision"] == s["config"]["nonexpert_precision"] for s in a if s.get("config"))
     by_key = {s["key"]: s for s in b}
     assert all(by_key[s["key"]].get("plan") == s.get("plan") for s in a)      # a longer run extends the same
     assert calibrate.measurement_specs(str(lm_with_profile), facts, stream, 12, seed=4, threads=1)[-1] != a[-1]
-    space = SearchSpace(tuple(facts["num_experts"]), ("full", "int8", "int4"), (8, 16, 32), ("full", "int8", "int4"))
+    space = SearchSpace(tuple(facts["num_experts"]), ("full", "int8", "int4"), (8, 16, 32), ("full", "int8", "int4"),
+                        tuple(facts["shadow_modes"]))
     for s in a:
         if s.get("config"):
             Config.from_dict(s["config"], space)

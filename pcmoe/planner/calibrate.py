@@ -10,8 +10,11 @@ inside a memory cgroup without a limit where cgroup v1 is writable, so its peak 
                   decode time inside each MoE block, in the step boundary and outside (non-expert)
     nonexpert:Q   every expert resident at full precision, the non-expert weights (attention, LM
                   head) at Q (int8, int4; lean-decoder families only): their bytes and time
+    shadow:S:n    the twin of latency:P:n (P the most compressed precision, n in 1, N/2) with S shadows
+                  (int2, int3) of every non-member: their runtime memory and decode time
     sample:i      random configurations (per-layer sizes and precisions, F, non-expert precision), seeded
     near:i        half as many again with every committee at least half its layer (where plans live)
+    shadow-sample:i  half as many again with a shadow form drawn for each (where the model has shadows)
 
 Every configuration measurement also scores the profiling stream (text: the even documents of
 the data file, each cut to --doc-tokens; vision: a seeded frame stream) and reports peak RSS,
@@ -45,10 +48,10 @@ import numpy as np
 
 from pcmoe.planner.predict import PROFILE_FORMAT, DeviceProfile, LatencyModel, MemoryModel
 from pcmoe.planner.quality import fit_quality, samples_from_dicts, split
-from pcmoe.planner.space import Config, PlanError, SearchSpace
+from pcmoe.planner.space import NO_SHADOW, Config, PlanError, SearchSpace
 
-VERSION = 2                      # of the measurement list; a profile of another version is not resumed
-                                 # (2: the non-expert precision is measured and sampled)
+VERSION = 3                      # of the measurement list; a profile of another version is not resumed
+                                 # (2: the non-expert precision is measured and sampled; 3: shadows are)
 KV_WINDOWS = (128, 1024)
 MEASURED_KV_TOKENS = 256         # the KV cache capacity the configuration measurements hold (window 256, prompt 128)
 TEXT_DEFAULTS = {"documents": "even", "doc_tokens": 512, "window": 256, "chunk": 32}
@@ -92,6 +95,9 @@ def model_facts(model_dir: str) -> dict:
         "nonexpert_bytes": {"full": full["nonexpert_bytes"], **full["nonexpert_bytes_quantized"]},
         # where the runtime can quantise them (the lean decoder): a planner dimension
         "nonexpert_precisions": ["full", *full["nonexpert_bytes_quantized"]] * bool(full["nonexpert_bytes_quantized"]),
+        # shadows of the non-members (pcmoe.shadow), in the group-quantised forms the experts allow
+        "shadow_modes": [NO_SHADOW, *full["shadow_bytes"]] * bool(full["shadow_bytes"]),
+        "shadow_bytes": {f: [b] * L for f, b in full["shadow_bytes"].items()},
         "n_buffers": full["swap_buffers"],
         # one staging buffer with every layer at a precision (quantised layers stage quantised bytes
         # when read from quantised copies, pcmoe.qcache; then no full-precision buffer per layer either)
@@ -130,15 +136,18 @@ def measurement_specs(model_dir: str, facts: dict, stream: dict, samples: int, s
     base = {"model": str(model_dir), "threads": threads, "policy": "committee"}
 
     nonexpert = facts.get("nonexpert_precisions") or []
+    shadows = facts.get("shadow_modes") or []
 
-    def config_spec(key, sizes, precs, f, ne=None):
+    def config_spec(key, sizes, precs, f, ne=None, shadow=None):
         options = {"update_every": int(f), "update_unit": facts["update_unit"]}
         plan = {"format": "pcmoe-plan/1", "model_type": facts["model_type"], "num_experts": facts["num_experts"],
                 "committee_sizes": [int(n) for n in sizes], "precisions": list(precs), "options": options,
-                "nonexpert_precision": ne or "full"}
-        return {**base, "key": key, "plan": plan, "stream": stream, "decode": decode,
-                "config": {"committee_sizes": list(map(int, sizes)), "expert_precisions": list(precs),
-                           "update_every": int(f), "nonexpert_precision": (ne or "full") if nonexpert else None}}
+                "nonexpert_precision": ne or "full", **({"shadow": shadow} if shadow else {})}
+        config = {"committee_sizes": list(map(int, sizes)), "expert_precisions": list(precs),
+                  "update_every": int(f), "nonexpert_precision": (ne or "full") if nonexpert else None}
+        if shadows:
+            config["shadow"] = shadow or NO_SHADOW
+        return {**base, "key": key, "plan": plan, "stream": stream, "decode": decode, "config": config}
 
     specs = [{**base, "key": "load", "load_timing": {"experts": 16}},
              {**base, "key": "imports:serve", "imports": ["pcmoe.server.api", "uvicorn"]}]
@@ -150,6 +159,9 @@ def measurement_specs(model_dir: str, facts: dict, stream: dict, samples: int, s
             specs.append(config_spec(f"latency:{p}:{n}", [n] * L, [p] * L, default_f))
     for q in nonexpert[1:]:
         specs.append(config_spec(f"nonexpert:{q}", [N] * L, [precisions[0]] * L, default_f, q))
+    for form in shadows[1:]:
+        for n in shadow_sizes(N):
+            specs.append(config_spec(f"shadow:{form}:{n}", [n] * L, [precisions[-1]] * L, default_f, shadow=form))
     # Long runs: the profiling stream and then the held-out one (what --validate and a server run),
     # repeating a latency configuration; their peak over its single-stream peak is heap growth with
     # running time, which derive adds to runtime_bytes.
@@ -176,7 +188,22 @@ def measurement_specs(model_dir: str, facts: dict, stream: dict, samples: int, s
         precs = [precisions[j] for j in rng.integers(0, len(precisions), L)]
         specs.append(config_spec(f"near:{i}", sizes, precs, intervals[int(rng.integers(0, len(intervals)))],
                                  draw_nonexpert("near")))
+    # With shadows: random configurations with a shadow form each (streams of their own again, so the
+    # samples above are those of version 2), committees below their layer's size where shadows exist.
+    if shadows[1:]:
+        rng, ne_rng["shadow"] = np.random.default_rng([seed, 4]), np.random.default_rng([seed, 5])
+        for i in range(samples // 2):
+            sizes = rng.integers(1, N, L) if N > 1 else np.ones(L, dtype=np.int64)
+            precs = [precisions[j] for j in rng.integers(0, len(precisions), L)]
+            f = intervals[int(rng.integers(0, len(intervals)))]
+            form = shadows[1 + int(rng.integers(0, len(shadows) - 1))]
+            specs.append(config_spec(f"shadow-sample:{i}", sizes, precs, f, draw_nonexpert("shadow"), form))
     return specs
+
+
+def shadow_sizes(n: int) -> list[int]:
+    """Committee sizes of the shadow:S:n runs: one member, and half the layer."""
+    return sorted({1, max(1, n // 2)} - {n})
 
 
 def run_calibration(model_dir: str, out: str, data: str | None = None, samples: int = 150, seed: int = 0,
@@ -338,14 +365,20 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
                "precisions": precisions, "intervals": list(INTERVALS[unit]), "update_unit": unit,
                "expert_bytes": facts["expert_bytes"], "nonexpert_bytes": facts["nonexpert_bytes"],
                "nonexpert_precisions": facts.get("nonexpert_precisions") or [],
+               "shadow_bytes": facts.get("shadow_bytes") or {},
                "full_precision": "full", "n_buffers": facts["n_buffers"], "spare_slots": 0,
                "staging_bytes": facts["staging_bytes"], "quant_staging": facts.get("quant_staging", 1),
                "context_tokens": facts["context_tokens"], "machine": {"cpu": cpu_name(), "threads": None}}
+    # The shadow gene exists once its forms' memory and time are measured (shadow:S:n and their twins).
+    forms = measured_shadow_forms(facts, done)
+    profile["shadow_modes"] = [NO_SHADOW, *forms] if forms else []
     space = SearchSpace(num_experts=tuple(facts["num_experts"]), precisions=tuple(precisions),
                         intervals=tuple(INTERVALS[unit]),
-                        nonexpert_precisions=tuple(facts.get("nonexpert_precisions") or ()))
+                        nonexpert_precisions=tuple(facts.get("nonexpert_precisions") or ()),
+                        shadow_modes=tuple(profile["shadow_modes"]))
     # long runs repeat a latency configuration: only their peak RSS is used (long_run_growth)
-    scored = {k: r for k, r in done.items() if _ok(r) and r.get("config") and "loss" in r and not k.startswith("long:")}
+    scored = {k: r for k, r in done.items() if _ok(r) and r.get("config") and "loss" in r and not k.startswith("long:")
+              and r["config"].get("shadow") in (None, NO_SHADOW, *forms)}
     # "quality:" records carry a loss alone (imported from an earlier calibration, see import_quality):
     # quality samples, never memory or latency samples.
     configs = {k: r for k, r in scored.items() if not k.startswith(QUALITY_ONLY)}
@@ -383,6 +416,14 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
             profile["nonexpert_runtime_bytes"] = deltas
             keys = space.nonexpert_precisions
             overhead = [o - deltas.get(keys[int(i)], 0) for o, i in zip(overhead, batch.nonexpert)]
+        # Shadows need memory beyond their bytes (the native kernel's scratch, a dequantised expert for
+        # longer prefills, the reads of demoted members' shadows): measured against the twin without.
+        shadow_deltas = _shadow_runtime_deltas(space, list(configs), overhead)
+        if shadow_deltas:
+            profile["shadow_runtime_bytes"] = shadow_deltas
+            swapping = (batch.sizes < np.array(space.num_experts)).any(axis=1)
+            overhead = [o - shadow_deltas.get(space.shadow_modes[int(j)], 0) * bool(sw)
+                        for o, j, sw in zip(overhead, batch.shadow, swapping)]
     if overhead:
         plain = [o for o, g in zip(overhead, gemm) if not g] or overhead
         with_gemm = [o for o, g in zip(overhead, gemm) if g]
@@ -446,6 +487,27 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
     return profile
 
 
+def measured_shadow_forms(facts: dict, done: dict) -> list[str]:
+    """The shadow forms whose shadow:S:n runs and their twins (latency:P:n, P the most compressed
+    precision) have all been measured."""
+    N, last = facts["num_experts"][0], list(facts["expert_bytes"])[-1]
+    return [f for f in (facts.get("shadow_modes") or [])[1:]
+            if all(_ok(done.get(f"shadow:{f}:{n}")) and _ok(done.get(f"latency:{last}:{n}")) for n in shadow_sizes(N))]
+
+
+def _shadow_runtime_deltas(space: SearchSpace, keys: list[str], overhead: list) -> dict[str, int]:
+    """Per shadow form: the largest overhead of its shadow:S:n runs over that of their twins without
+    shadows (either sign: the shadows' memory beyond their bytes)."""
+    at = dict(zip(keys, overhead))
+    out = {}
+    for form in space.shadow_modes[1:]:
+        diffs = [at[k] - at[f"latency:{space.precisions[-1]}:{k.rsplit(':', 1)[1]}"] for k in keys
+                 if k.startswith(f"shadow:{form}:") and f"latency:{space.precisions[-1]}:{k.rsplit(':', 1)[1]}" in at]
+        if diffs:
+            out[form] = int(max(diffs))
+    return out
+
+
 MIN_RUNS_PER_PRECISION = 3   # plain runs at a non-expert precision (and at full) before its offset is trusted
 
 
@@ -484,8 +546,18 @@ def _latency(facts: dict, done: dict, configs: dict, space: SearchSpace, profile
         r = done.get(f"nonexpert:{q}")
         if _ok(r) and r.get("layer_s"):
             lat["nonexpert_s"][q] = float(max(r["latency_s"] - sum(r["layer_s"]) - r.get("step_s", 0.0), 0.0))
+    N = max(space.num_experts)
+    for form in space.shadow_modes[1:]:   # per layer and token, per share of the layer's experts shadowed
+        extra = []
+        for n in shadow_sizes(N):
+            r, twin = done.get(f"shadow:{form}:{n}"), done.get(f"latency:{space.precisions[-1]}:{n}")
+            if _ok(r) and _ok(twin) and r.get("latency_s") and twin.get("latency_s"):
+                extra.append((r["latency_s"] - twin["latency_s"]) / (space.layers * (N - n) / N))
+        if extra:
+            lat.setdefault("shadow_s", {})[form] = float(max(np.mean(extra), 0.0))
     if set(space.precisions) <= {p["precision"] for p in points} and \
-            set(space.nonexpert_precisions) <= set(lat["nonexpert_s"]):
+            set(space.nonexpert_precisions) <= set(lat["nonexpert_s"]) and \
+            set(space.shadow_modes[1:]) <= set(lat.get("shadow_s", {})):
         lat["update_s"] = _update_costs(space, {**profile, "latency": lat}, _sample_rows(space, configs))
     return lat
 
@@ -501,8 +573,10 @@ def _speed_features(space: SearchSpace, r: dict) -> list[float]:
         part = [n < N[i] and q == p for i, (n, q) in enumerate(zip(c.sizes, c.precisions))]
         f += [sum(full), sum(part), sum(n / N[i] for i, (n, ok) in enumerate(zip(c.sizes, part)) if ok)]
     nonfull = sum(n < N[i] for i, n in enumerate(c.sizes))
+    shadowed = sum((N[i] - n) / N[i] for i, n in enumerate(c.sizes))
     return (f + [nonfull * (c.interval == F) for F in space.intervals]
-            + [float(c.nonexpert_precision == q) for q in space.nonexpert_precisions[1:]])
+            + [float(c.nonexpert_precision == q) for q in space.nonexpert_precisions[1:]]
+            + [shadowed * (c.shadow == form) for form in space.shadow_modes[1:]])
 
 
 def _speed_factors(space: SearchSpace, configs: dict) -> tuple[dict[str, float], str | None]:

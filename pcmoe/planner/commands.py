@@ -11,7 +11,7 @@ from pcmoe.args import add_model, check_input_file, read_model_config
 from pcmoe.budget import format_bytes
 from pcmoe.options import PcmoeError
 from pcmoe.planner.planning import PROFILE_FILE, QUALITY_MODELS, format_latency, parse_latency, parse_memory
-from pcmoe.planner.space import PlanError
+from pcmoe.planner.space import NO_SHADOW, PlanError
 
 VISION_TYPE = "pcmoe_vit_moe"
 DEFAULT_SAMPLES = {"text": 150, "frames": 40}   # and half as many "near" samples again
@@ -251,7 +251,8 @@ def _pareto(args, planner) -> int:
         print(f"{format_bytes(limit):>14}  {format_bytes(plan.memory):>10}  {format_latency(plan.latency):>9}  "
               f"{planner.quality_text(plan.quality):<22}  {' '.join(map(str, c.sizes))} / "
               f"{' '.join(c.precisions)} / F {c.interval}"
-              + (f" / non-expert {c.nonexpert_precision}" if c.nonexpert_precision not in (None, "full") else ""))
+              + (f" / non-expert {c.nonexpert_precision}" if c.nonexpert_precision not in (None, "full") else "")
+              + (f" / shadows {c.shadow}" if c.shadow not in (None, NO_SHADOW) else ""))
         out.append({"limit_bytes": limit, **planner.plan_dict(plan, {"memory_bytes": limit})})
     png = args.png or str(Path(args.out).with_name("pareto.png") if args.out else "pareto.png")
     _plot(planner, out, png)

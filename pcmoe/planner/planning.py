@@ -23,7 +23,7 @@ from pcmoe.budget import BudgetError, format_bytes
 from pcmoe.planner.predict import PROFILE_FORMAT, DeviceProfile, LatencyModel, MemoryModel
 from pcmoe.planner.quality import QualityFit, fit_quality, samples_from_dicts
 from pcmoe.planner.search import Plan, Problem, genetic
-from pcmoe.planner.space import Batch, Config, PlanError, SearchSpace
+from pcmoe.planner.space import NO_SHADOW, Batch, Config, PlanError, SearchSpace
 
 PROFILE_FILE = "device_profile.json"    # beside the checkpoint; profile.json is the routing profile
 PRECISION_NAMES = ("full", "int8", "int4")   # as plan files name them (pcmoe.formats)
@@ -105,14 +105,16 @@ class Planner:
         space = SearchSpace(num_experts=profile.num_experts,
                             precisions=tuple(data.get("precisions") or ("full",)),
                             intervals=tuple(int(f) for f in data.get("intervals") or (16,)),
-                            nonexpert_precisions=tuple(data.get("nonexpert_precisions") or ()))
+                            nonexpert_precisions=tuple(data.get("nonexpert_precisions") or ()),
+                            shadow_modes=tuple(data.get("shadow_modes") or ()))
         changes = {}
         if context_tokens is not None:
             if context_tokens < 0:
                 raise PlanError(f"context must be >= 0 tokens, got {context_tokens}")
             changes["context_tokens"] = context_tokens
         if weights_only:
-            changes.update(runtime_bytes=0, kv_bytes_per_token=0, context_tokens=0, nonexpert_runtime_bytes={})
+            changes.update(runtime_bytes=0, kv_bytes_per_token=0, context_tokens=0, nonexpert_runtime_bytes={},
+                           shadow_runtime_bytes={})
         elif extra_bytes:
             changes["runtime_bytes"] = profile.runtime_bytes + int(extra_bytes)
         profile = dataclasses.replace(profile, **changes)
@@ -170,7 +172,9 @@ class Planner:
     def describe(self, plan: Plan) -> str:
         c = plan.config
         nonexpert = f"; non-expert {c.nonexpert_precision}" if c.nonexpert_precision else ""
-        return (f"sizes {' '.join(map(str, c.sizes))}; precisions {' '.join(c.precisions)}{nonexpert}; F {c.interval}; "
+        shadow = f"; shadows {c.shadow}" if c.shadow not in (None, NO_SHADOW) else ""
+        return (f"sizes {' '.join(map(str, c.sizes))}; precisions {' '.join(c.precisions)}{nonexpert}{shadow}; "
+                f"F {c.interval}; "
                 f"memory {format_bytes(plan.memory)}; latency {format_latency(plan.latency)}; "
                 f"{self.quality_text(plan.quality)}")
 
@@ -183,6 +187,7 @@ class Planner:
         return {"format": "pcmoe-plan/1", "model_type": self.model_type, "num_experts": list(self.space.num_experts),
                 "committee_sizes": list(c.sizes), "precisions": list(c.precisions), "options": options,
                 "nonexpert_precision": c.nonexpert_precision or "full",
+                **({"shadow": c.shadow} if c.shadow not in (None, NO_SHADOW) else {}),
                 "predicted": {"memory_bytes": int(plan.memory), "latency_s": plan.latency, "loss": plan.quality,
                               "quality": self.quality_value(plan.quality), "metric": self.metric,
                               "context_tokens": self.profile.context_tokens},
@@ -198,25 +203,29 @@ def config_of_plan(data: dict, space: SearchSpace | None = None) -> Config:
         raise PlanError("the plan has no committee_sizes list")
     precisions = data.get("precisions") or ["full"] * len(sizes)
     options = data.get("options") or {}
-    nonexpert = data.get("nonexpert_precision")
-    if space is not None:
-        nonexpert = space.nonexpert_of(nonexpert)   # a quantised one where none is searched: validate says no
+    nonexpert, shadow = data.get("nonexpert_precision"), data.get("shadow")
+    if space is not None:   # a quantised one / a shadow where none is searched: validate says no
+        nonexpert, shadow = space.nonexpert_of(nonexpert), space.shadow_of(shadow)
     return Config(sizes=tuple(sizes), precisions=tuple(precisions), interval=options.get("update_every", 16),
-                  nonexpert_precision=nonexpert)
+                  nonexpert_precision=nonexpert, shadow=shadow)
 
 
 def uniform_batch(space: SearchSpace) -> Batch:
-    """Every uniform configuration: the same size and precision in every layer (and each F and
-    non-expert precision, which are one knob for the whole model anyway)."""
+    """Every uniform configuration: the same size and precision in every layer (and each F,
+    non-expert precision and shadow form, which are one knob for the whole model anyway)."""
+    import itertools
+
     import numpy as np
 
-    rows = [(n, p, f, ne) for n in range(1, min(space.num_experts) + 1) for p in range(len(space.precisions))
-            for f in range(len(space.intervals)) for ne in range(max(1, len(space.nonexpert_precisions)))]
+    rows = list(itertools.product(range(1, min(space.num_experts) + 1), range(len(space.precisions)),
+                                  range(len(space.intervals)), range(max(1, len(space.nonexpert_precisions))),
+                                  range(max(1, len(space.shadow_modes)))))
     L = space.layers
-    return Batch(sizes=np.array([[min(n, N) for N in space.num_experts] for n, _, _, _ in rows]).reshape(-1, L),
-                 prec=np.array([[p] * L for _, p, _, _ in rows]).reshape(-1, L),
-                 nonexpert=np.array([ne for *_, ne in rows], dtype=np.int64),
-                 interval=np.array([f for _, _, f, _ in rows]))
+    return Batch(sizes=np.array([[min(n, N) for N in space.num_experts] for n, *_ in rows]).reshape(-1, L),
+                 prec=np.array([[p] * L for _, p, *_ in rows]).reshape(-1, L),
+                 nonexpert=np.array([r[3] for r in rows], dtype=np.int64),
+                 interval=np.array([r[2] for r in rows], dtype=np.int64),
+                 shadow=np.array([r[4] for r in rows], dtype=np.int64))
 
 
 def best_uniform(planner: Planner, memory: float | None, latency: float | None = None) -> Plan:

@@ -15,12 +15,16 @@ runtime's own accounting (pcmoe/engine.py, pcmoe/moe.py) rather than "experts ×
                                                   needs beyond its bytes, relative to full; ≤ 0)
           + full_gemm_bytes if some full-precision layer holds >= 2 slots    (measured: bf16 matmuls of multi-token
                                                                             steps raise peak RSS, see calibrate.py)
+          + Σ_l (N_l - n_l) × bytes of one shadow(layer l, form)   (with a shadow form: every non-member has one)
+          + shadow_runtime_bytes[form] while some layer swaps      (measured: the shadows' scratch and reads)
 
 Latency per decoded token = non-expert time(precision) + Σ_l T_l(n_l, precision_l)
-+ Σ_{l not full} update_s[F][precision_l]. T_l is a line in n fitted to a few measured points per
-precision (the paper's T_l(n), non-decreasing: the slope is clamped at 0). The update cost depends
-on the precision because a swap into a quantised layer is quantised on the compute thread when it
-is switched in (int4 ~1 ms per expert on the shipped LM); a plain number applies to every precision.
++ Σ_{l not full} update_s[F][precision_l] + shadow_s[form] × Σ_l (N_l - n_l) / N_l (the shadows'
+compute grows with the share of a layer's experts that are shadows). T_l is a line in n fitted to
+a few measured points per precision (the paper's T_l(n), non-decreasing: the slope is clamped at 0).
+The update cost depends on the precision because a swap into a quantised layer is quantised on the
+compute thread when it is switched in (int4 ~1 ms per expert on the shipped LM); a plain number
+applies to every precision.
 
 Nothing here measures anything: every number comes from a DeviceProfile, which `pcmoe profile`
 will write as JSON:
@@ -39,11 +43,14 @@ will write as JSON:
    "runtime_bytes": 180000000,      # measured process memory beyond weights and KV: torch, allocator, activations
    "nonexpert_runtime_bytes": {"int4": -12000000},   # the runtime's memory at that non-expert precision
                                     # minus at full (default 0)
+   "shadow_bytes": {"int2": [55296, ...]},   # bytes of ONE shadow expert, per layer (per form searched)
+   "shadow_runtime_bytes": {"int2": 3000000},   # the runtime's memory with shadows minus without
    "full_gemm_bytes": 60000000,     # measured extra peak RSS once any full-precision bank of >= 2 slots computes
    "kv_bytes_per_token": 12288,     # KV cache bytes per token of context
    "context_tokens": 1024,          # context the plan must hold (dataclasses.replace to plan for another)
    "latency": {                                         # seconds per decoded token, batch 1
      "nonexpert_s": {"bf16": 0.0021, "int8": 0.0019},   # all work outside the MoE layers
+     "shadow_s": {"int2": 0.00004},   # one MoE layer's shadow time per token when all but ~none are shadows
      "layer_points": [{"layer": null, "size": 4, "precision": "bf16", "seconds": 0.00031}, ...],
                                   # one MoE layer's time at that committee size; layer null = every layer
      "update_s": {"16": 0.00002}},  # amortised committee-update cost per token per non-full layer, by F
@@ -89,6 +96,9 @@ class DeviceProfile:
     staging_bytes: dict[str, int] = field(default_factory=dict)   # precision -> one staging buffer's bytes
     nonexpert_runtime_bytes: dict[str, int] = field(default_factory=dict)   # precision -> runtime bytes vs full
     nonexpert_s: dict[str, float] = field(default_factory=dict)   # precision -> seconds per token
+    shadow_bytes: dict[str, tuple[int, ...]] = field(default_factory=dict)   # form -> one shadow's bytes per layer
+    shadow_runtime_bytes: dict[str, int] = field(default_factory=dict)       # form -> runtime bytes vs none
+    shadow_s: dict[str, float] = field(default_factory=dict)   # form -> s per token per layer at missing share 1
     layer_points: tuple[LatencyPoint, ...] = ()
     update_s: dict = field(default_factory=dict)   # F -> seconds per token per non-full layer (or {precision: s})
 
@@ -112,6 +122,11 @@ class DeviceProfile:
                                                 (data.get("nonexpert_runtime_bytes") or {}).items()},
                        **{k: (str if k == "full_precision" else int)(data[k]) for k in _SCALARS if k in data},
                        nonexpert_s={str(k): float(v) for k, v in lat.get("nonexpert_s", {}).items()},
+                       shadow_bytes={str(k): tuple(int(b) for b in v) for k, v in
+                                     (data.get("shadow_bytes") or {}).items()},
+                       shadow_runtime_bytes={str(k): int(v) for k, v in
+                                             (data.get("shadow_runtime_bytes") or {}).items()},
+                       shadow_s={str(k): float(v) for k, v in lat.get("shadow_s", {}).items()},
                        layer_points=points,
                        update_s={int(k): {str(p): float(u) for p, u in v.items()} if isinstance(v, dict)
                                  else float(v) for k, v in lat.get("update_s", {}).items()})
@@ -123,8 +138,10 @@ class DeviceProfile:
                 "expert_bytes": {k: list(v) for k, v in self.expert_bytes.items()},
                 "nonexpert_bytes": dict(self.nonexpert_bytes), "staging_bytes": dict(self.staging_bytes),
                 "nonexpert_runtime_bytes": dict(self.nonexpert_runtime_bytes),
+                "shadow_bytes": {k: list(v) for k, v in self.shadow_bytes.items()},
+                "shadow_runtime_bytes": dict(self.shadow_runtime_bytes),
                 **{k: getattr(self, k) for k in _SCALARS},
-                "latency": {"nonexpert_s": dict(self.nonexpert_s),
+                "latency": {"nonexpert_s": dict(self.nonexpert_s), "shadow_s": dict(self.shadow_s),
                             "layer_points": [{"layer": q.layer, "size": q.size, "precision": q.precision,
                                               "seconds": q.seconds} for q in self.layer_points],
                             "update_s": {str(k): v for k, v in self.update_s.items()}}}
@@ -149,6 +166,10 @@ class DeviceProfile:
         for p in space.nonexpert_precisions or (self.full_precision,):
             if p not in self.nonexpert_bytes:
                 raise PlanError(f"the profile has no non-expert bytes at precision {p}")
+        for form in space.shadow_modes[1:]:
+            if len(self.shadow_bytes.get(form, ())) != space.layers:
+                raise PlanError(f"the profile needs bytes of one {form} shadow for each of the {space.layers} "
+                                "MoE layers")
         for q in self.layer_points:
             if q.layer is not None and not (isinstance(q.layer, int) and 0 <= q.layer < space.layers):
                 raise PlanError(f"a decode-time point names MoE layer {q.layer!r}; the model has {space.layers}")
@@ -193,18 +214,32 @@ class MemoryModel:
         if profile.full_gemm_bytes and profile.full_precision in space.precisions:
             self.gemm_cells[:, space.precisions.index(profile.full_precision), :] = slots >= 2
         self.gemm_bytes = float(profile.full_gemm_bytes)
+        # [SH, L, S] bytes of layer l's shadows at committee size s (form 0 = none: no shadow)
+        self.shadow_layer = shadow_table(space, lambda form: np.array(profile.shadow_bytes[form], float)[:, None]
+                                         * (N[:, None] - n[None, :]).clip(min=0))
+        self.shadow_runtime = np.array([0.0] + [profile.shadow_runtime_bytes.get(f, 0)
+                                                for f in space.shadow_modes[1:]])                # [SH]
 
     def __call__(self, batch: Batch) -> np.ndarray:
         """[P] predicted bytes of the whole process."""
         layers = np.arange(self.space.layers)
         weights = self.layer_bytes[layers, batch.prec, batch.sizes - 1].sum(axis=1)           # [P]
         gemm = self.gemm_cells[layers, batch.prec, batch.sizes - 1].any(axis=1)              # [P]
-        return self.nonexpert[batch.nonexpert] + weights + self.staging_of(batch) + self.fixed + gemm * self.gemm_bytes
+        return (self.nonexpert[batch.nonexpert] + weights + self.shadows_of(batch) + self.staging_of(batch)
+                + self.fixed + gemm * self.gemm_bytes)
 
     def staging_of(self, batch: Batch) -> np.ndarray:
         """[P] bytes of the shared staging buffers (0 where no layer swaps)."""
         swapping = (batch.sizes < np.array(self.space.num_experts)).any(axis=1)              # [P]
         return swapping * self.staging[batch.prec].max(axis=1)
+
+    def shadows_of(self, batch: Batch) -> np.ndarray:
+        """[P] bytes of the shadow experts and the runtime memory they need (0 without shadows or
+        where every layer is full: then the loader makes none)."""
+        layers = np.arange(self.space.layers)
+        swapping = (batch.sizes < np.array(self.space.num_experts)).any(axis=1)              # [P]
+        return (self.shadow_layer[batch.shadow[:, None], layers, batch.sizes - 1].sum(axis=1)
+                + swapping * self.shadow_runtime[batch.shadow])
 
     def breakdown(self, batch: Batch, i: int = 0) -> dict[str, int]:
         one = batch.take([i])
@@ -212,10 +247,13 @@ class MemoryModel:
         gemm = bool(self.gemm_cells[layers, one.prec[0], one.sizes[0] - 1].any())
         ne = int(one.nonexpert[0])
         delta = self.nonexpert_runtime[ne]
+        shadow_weights = int(self.shadow_layer[one.shadow[0], layers, one.sizes[0] - 1].sum())
         return {"nonexpert": int(self.nonexpert_bytes[ne]),
                 "experts": int(self.layer_bytes[layers, one.prec[0], one.sizes[0] - 1].sum()),
+                **({"shadows": shadow_weights} if self.space.shadow_modes else {}),
                 "staging": int(self.staging_of(one)[0]),
-                "runtime": int(self.profile.runtime_bytes + delta + gemm * self.gemm_bytes),
+                "runtime": int(self.profile.runtime_bytes + delta + gemm * self.gemm_bytes
+                               + self.shadows_of(one)[0] - shadow_weights),
                 "kv_cache": int(self.profile.kv_bytes_per_token * self.profile.context_tokens),
                 "total": int(self(one)[0])}
 
@@ -247,6 +285,14 @@ class MemoryModel:
         else:
             best = Batch((any_s + 1)[None, :], any_p[None, :], np.array([ne]), np.array([0]))
         return float(self(best)[0]), best
+
+
+def shadow_table(space: SearchSpace, per_form) -> np.ndarray:
+    """[SH, L, S]: zeros for form 0 (none), per_form(form) [L, S] for the others (S = largest N_l)."""
+    table = np.zeros((max(1, len(space.shadow_modes)), space.layers, max(space.num_experts)))
+    for i, form in enumerate(space.shadow_modes[1:], start=1):
+        table[i] = per_form(form)
+    return table
 
 
 def fit_line(sizes: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
@@ -289,14 +335,20 @@ class LatencyModel:
         # [F, P] seconds per token per non-full layer
         self.update = np.array([[cost(f, p) for p in space.precisions] for f in space.intervals]).reshape(
             len(space.intervals), len(space.precisions))
+        missing = [f for f in space.shadow_modes[1:] if f not in profile.shadow_s]
+        if missing:
+            raise PlanError(f"the profile has no decode time of {', '.join(missing)} shadows")
+        share = (N[:, None] - n[None, :]).clip(min=0) / N[:, None]                          # [L, S] shadows / N_l
+        self.shadow_layer_s = shadow_table(space, lambda form: profile.shadow_s[form] * share)   # [SH, L, S]
 
     def __call__(self, batch: Batch) -> np.ndarray:
         """[P] predicted seconds per token."""
         layers = np.arange(self.space.layers)
         swapping = batch.sizes < np.array(self.space.num_experts)                           # [P, L] non-full
         update = (self.update[batch.interval[:, None], batch.prec] * swapping).sum(axis=1)  # [P]
+        shadows = self.shadow_layer_s[batch.shadow[:, None], layers, batch.sizes - 1].sum(axis=1)   # [P]
         return (self.nonexpert[batch.nonexpert] + self.layer_s[layers, batch.prec, batch.sizes - 1].sum(axis=1)
-                + update)
+                + update + shadows)
 
     def least(self) -> tuple[float, Batch]:
         """The exact minimum: layers are independent once F is fixed, so try each F."""

@@ -7,9 +7,10 @@ profile JSON "quality_samples": [{"config": {...}, "loss": 2.79}, ...]).
 Two models, because neither is right everywhere:
 - `MLPQuality`: the paper's (§6.2) two fully connected layers with ReLU, least squares; it can
   learn interactions (a layer's loss from int4 depending on its committee size) but needs samples.
-- `SensitivityQuality`: loss = base + Σ_l d_l(missing experts) + Σ_l e_l(precision) + g(F) + h(non-expert
-  precision), with d_l a piecewise-linear curve (a knot at every size when N_l is small, so a
-  table), fitted by least squares. Additive, so it needs few samples and says which layers matter.
+- `SensitivityQuality`: loss = base + k(shadow) Σ_l d_l(missing experts) + Σ_l e_l(precision) + g(F) +
+  h(non-expert precision), with d_l a piecewise-linear curve (a knot at every size when N_l is small,
+  so a table) and k the share of a missing expert's loss its shadow leaves (1 without shadows),
+  fitted by least squares. Additive, so it needs few samples and says which layers matter.
 `fit_quality` fits both on a training split, keeps whichever has the lower held-out RMSE, refits it on
 all samples and reports both held-out errors. Both predict a population at once in numpy.
 """
@@ -53,11 +54,14 @@ def _onehot(idx: np.ndarray, count: int) -> np.ndarray:
 
 
 def mlp_features(space: SearchSpace, batch: Batch) -> np.ndarray:
-    """[P, D]: kept fraction per layer, precision one-hots per layer, non-expert precision, F."""
+    """[P, D]: kept fraction per layer, precision one-hots per layer, non-expert precision, F, and
+    (where shadows are searched) the shadow form and its missing fraction per layer."""
     kept = batch.sizes / np.array(space.num_experts, dtype=np.float64)                      # [P, L]
+    shadow = _onehot(batch.shadow, max(1, len(space.shadow_modes)))                         # [P, SH-1]
+    by_layer = (shadow[:, :, None] * (1.0 - kept)[:, None, :]).reshape(len(batch), -1)      # [P, (SH-1) L]
     return np.concatenate([kept, _onehot(batch.prec, len(space.precisions)),
                            _onehot(batch.nonexpert, max(1, len(space.nonexpert_precisions))),
-                           _onehot(batch.interval, len(space.intervals))], axis=1)
+                           _onehot(batch.interval, len(space.intervals)), shadow, by_layer], axis=1)
 
 
 def errors(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -170,7 +174,7 @@ class MLPQuality:
 class SensitivityQuality:
     """Additive per-layer loss increase over the full model, every term >= 0 and monotone:
 
-        loss = full + Σ_l d_l(missing_l) + Σ_l e_l(precision_l) + g(F) · s + c · s² + h(non-expert),
+        loss = full + k(shadow) (Σ_l d_l(missing_l) + c · s²) + Σ_l e_l(precision_l) + g(F) · s + h(non-expert),
         s = Σ_l missing_l / N_l
 
     (g of the first F is 0, its effect is in d_l; g of the others >= 0)
@@ -181,7 +185,12 @@ class SensitivityQuality:
     update-interval term vanishes when every layer is full. Fitted by non-negative least squares
     with a small ridge, so a configuration can never be predicted better than the full model, and
     all-full at full precision predicts `full` exactly (the measured loss of the full model when
-    the samples hold it; otherwise a free intercept)."""
+    the samples hold it; otherwise a free intercept).
+
+    k(shadow) in [0, 1] is what a shadow form leaves of the loss of the experts it stands in for
+    (k(none) = 1): the missing-expert curves are learned from every sample, k from the samples
+    with shadows, by alternating the two least-squares problems (each is linear given the other).
+    A form without samples keeps k = 1: its shadows cost bytes and are predicted to buy nothing."""
 
     name = "sensitivity"
 
@@ -190,11 +199,15 @@ class SensitivityQuality:
         # Knots in "missing experts" m = N - n; segment k is clip(m - t_k, 0, t_k+1 - t_k), so d_l(0) = 0.
         self.knots = [np.arange(N, dtype=np.float64) if N - 1 <= max_knots
                       else np.linspace(0, N - 1, max_knots + 1) for N in space.num_experts]
+        self.keep = np.ones(max(1, len(space.shadow_modes)))      # [SH] k(shadow form), fitted
 
-    def _terms(self, batch: Batch) -> np.ndarray:
-        """[P, K] the non-negative-coefficient features (no intercept)."""
+    def _terms(self, batch: Batch, keep: np.ndarray | None = None) -> np.ndarray:
+        """[P, K] the non-negative-coefficient features (no intercept); the missing-expert segments
+        scaled by `keep` [SH] of each configuration's shadow form (default self.keep)."""
         missing = (np.array(self.space.num_experts) - batch.sizes).astype(np.float64)              # [P, L]
-        segments = [np.clip(missing[:, [l]] - t[None, :-1], 0.0, np.diff(t)[None, :]) for l, t in enumerate(self.knots)]
+        scale = (self.keep if keep is None else keep)[batch.shadow][:, None]                     # [P, 1]
+        segments = [scale * np.clip(missing[:, [l]] - t[None, :-1], 0.0, np.diff(t)[None, :])
+                    for l, t in enumerate(self.knots)]
         P = len(self.space.precisions)
         lost = [(batch.prec >= j).astype(np.float64) for j in range(1, P)]                         # [P, L] each
         n_ne = max(1, len(self.space.nonexpert_precisions))
@@ -204,12 +217,31 @@ class SensitivityQuality:
         interval = _onehot(batch.interval, len(self.space.intervals)) * share[:, None]           # [P, F-1]
         # Losses compound when many layers are short at once (measured: super-additive on the shipped LM);
         # one non-negative term in the squared total missing share keeps the model monotone.
-        compound = (share ** 2)[:, None]                                                          # [P, 1]
+        compound = scale * (share ** 2)[:, None]                                                  # [P, 1]
         return np.concatenate([*segments, *lost, *ne, interval, compound], axis=1)
 
-    def fit(self, batch: Batch, loss: np.ndarray) -> SensitivityQuality:
-        x = self._terms(batch)                                                                    # [S, K]
+    def fit(self, batch: Batch, loss: np.ndarray, rounds: int = 8) -> SensitivityQuality:
         y = np.asarray(loss, float)
+        self.keep = np.ones(max(1, len(self.space.shadow_modes)))                                  # [SH]
+        self._fit_coef(batch, y)
+        forms = [j for j in range(1, len(self.keep)) if (batch.shadow == j).any()]
+        for _ in range(rounds if forms else 0):
+            m = self._missing_columns
+            missing_loss = self._terms(batch, np.ones_like(self.keep))[:, m] @ self.coef[m]     # [S] without shadows
+            rest = self.base + self._terms(batch)[:, ~m] @ self.coef[~m]
+            for j in forms:
+                rows = batch.shadow == j
+                d, r = missing_loss[rows], y[rows] - rest[rows]                                 # loss = rest + k d
+                self.keep[j] = float(np.clip((d @ r) / (d @ d), 0.0, 1.0)) if d @ d > 0 else 1.0
+            self._fit_coef(batch, y)
+        return self
+
+    def _fit_coef(self, batch: Batch, y: np.ndarray) -> None:
+        x = self._terms(batch)                                                                    # [S, K]
+        # the columns a shadow scales: the missing-expert segments and the compounding term (the last)
+        self._missing_columns = np.zeros(x.shape[1], dtype=bool)
+        self._missing_columns[:sum(len(t) - 1 for t in self.knots)] = True
+        self._missing_columns[-1] = True
         free = self.full_loss is None
         if free:
             x = np.concatenate([np.ones((len(batch), 1)), x], axis=1)
@@ -219,7 +251,6 @@ class SensitivityQuality:
         coef = nnls(np.concatenate([x, reg]), np.concatenate([y, np.zeros(len(reg))]), free=int(free))
         self.base = float(coef[0]) if free else float(self.full_loss)
         self.coef = coef[int(free):]                                                              # [K] all >= 0
-        return self
 
     def __call__(self, batch: Batch) -> np.ndarray:
         return self.base + self._terms(batch) @ self.coef

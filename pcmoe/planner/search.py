@@ -21,6 +21,7 @@ met but not both, what the search found within each limit.
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,7 @@ import numpy as np
 from pcmoe.budget import format_bytes
 from pcmoe.planner.moves import children, fit_to_limits, layer_moves
 from pcmoe.planner.predict import LatencyModel, MemoryModel
-from pcmoe.planner.space import Batch, Config, PlanError, SearchSpace
+from pcmoe.planner.space import NO_SHADOW, Batch, Config, PlanError, SearchSpace
 
 OBJECTIVES = ("quality", "latency", "memory")
 
@@ -120,7 +121,10 @@ def _joint_infeasible(problem, memory_limit, latency_limit, search) -> Infeasibl
 
 def _plan(problem, batch, values, i, method, evaluated) -> Plan:
     mem, lat, q = values
-    return Plan(config=problem.space.decode(batch, i), memory=float(mem[i]),
+    config = problem.space.decode(batch, i)
+    if config.shadow is not None and config.sizes == problem.space.num_experts:
+        config = dataclasses.replace(config, shadow=NO_SHADOW)   # no layer has a non-member to shadow
+    return Plan(config=config, memory=float(mem[i]),
                 latency=float(lat[i]) if problem.latency is not None else None, quality=float(q[i]),
                 method=method, evaluated=evaluated)
 
@@ -154,8 +158,8 @@ def genetic(problem: Problem, memory_limit: float | None, latency_limit: float |
     randoms = Batch.concat([randoms, fit_to_limits(problem, randoms, limits, shuffled(len(randoms)),
                                                    np.full(len(randoms), -1))])
     # The exact least-memory and least-latency configurations keep the start feasible when anything is.
-    pop, values, evaluated = _select(problem, Batch.concat([*anchors, space.full(), randoms]), limits, objective,
-                                     quality_tol, population)
+    pop, values, evaluated = _select(problem, Batch.concat([*anchors, space.all_resident(), randoms]), limits,
+                                     objective, quality_tol, population)
     best, stale = pop.genomes()[0], 0
     for _ in range(generations):
         kids, changed = children(space, pop, population, rng)
@@ -223,7 +227,8 @@ def exhaustive(problem: Problem, memory_limit: float | None, latency_limit: floa
                         "allows; use the genetic search")
     _check(problem, memory_limit, latency_limit, objective)
     P, NE, F = len(space.precisions), max(1, len(space.nonexpert_precisions)), len(space.intervals)
-    radix = np.array([n * P for n in space.num_experts] + [NE, F])     # mixed-radix digits
+    SH = max(1, len(space.shadow_modes))
+    radix = np.array([n * P for n in space.num_experts] + [NE, F, SH])     # mixed-radix digits
     limits, winners = (memory_limit, latency_limit), []
     for start in range(0, total, chunk):
         code = np.arange(start, min(total, start + chunk))
@@ -231,8 +236,8 @@ def exhaustive(problem: Problem, memory_limit: float | None, latency_limit: floa
         for r in radix:
             digits.append(code % r)
             code = code // r
-        layer = np.stack(digits[:-2], axis=1)                            # [C, L] = size index * P + precision
-        batch = Batch(layer // P + 1, layer % P, digits[-2], digits[-1])
+        layer = np.stack(digits[:-3], axis=1)                            # [C, L] = size index * P + precision
+        batch = Batch(layer // P + 1, layer % P, digits[-3], digits[-2], digits[-1])
         values = problem.evaluate(batch)
         winners.append(batch.take([_order(values, *limits, objective, quality_tol)[0]]))
     best = Batch.concat(winners)

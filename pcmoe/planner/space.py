@@ -2,10 +2,12 @@
 
 A configuration decides, per MoE layer, how many experts stay resident (the committee size,
 1..N_l) and at which precision they are held; optionally the precision of the non-expert
-weights; and the committee update interval F (tokens between updates, from a short list). These
-are the knobs whose effect on memory, latency and quality the profile measures, so they are all
-the search may move. The paper's genome (§6.6) is the sizes and F; precision is added because a
-committee of int4 experts beats a bf16 committee of the same bytes (issue 12).
+weights; optionally the form of the shadow experts (pcmoe.shadow: a low-bit stand-in of every
+expert outside its layer's committee, or none); and the committee update interval F (tokens
+between updates, from a short list). These are the knobs whose effect on memory, latency and
+quality the profile measures, so they are all the search may move. The paper's genome (§6.6) is
+the sizes and F; precision is added because a committee of int4 experts beats a bf16 committee of
+the same bytes (issue 12), shadows because below int4's size they beat more members (issue 13).
 
 The search works on a `Batch` (the same configurations as integer arrays) so that predictors
 evaluate a whole population with a few numpy gathers; `Config` is what users and files see.
@@ -14,6 +16,7 @@ Config JSON (also the "config" of a quality sample in the profile):
   {"committee_sizes": [8, 16, ...],                # resident experts per MoE layer
    "expert_precisions": ["int4", "bf16", ...],     # per MoE layer, one of the space's precisions
    "nonexpert_precision": "full" | "int8" | "int4" | null,   # attention + LM head; null: as stored
+   "shadow": "none" | "int2" | "int3" | null,      # shadows of the non-members; null: none
    "update_every": 16}                             # F, tokens between committee updates
 """
 
@@ -26,6 +29,8 @@ import numpy as np
 
 from pcmoe.budget import BudgetError
 
+NO_SHADOW = "none"
+
 
 class PlanError(BudgetError):
     """A configuration, profile or constraint the planner cannot use; the message is one line."""
@@ -37,12 +42,14 @@ class SearchSpace:
     precisions: tuple[str, ...] = ("bf16", "int8", "int4")   # expert precisions, most precise first
     intervals: tuple[int, ...] = (16,)              # candidate F, tokens between committee updates
     nonexpert_precisions: tuple[str, ...] = ()      # empty: non-expert weights stay as they are
+    shadow_modes: tuple[str, ...] = ()              # ("none", "int2", ...); empty: no shadows searched
 
     def __post_init__(self):
         object.__setattr__(self, "num_experts", tuple(self.num_experts))
         object.__setattr__(self, "precisions", tuple(self.precisions))
         object.__setattr__(self, "intervals", tuple(self.intervals))
         object.__setattr__(self, "nonexpert_precisions", tuple(self.nonexpert_precisions))
+        object.__setattr__(self, "shadow_modes", tuple(self.shadow_modes))
         if not self.num_experts or any(not isinstance(n, int) or n < 1 for n in self.num_experts):
             raise PlanError(f"num_experts must be a non-empty list of positive integers, got {list(self.num_experts)}")
         for name, values in (("precisions", self.precisions), ("intervals", self.intervals)):
@@ -52,6 +59,9 @@ class SearchSpace:
             raise PlanError(f"update intervals must be positive integers, got {list(self.intervals)}")
         if len(set(self.nonexpert_precisions)) != len(self.nonexpert_precisions):
             raise PlanError(f"nonexpert_precisions must be distinct, got {list(self.nonexpert_precisions)}")
+        modes = self.shadow_modes
+        if modes and (modes[0] != NO_SHADOW or len(set(modes)) != len(modes)):
+            raise PlanError(f"shadow_modes must be distinct and start with {NO_SHADOW!r}, got {list(modes)}")
 
     def nonexpert_of(self, value: str | None) -> str | None:
         """A configuration's non-expert precision as this space names it: null ("as stored") is the
@@ -60,13 +70,20 @@ class SearchSpace:
             return self.nonexpert_precisions[0] if value is None else value
         return None if value == "full" else value
 
+    def shadow_of(self, value: str | None) -> str | None:
+        """A configuration's shadow form as this space names it: null is "none" where the space
+        searches shadows, and "none" is null where it does not."""
+        if self.shadow_modes:
+            return NO_SHADOW if value is None else value
+        return None if value == NO_SHADOW else value
+
     @property
     def layers(self) -> int:
         return len(self.num_experts)
 
     def size(self) -> int:
         """How many configurations the space holds."""
-        count = len(self.intervals) * max(1, len(self.nonexpert_precisions))
+        count = len(self.intervals) * max(1, len(self.nonexpert_precisions)) * max(1, len(self.shadow_modes))
         for n in self.num_experts:
             count *= n * len(self.precisions)
         return count
@@ -83,14 +100,17 @@ class SearchSpace:
             nonexpert=np.array([self.nonexpert_precisions.index(c.nonexpert_precision)
                                 if self.nonexpert_precisions and c.nonexpert_precision is not None else 0
                                 for c in configs], dtype=np.int64),
-            interval=np.array([self.intervals.index(c.interval) for c in configs], dtype=np.int64))
+            interval=np.array([self.intervals.index(c.interval) for c in configs], dtype=np.int64),
+            shadow=np.array([self.shadow_modes.index(c.shadow) if self.shadow_modes and c.shadow is not None else 0
+                             for c in configs], dtype=np.int64))
 
     def decode(self, batch: Batch, i: int) -> Config:
         return Config(sizes=tuple(int(n) for n in batch.sizes[i]),
                       precisions=tuple(self.precisions[int(p)] for p in batch.prec[i]),
                       interval=self.intervals[int(batch.interval[i])],
                       nonexpert_precision=self.nonexpert_precisions[int(batch.nonexpert[i])]
-                      if self.nonexpert_precisions else None)
+                      if self.nonexpert_precisions else None,
+                      shadow=self.shadow_modes[int(batch.shadow[i])] if self.shadow_modes else None)
 
     def full(self) -> Batch:
         """The full model: every expert resident at the most precise precision (one configuration)."""
@@ -98,13 +118,22 @@ class SearchSpace:
         return Batch(np.array([self.num_experts], dtype=np.int64), np.zeros((1, self.layers), dtype=np.int64),
                      zeros, zeros.copy())
 
+    def all_resident(self) -> Batch:
+        """Every expert resident, at each precision and each non-expert precision: configurations a
+        layer-by-layer repair does not reach (the staging buffers go only once every layer is full)."""
+        P, NE = len(self.precisions), max(1, len(self.nonexpert_precisions))
+        prec, ne = np.divmod(np.arange(P * NE), NE)
+        return Batch(np.tile(np.array(self.num_experts, dtype=np.int64), (P * NE, 1)),
+                     np.repeat(prec[:, None], self.layers, axis=1), ne, np.zeros(P * NE, dtype=np.int64))
+
     def random(self, rng: np.random.Generator, count: int) -> Batch:
         """`count` configurations drawn uniformly, each gene independently."""
         n_max = np.array(self.num_experts)
         return Batch(sizes=1 + np.floor(rng.random((count, self.layers)) * n_max).astype(np.int64),
                      prec=rng.integers(0, len(self.precisions), (count, self.layers)),
                      nonexpert=rng.integers(0, max(1, len(self.nonexpert_precisions)), count),
-                     interval=rng.integers(0, len(self.intervals), count))
+                     interval=rng.integers(0, len(self.intervals), count),
+                     shadow=rng.integers(0, len(self.shadow_modes), count) if self.shadow_modes else None)
 
 
 @dataclass(frozen=True)
@@ -113,6 +142,7 @@ class Config:
     precisions: tuple[str, ...]       # expert precision per MoE layer
     interval: int                     # F, tokens between committee updates
     nonexpert_precision: str | None = None
+    shadow: str | None = None         # form of the shadows of every layer's non-members (space.shadow_modes)
 
     def validate(self, space: SearchSpace) -> Config:
         L = space.layers
@@ -137,11 +167,19 @@ class Config:
         elif self.nonexpert_precision is not None:
             raise PlanError(f"non-expert precision {self.nonexpert_precision!r} given but the search space keeps "
                             "non-expert weights as they are")
+        if space.shadow_modes:
+            if self.shadow is not None and self.shadow not in space.shadow_modes:
+                raise PlanError(f"shadow {self.shadow!r} is not one of {', '.join(space.shadow_modes)}")
+        elif self.shadow is not None:
+            raise PlanError(f"shadow {self.shadow!r} given but the search space has no shadow experts")
         return self
 
     def to_dict(self) -> dict:
-        return {"committee_sizes": list(self.sizes), "expert_precisions": list(self.precisions),
-                "nonexpert_precision": self.nonexpert_precision, "update_every": self.interval}
+        out = {"committee_sizes": list(self.sizes), "expert_precisions": list(self.precisions),
+               "nonexpert_precision": self.nonexpert_precision, "update_every": self.interval}
+        if self.shadow is not None:
+            out["shadow"] = self.shadow
+        return out
 
     @classmethod
     def from_dict(cls, data: dict, space: SearchSpace | None = None) -> Config:
@@ -153,11 +191,11 @@ class Config:
         sizes, precisions = data["committee_sizes"], data["expert_precisions"]
         if not isinstance(sizes, list) or not isinstance(precisions, list):
             raise PlanError("committee_sizes and expert_precisions must be lists, one entry per MoE layer")
-        nonexpert = data.get("nonexpert_precision")
+        nonexpert, shadow = data.get("nonexpert_precision"), data.get("shadow")
         if space is not None:
-            nonexpert = space.nonexpert_of(nonexpert)
+            nonexpert, shadow = space.nonexpert_of(nonexpert), space.shadow_of(shadow)
         config = cls(sizes=tuple(sizes), precisions=tuple(precisions), interval=data["update_every"],
-                     nonexpert_precision=nonexpert)
+                     nonexpert_precision=nonexpert, shadow=shadow)
         return config.validate(space) if space is not None else config
 
     def to_json(self) -> str:
@@ -179,23 +217,32 @@ class Batch:
     prec: np.ndarray         # [P, L] index into space.precisions
     nonexpert: np.ndarray    # [P]    index into space.nonexpert_precisions (0 when not searched)
     interval: np.ndarray     # [P]    index into space.intervals
+    shadow: np.ndarray | None = None   # [P] index into space.shadow_modes (0 = none; None: all 0)
+
+    def __post_init__(self):
+        if self.shadow is None:
+            object.__setattr__(self, "shadow", np.zeros(len(self.interval), dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.interval)
 
     def genomes(self) -> np.ndarray:
-        """[P, 2L + 2] int rows, one per configuration (to deduplicate and sort)."""
-        return np.concatenate([self.sizes, self.prec, self.nonexpert[:, None], self.interval[:, None]], axis=1)
+        """[P, 2L + 3] int rows, one per configuration (to deduplicate and sort)."""
+        return np.concatenate([self.sizes, self.prec, self.nonexpert[:, None], self.interval[:, None],
+                               self.shadow[:, None]], axis=1)
 
     @classmethod
     def from_genomes(cls, g: np.ndarray, layers: int) -> Batch:
         return cls(sizes=g[:, :layers], prec=g[:, layers:2 * layers], nonexpert=g[:, 2 * layers],
-                   interval=g[:, 2 * layers + 1])
+                   interval=g[:, 2 * layers + 1], shadow=g[:, 2 * layers + 2])
 
     def take(self, idx) -> Batch:
-        return Batch(self.sizes[idx], self.prec[idx], self.nonexpert[idx], self.interval[idx])
+        return Batch(self.sizes[idx], self.prec[idx], self.nonexpert[idx], self.interval[idx], self.shadow[idx])
+
+    def with_sizes(self, sizes: np.ndarray) -> Batch:
+        return Batch(sizes, self.prec, self.nonexpert, self.interval, self.shadow)
 
     @staticmethod
     def concat(batches: list[Batch]) -> Batch:
         return Batch(*(np.concatenate([getattr(b, f) for b in batches])
-                       for f in ("sizes", "prec", "nonexpert", "interval")))
+                       for f in ("sizes", "prec", "nonexpert", "interval", "shadow")))

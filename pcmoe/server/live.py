@@ -38,9 +38,10 @@ def planned_sizes(engine, budget) -> tuple[list[int] | None, str]:
         interval = min(space.intervals, key=lambda f: abs(f - engine.options.update_every))
 
         nonexpert = engine.load_info.get("nonexpert_precision", "full") if space.nonexpert_precisions else None
+        shadow = space.shadow_of(getattr(engine.options, "shadow", None))
 
         def losses(candidates: list[list[int]]):
-            return planner.quality(space.encode([Config(tuple(c), precisions, interval, nonexpert)
+            return planner.quality(space.encode([Config(tuple(c), precisions, interval, nonexpert, shadow)
                                                  for c in candidates]))
 
         return _greedy(engine, uniform, losses), "planner"
