@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from test_planner import PRECISIONS, make_profile
 
 from pcmoe.planner.calibrate import derive, measurement_specs, shadow_sizes
 from pcmoe.planner.moves import children, gene_ranges
@@ -13,7 +14,6 @@ from pcmoe.planner.predict import LatencyModel, MemoryModel
 from pcmoe.planner.quality import SensitivityQuality, mlp_features
 from pcmoe.planner.search import Problem, exhaustive, genetic
 from pcmoe.planner.space import Batch, Config, PlanError, SearchSpace
-from test_planner import PRECISIONS, make_profile
 
 FORMS = ("none", "int2", "int3")
 
@@ -26,7 +26,8 @@ def shadow_profile(num_experts=(4, 4, 4), runtime=(0, 0), seconds=(4e-5, 6e-5)):
     L = len(num_experts)
     return dataclasses.replace(make_profile(num_experts), staging_bytes={"bf16": 1000, "int8": 530, "int4": 290},
                                shadow_bytes={"int2": (140,) * L, "int3": (200,) * L},
-                               shadow_runtime_bytes=dict(zip(FORMS[1:], runtime)), shadow_s=dict(zip(FORMS[1:], seconds)))
+                               shadow_runtime_bytes=dict(zip(FORMS[1:], runtime)),
+                               shadow_s=dict(zip(FORMS[1:], seconds)))
 
 
 def test_configs_carry_the_shadow_form():
@@ -102,7 +103,8 @@ def test_sensitivity_model_learns_what_shadows_leave():
     none_or_int2 = b.take(np.flatnonzero(b.shadow < 2))
     assert SensitivityQuality(space, full_loss=2.0).fit(none_or_int2, truth(none_or_int2)).keep[2] == 1.0
     # the MLP sees the form and its share per layer
-    assert mlp_features(space, b).shape[1] == mlp_features(SearchSpace((4, 4, 4), PRECISIONS, (8, 32)), b).shape[1] + 2 + 2 * 3
+    plain = SearchSpace((4, 4, 4), PRECISIONS, (8, 32))
+    assert mlp_features(space, b).shape[1] == mlp_features(plain, b).shape[1] + 2 + 2 * 3
 
 
 def test_search_picks_shadows_where_they_pay_and_agrees_with_exhaustive():
