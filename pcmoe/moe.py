@@ -28,6 +28,14 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tens
     return F.grouped_mm(x, w, offs=offs)
 
 
+def padded_rows(x: torch.Tensor, multiple: int | None = None) -> torch.Tensor:
+    """x [T, H] with zero rows appended up to a multiple of `multiple` (default GROUP_ROWS) rows: a
+    product over it meets few row counts, so oneDNN builds few primitives (see GROUP_ROWS)."""
+    multiple = multiple or GROUP_ROWS
+    extra = -x.shape[0] % multiple
+    return torch.cat([x, x.new_zeros((extra, *x.shape[1:]))]) if extra else x
+
+
 def dense_linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     return F.linear(x, w[name])
 

@@ -55,6 +55,25 @@ def test_shadow_fast_path_agrees_with_its_reference(mode):
     assert 0 < bank.weight_error() < 1
 
 
+def test_many_token_shadows_pad_their_rows_without_changing_outputs(monkeypatch):
+    """More tokens than the native path takes: the dequantised shadow sees its rows padded to a
+    multiple of moe.GROUP_ROWS (few oneDNN primitives); each token's output is the unpadded one."""
+    from pcmoe import moe
+
+    torch.manual_seed(2)
+    kernel = GluKernel(64, 32, torch.nn.functional.silu)
+    bank = S.ShadowBank(kernel, 2, [0, 1], torch.bfloat16, "int2", group=32)
+    bank.write(1, {name: torch.randn(shape) for name, shape in kernel.tensors.items()})
+    x = torch.randn(11, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(moe, "GROUP_ROWS", 1)
+    unpadded = bank.forward_one(x, 1)
+    monkeypatch.setattr(moe, "GROUP_ROWS", 8)
+    rows = []
+    call = bank.kernel.__call__
+    monkeypatch.setattr(type(bank.kernel), "__call__", lambda self, xs, w: rows.append(xs.shape[0]) or call(xs, w))
+    assert torch.equal(bank.forward_one(x, 1), unpadded) and rows == [16]
+
+
 def test_shadow_bytes_are_the_bits_they_claim():
     kernel = GluKernel(256, 256, torch.nn.functional.silu)   # the shipped LM's expert: 196608 weights
     weights = 3 * 256 * 256

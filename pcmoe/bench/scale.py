@@ -203,8 +203,10 @@ def targets_table(rows) -> list[str]:
 def plot(out: Path, results) -> tuple[str, str] | None:
     """Decode tokens/s of each setup at both sizes (bar chart); (file name, caption) or None."""
     ok = {r["label"]: r for r in results if r.get("returncode") == 0 and r.get("decode_tokens_per_s")}
+    # "+ne": the non-expert weights quantised too, as llama.cpp's q8_0 / q4_K_M GGUFs hold them
     setups = [("pcmoe bf16", "full"), ("pcmoe int8", "full/int8"), ("pcmoe int4", "full/int4"),
-              ("committee@50%", "committee@50%"), ("llama.cpp bf16", "llama.cpp resident/bf16"),
+              ("pcmoe int8+ne", "full/int8+ne"), ("pcmoe int4+ne", "full/int4+ne"), ("committee@50%", "committee@50%"),
+              ("llama.cpp bf16", "llama.cpp resident/bf16"),
               ("llama.cpp q8_0", "llama.cpp resident/q8_0"), ("llama.cpp q4_K_M", "llama.cpp resident/q4_K_M")]
     if not any(PREFIX + label in ok for _, label in setups) or common.missing("matplotlib"):
         return None

@@ -408,6 +408,15 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
             overhead.append(r["peak_rss_bytes"] - (w - g) - held_kv)
             if r.get("cgroup_max_usage_bytes"):
                 cg_ratio.append(r["cgroup_max_usage_bytes"] / r["peak_rss_bytes"])
+        # Shadows need memory beyond their bytes (the native kernel's scratch, a dequantised expert for
+        # longer prefills, the reads of demoted members' shadows): measured against the twin without
+        # (first: the non-expert offsets below compare runs with and without shadows).
+        shadow_deltas = _shadow_runtime_deltas(space, list(configs), overhead)
+        if shadow_deltas:
+            profile["shadow_runtime_bytes"] = shadow_deltas
+            swapping = (batch.sizes < np.array(space.num_experts)).any(axis=1)
+            overhead = [o - shadow_deltas.get(space.shadow_modes[int(j)], 0) * bool(sw)
+                        for o, j, sw in zip(overhead, batch.shadow, swapping)]
         # The runtime's own memory depends on the non-expert precision (on the shipped LM, runs with
         # int8 / int4 non-expert weights need 5-12 MB less beyond their bytes than full ones: the
         # quantised head returns bf16 logits): measured per precision, as an offset from full.
@@ -416,14 +425,6 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
             profile["nonexpert_runtime_bytes"] = deltas
             keys = space.nonexpert_precisions
             overhead = [o - deltas.get(keys[int(i)], 0) for o, i in zip(overhead, batch.nonexpert)]
-        # Shadows need memory beyond their bytes (the native kernel's scratch, a dequantised expert for
-        # longer prefills, the reads of demoted members' shadows): measured against the twin without.
-        shadow_deltas = _shadow_runtime_deltas(space, list(configs), overhead)
-        if shadow_deltas:
-            profile["shadow_runtime_bytes"] = shadow_deltas
-            swapping = (batch.sizes < np.array(space.num_experts)).any(axis=1)
-            overhead = [o - shadow_deltas.get(space.shadow_modes[int(j)], 0) * bool(sw)
-                        for o, j, sw in zip(overhead, batch.shadow, swapping)]
     if overhead:
         plain = [o for o, g in zip(overhead, gemm) if not g] or overhead
         with_gemm = [o for o, g in zip(overhead, gemm) if g]
