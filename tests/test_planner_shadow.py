@@ -86,7 +86,8 @@ def shadow_truth(space, keep):
 
     def loss(b: Batch):
         miss = 1 - b.sizes / N
-        return 2.0 + keep[b.shadow] * (w * miss).sum(1) + 0.02 * (b.prec == 2).sum(1)
+        members = np.where(b.shadow[:, None] > 0, b.sizes / N, 1.0)   # int4 members compute their share
+        return 2.0 + keep[b.shadow] * (w * miss).sum(1) + 0.02 * ((b.prec == 2) * members).sum(1)
     return loss
 
 
@@ -96,9 +97,13 @@ def test_sensitivity_model_learns_what_shadows_leave():
     truth = shadow_truth(space, keep)
     b = space.random(np.random.default_rng(3), 400)
     model = SensitivityQuality(space, full_loss=2.0).fit(b, truth(b))
-    assert model.keep == pytest.approx(keep, abs=0.02)
+    # k and a (a form's own error per share shadowed) trade off where the curves are linear, as here:
+    # what must hold is the prediction, and that shadows leave a small part of the missing loss
+    assert model.keep[0] == 1 and (model.keep[1:] < 0.5).all()
     held = space.random(np.random.default_rng(4), 100)
     assert np.abs(model(held) - truth(held)).max() < 0.02
+    one = space.encode([Config((1, 1, 1), ("int8",) * 3, 8, shadow=f) for f in FORMS])
+    assert model(one) == pytest.approx(truth(one), abs=0.02)
     # a form no sample used keeps k = 1: predicted to buy nothing
     none_or_int2 = b.take(np.flatnonzero(b.shadow < 2))
     assert SensitivityQuality(space, full_loss=2.0).fit(none_or_int2, truth(none_or_int2)).keep[2] == 1.0

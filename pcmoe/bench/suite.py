@@ -278,6 +278,9 @@ def _planned_runs(args, base: dict, sizes: dict, grid: dict) -> list[dict]:
     ne = planner.profile.nonexpert_bytes
     if planner.space.nonexpert_precisions:
         points |= {q["full"] - ne["full"] + ne[mode] for mode, q in sizes["quant"].items() if q and mode in ne}
+    # and the shadow section's budgets (below int4 all resident), where the profile searches shadows
+    if planner.space.shadow_modes and not args.quick and "shadow" not in set(filter(None, args.skip.split(","))):
+        points |= {_pct_bytes(sizes, b) for b in SHADOW_BUDGETS}
     runs = []
     for nbytes in sorted(points):
         pct = _pct_of(sizes, nbytes)

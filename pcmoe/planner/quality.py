@@ -212,7 +212,11 @@ class SensitivityQuality:
         segments = [scale * np.clip(missing[:, [l]] - t[None, :-1], 0.0, np.diff(t)[None, :])
                     for l, t in enumerate(self.knots)]
         P = len(self.space.precisions)
-        lost = [(batch.prec >= j).astype(np.float64) for j in range(1, P)]                         # [P, L] each
+        # Members' precision weighs on the tokens they compute: all of a layer's without shadows (misses
+        # are re-routed to members), the members' own share of experts with shadows (the rest go to shadows).
+        N = np.array(self.space.num_experts)
+        members = np.where(batch.shadow[:, None] > 0, batch.sizes / N, 1.0)                       # [P, L]
+        lost = [(batch.prec >= j) * members for j in range(1, P)]                                   # [P, L] each
         n_ne = max(1, len(self.space.nonexpert_precisions))
         ne = [(batch.nonexpert >= j).astype(np.float64)[:, None] for j in range(1, n_ne)]
         share = (missing / np.array(self.space.num_experts)).sum(axis=1)                          # [P]
