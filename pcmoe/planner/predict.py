@@ -50,7 +50,7 @@ will write as JSON:
    "context_tokens": 1024,          # context the plan must hold (dataclasses.replace to plan for another)
    "latency": {                                         # seconds per decoded token, batch 1
      "nonexpert_s": {"bf16": 0.0021, "int8": 0.0019},   # all work outside the MoE layers
-     "shadow_s": {"int2": 0.00004},   # one MoE layer's shadow time per token when all but ~none are shadows
+     "shadow_s": {"int2": 0.00004},   # one MoE layer's shadow time per token at share 1 (times (N_l - n_l) / N_l)
      "layer_points": [{"layer": null, "size": 4, "precision": "bf16", "seconds": 0.00031}, ...],
                                   # one MoE layer's time at that committee size; layer null = every layer
      "update_s": {"16": 0.00002}},  # amortised committee-update cost per token per non-full layer, by F
