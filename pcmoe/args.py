@@ -21,7 +21,7 @@ def add_model(p: argparse.ArgumentParser) -> None:
 
 
 def add_load_options(p: argparse.ArgumentParser) -> None:
-    from pcmoe.options import POLICIES, STRATEGIES, UPDATE_UNITS
+    from pcmoe.options import POLICIES, SHADOWS, STRATEGIES, UPDATE_UNITS
 
     add_model(p)
     g = p.add_argument_group("memory and policy")
@@ -61,7 +61,7 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize-nonexpert", choices=("int8", "int4", "full"), dest="nonexpert_quantize",
                    help="attention projections and LM head held as int8 / int4 (lean-decoder families; default: "
                         "as stored, or the plan's nonexpert_precision)")
-    g.add_argument("--shadow", choices=("int2", "int3", "lowrank", "none"),
+    g.add_argument("--shadow", choices=(*SHADOWS, "none"),
                    help="shadows of the experts outside the committee, counted in the budget (default none)")
     g.add_argument("--shadow-experts", type=int, help="shadows per layer (default: every expert outside the committee)")
     g.add_argument("--miss-action", choices=("auto", "shadow", "wait", "exchange", "skip"),

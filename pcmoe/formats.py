@@ -96,7 +96,7 @@ def check_nonexpert_precision(data: dict) -> str | None:
     return PRECISIONS[value.lower()]
 
 
-SHADOW_FORMS = ("int2", "int3", "lowrank")   # pcmoe.shadow's forms (named here: formats stays torch-free)
+SHADOWS = ("int2", "int3", "lowrank")   # shadow experts (pcmoe/shadow.py); pcmoe.options names them from here
 
 
 def check_shadow(data: dict) -> str | None:
@@ -104,8 +104,8 @@ def check_shadow(data: dict) -> str | None:
     value = data.get("shadow")
     if value is None or value == "none":
         return None
-    if not isinstance(value, str) or value not in SHADOW_FORMS:
-        raise FormatError(f"plan shadow {value!r} is not one of none, {', '.join(SHADOW_FORMS)}")
+    if not isinstance(value, str) or value not in SHADOWS:
+        raise FormatError(f"plan shadow {value!r} is not one of none, {', '.join(SHADOWS)}")
     return value
 
 

@@ -116,10 +116,10 @@ def inspect(checkpoint_dir: str | os.PathLike, dtype: str = "auto", quantize: st
 
 def _shadow_bytes(family, dtype: torch.dtype) -> dict[str, int]:
     """Bytes of one expert's shadow in each group-quantised form its kernel allows (pcmoe.shadow)."""
-    from pcmoe.shadow import shadow_nbytes
+    from pcmoe.shadow import DEFAULT_GROUP, shadow_nbytes
 
     out = {}
-    for form in ("int2", "int3"):
+    for form in DEFAULT_GROUP:   # the group-quantised forms
         try:
             out[form] = shadow_nbytes(family.kernel(), dtype, form)
         except ValueError:   # no linear weights, or an input size that is not a multiple of 8

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pcmoe.formats import SHADOWS  # the shadow forms load() accepts, as plan files name them
+
 POLICIES = ("full", "committee", "random-keep", "magnitude-keep", "static-frequency", "on-demand", "topk-reduce")
 STRATEGIES = ("exchange", "skip", "hybrid")
-SHADOWS = ("int2", "int3", "lowrank")                    # shadow experts (pcmoe/shadow.py)
 MISS_ACTIONS = ("auto", "shadow", "wait", "exchange", "skip")
 UPDATE_UNITS = ("tokens", "inputs")
 

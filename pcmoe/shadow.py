@@ -24,10 +24,9 @@ import time
 
 import torch
 
-from pcmoe.formats import SHADOW_FORMS
 from pcmoe.moe import padded_rows
+from pcmoe.options import SHADOWS as SHADOW_MODES
 
-SHADOW_MODES = SHADOW_FORMS  # the names a plan file may carry (pcmoe.formats, torch-free)
 DEFAULT_GROUP = {"int2": 128, "int3": 128}   # per byte the best of 32/64/128 on the shipped LM
 DEFAULT_RANK = 32
 _CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # shrink of the group's range

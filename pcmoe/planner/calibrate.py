@@ -502,8 +502,9 @@ def _shadow_runtime_deltas(space: SearchSpace, keys: list[str], overhead: list) 
     at = dict(zip(keys, overhead))
     out = {}
     for form in space.shadow_modes[1:]:
-        diffs = [at[k] - at[f"latency:{space.precisions[-1]}:{k.rsplit(':', 1)[1]}"] for k in keys
-                 if k.startswith(f"shadow:{form}:") and f"latency:{space.precisions[-1]}:{k.rsplit(':', 1)[1]}" in at]
+        twins = {k: f"latency:{space.precisions[-1]}:{k.rsplit(':', 1)[1]}" for k in keys
+                 if k.startswith(f"shadow:{form}:")}
+        diffs = [at[k] - at[twin] for k, twin in twins.items() if twin in at]
         if diffs:
             out[form] = int(max(diffs))
     return out

@@ -7,10 +7,11 @@ profile JSON "quality_samples": [{"config": {...}, "loss": 2.79}, ...]).
 Two models, because neither is right everywhere:
 - `MLPQuality`: the paper's (§6.2) two fully connected layers with ReLU, least squares; it can
   learn interactions (a layer's loss from int4 depending on its committee size) but needs samples.
-- `SensitivityQuality`: loss = base + k(shadow) Σ_l d_l(missing experts) + Σ_l e_l(precision) + g(F) +
-  h(non-expert precision), with d_l a piecewise-linear curve (a knot at every size when N_l is small,
-  so a table) and k the share of a missing expert's loss its shadow leaves (1 without shadows),
-  fitted by least squares. Additive, so it needs few samples and says which layers matter.
+- `SensitivityQuality`: loss = base + k(shadow) Σ_l d_l(missing experts) + a(shadow) · shadowed share
+  + Σ_l e_l(precision) + g(F) + h(non-expert precision), with d_l a piecewise-linear curve (a knot at
+  every size when N_l is small, so a table), k the share of a missing expert's loss its shadow leaves
+  (1 without shadows) and a the shadow's own error, fitted by least squares. Additive, so it needs
+  few samples and says which layers matter.
 `fit_quality` fits both on a training split, keeps whichever has the lower held-out RMSE, refits it on
 all samples and reports both held-out errors. Both predict a population at once in numpy.
 """
