@@ -61,8 +61,9 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize-nonexpert", choices=("int8", "int4", "full"), dest="nonexpert_quantize",
                    help="attention projections and LM head held as int8 / int4 (lean-decoder families; default: "
                         "as stored, or the plan's nonexpert_precision)")
-    g.add_argument("--shadow", choices=(*SHADOWS, "none"),
-                   help="shadows of the experts outside the committee, counted in the budget (default none)")
+    g.add_argument("--shadow", metavar="FORM[,FORM...]",
+                   help=f"shadows of the experts outside the committee, counted in the budget: {', '.join(SHADOWS)} "
+                        "or none, one form for every MoE layer or a comma-separated form per layer (default none)")
     g.add_argument("--shadow-experts", type=int, help="shadows per layer (default: every expert outside the committee)")
     g.add_argument("--miss-action", choices=("auto", "shadow", "wait", "exchange", "skip"),
                    help="a miss: the chooser's cheapest answer (auto, default), or always this one where possible")

@@ -187,15 +187,22 @@ def slots_for(committee_sizes: list[int], sizes: ModelBytes, spare_slots: int) -
     return [n if n >= N else n + spare_slots for n, N in zip(committee_sizes, sizes.num_experts)]
 
 
+def shadow_counts(committee: list[int], num_experts: list[int], shadow_bytes: list[int],
+                  shadows: int | None) -> list[int]:
+    """Shadows per layer: every non-member (or at most `shadows`) where the layer has a shadow form
+    (shadow_bytes > 0), none where it has not."""
+    return [0 if b <= 0 else max(0, N - n) if shadows is None else min(shadows, max(0, N - n))
+            for n, N, b in zip(committee, num_experts, shadow_bytes)]
+
+
 def shadow_split(sizes: ModelBytes, budget: int, shadow_bytes: list[int], *, reserved: int = 0,
                  spare_slots: int = 0, shadows: int | None = None) -> tuple[list[int], list[int]]:
     """Committee sizes and shadow counts per layer for a load with shadow experts: the largest
     near-uniform committees whose slots, plus `reserved` bytes (staging buffers), plus a shadow of
     `shadow_bytes[layer]` for each of `shadows` experts outside the committee (None: all of them)
-    fit the budget. A member costs an expert and frees a shadow."""
+    fit the budget (a layer of 0 shadow bytes has none). A member costs an expert and frees a shadow."""
     def counts(committee):
-        return [max(0, N - n) if shadows is None else min(shadows, max(0, N - n))
-                for n, N in zip(committee, sizes.num_experts)]
+        return shadow_counts(committee, sizes.num_experts, shadow_bytes, shadows)
 
     def need(committee):
         return sizes.slots_bytes(slots_for(committee, sizes, spare_slots)) + reserved + sum(
@@ -221,23 +228,23 @@ def shadow_split(sizes: ModelBytes, budget: int, shadow_bytes: list[int], *, res
     return best, counts(best)
 
 
-def shadow_sizing(sizes: ModelBytes, budget: int | None, one_shadow: int, *, policy: str, swapped: bool,
+def shadow_sizing(sizes: ModelBytes, budget: int | None, one_shadow: int | list[int], *, policy: str, swapped: bool,
                   spare_slots: int, bytes_per_step: int | None, staging_bytes: int, wait_bytes: int = 0,
                   shadows: int | None = None, plan_sizes: list[int] | None = None) -> Sizing:
-    """A load's (or a live budget change's) Sizing with shadow experts of `one_shadow` bytes each:
+    """A load's (or a live budget change's) Sizing with shadow experts of `one_shadow` bytes each
+    (or per layer, 0 = no shadows in that layer):
     shadow_split's committees, the shadow counts they leave, and `wait_bytes` (the exact-load
     buffer of --wait-above), all inside the budget. The arithmetic of the loader's shadow sizing."""
     from dataclasses import replace
 
     buffers = swap_buffer_count(default_bytes_per_step(sizes, bytes_per_step), sizes.expert) \
         if swapped and spare_slots == 0 else 0
-    sb = [one_shadow] * len(sizes.expert)
+    sb = list(one_shadow) if isinstance(one_shadow, (list, tuple)) else [one_shadow] * len(sizes.expert)
     committee = plan_sizes
     if plan_sizes is None and budget is not None and budget < sizes.full:
         committee, _ = shadow_split(sizes, budget - wait_bytes, sb, reserved=buffers * staging_bytes,
                                     spare_slots=spare_slots if swapped else 0, shadows=shadows)
-    counts = [0 if committee is None else (N - n if shadows is None else min(shadows, N - n))
-              for n, N in zip(committee or sizes.num_experts, sizes.num_experts)]
+    counts = [0] * len(sb) if committee is None else shadow_counts(committee, sizes.num_experts, sb, shadows)
     shadow_total = sum(c * b for c, b in zip(counts, sb)) + wait_bytes
     sizing = size_committees(sizes, None if budget is None else budget - shadow_total, policy=policy,
                              swapped=swapped, all_resident=False, spare_slots=spare_slots,

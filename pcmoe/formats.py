@@ -5,7 +5,8 @@
                    "precisions": [per MoE layer: "full" (the model's dtype), "int8" or "int4"] (optional),
                    "nonexpert_precision": "full" | "int8" | "int4" (optional: attention projections and LM
                    head, lean-decoder families),
-                   "shadow": "int2" | "int3" | "lowrank" (optional: shadows of every non-member, pcmoe.shadow)}
+                   "shadow": "int2" | ... | ["int2", "int1", "none", ...] (optional: shadows of every non-member,
+                              one form for the model or one per MoE layer; pcmoe.shadow)}
   model options   pcmoe_options.json beside a checkpoint: {"format": "pcmoe-options/1", "options": {...}},
                   committee knobs the model's publisher measured best (below plan and explicit options)
   routing profile profile.json (from `pcmoe profile`): {"format": "pcmoe-profile/1", "model_type",
@@ -96,17 +97,35 @@ def check_nonexpert_precision(data: dict) -> str | None:
     return PRECISIONS[value.lower()]
 
 
-SHADOWS = ("int2", "int3", "lowrank")   # shadow experts (pcmoe/shadow.py); pcmoe.options names them from here
+# shadow experts (pcmoe/shadow.py); pcmoe.options names them from here
+SHADOWS = ("int1", "int2", "int3", "vq6", "vq7", "vq8", "lowrank")
 
 
-def check_shadow(data: dict) -> str | None:
-    """The plan's shadow form (None: no shadows; "none" says so explicitly)."""
-    value = data.get("shadow")
-    if value is None or value == "none":
+def parse_shadow(value, what: str = "shadow") -> str | tuple[str | None, ...] | None:
+    """A shadow setting as the loader takes it: None (no shadows), one form for every MoE layer,
+    or a tuple of one form (or None) per layer. `value`: None, "none", a form, "int2,int1,none,..."
+    or a list of forms. Raises FormatError naming `what` for anything else."""
+    if value is None:
         return None
-    if not isinstance(value, str) or value not in SHADOWS:
-        raise FormatError(f"plan shadow {value!r} is not one of none, {', '.join(SHADOWS)}")
-    return value
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items or any(not isinstance(v, str) for v in items):
+        raise FormatError(f"{what} {value!r} is not one of none, {', '.join(SHADOWS)} or a list of them (one per "
+                          "MoE layer)")
+    forms = [v.strip() for v in items]
+    bad = [v for v in forms if v not in (*SHADOWS, "none")]
+    if bad:
+        raise FormatError(f"{what} {bad[0]!r} is not one of none, {', '.join(SHADOWS)}")
+    per_layer = tuple(None if v == "none" else v for v in forms)
+    if all(v is None for v in per_layer):
+        return None
+    if len(per_layer) == 1 or (isinstance(value, str) and "," not in value):
+        return per_layer[0]
+    return per_layer
+
+
+def check_shadow(data: dict) -> str | tuple[str | None, ...] | None:
+    """The plan's shadow forms (None: no shadows; "none" says so explicitly; a list: one per layer)."""
+    return parse_shadow(data.get("shadow"), "plan shadow")
 
 
 def write_plan(path: str | os.PathLike, model_type: str, num_experts: list[int], committee_sizes: list[int],

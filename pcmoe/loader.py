@@ -342,12 +342,23 @@ def _shadow_sizing(lay: _Layout, family, budget_spec, policy: str, plan_sizes, o
     from pcmoe.shadow import shadow_nbytes
 
     full = slot_nbytes(family.kernel(), lay.dtype, None)   # the exact-load scratch of --wait-above
-    one = shadow_nbytes(family.kernel(), lay.dtype, opts.shadow, opts.shadow_group, opts.shadow_rank)
+    one = [shadow_nbytes(family.kernel(), lay.dtype, form, opts.shadow_group, opts.shadow_rank) if form else 0
+           for form in _layer_forms(opts, lay)]
     return shadow_sizing(lay.sizes, parse_budget(budget_spec, lay.sizes), one, policy=policy,
                          swapped=policy in DYNAMIC_POLICIES, spare_slots=opts.spare_slots,
                          bytes_per_step=opts.bytes_per_step, staging_bytes=_staging_bytes(family, lay),
                          wait_bytes=full if opts.wait_above is not None else 0, shadows=opts.shadow_experts,
                          plan_sizes=plan_sizes)
+
+
+def _layer_forms(opts: LoadOptions, lay: _Layout) -> list[str | None]:
+    """Each MoE layer's shadow form (pcmoe.shadow.layer_forms), a list of the wrong length as one error line."""
+    from pcmoe.shadow import layer_forms
+
+    try:
+        return layer_forms(opts.shadow, len(lay.sizes.expert))
+    except ValueError as e:
+        raise PcmoeError(str(e)) from None
 
 
 def _cached_shadow(cache, layer: int, names: list[str], expert: int):
@@ -366,8 +377,9 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
     from pcmoe import shadow as shadows_mod
     from pcmoe.policies import MissChooser
 
-    errors = shadows_mod.read_errors(folder, ckpt.fingerprint(), opts)
-    cache = shadows_mod.ShadowCache.for_checkpoint(ckpt.fingerprint(), opts)
+    forms = _layer_forms(opts, lay)
+    errors = {f: shadows_mod.read_errors(folder, ckpt.fingerprint(), opts, f) for f in set(forms) if f}
+    caches = {f: shadows_mod.ShadowCache.for_checkpoint(ckpt.fingerprint(), opts, f) for f in set(forms) if f}
     buffer = expert_buffer(family.kernel(), lay.dtype)
     exact = None
     if opts.wait_above is not None:
@@ -378,10 +390,12 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
     bandwidth = (_io_bandwidth(opts.io_bandwidth) or 2000.0) * 1e6  # bytes/s; 2 GB/s (ufs) when not emulated
     choosers, cache_ok = [], True
     for i in range(len(blocks)):
-        n_sh = sizing.shadow_counts[i] if sizing.shadow_counts else 0
+        form = forms[i]
+        n_sh = sizing.shadow_counts[i] if sizing.shadow_counts and form else 0
+        cache = caches.get(form)
         score = torch.tensor(profile["importance"][i]) if profile else norms[i]
         order = [e for e in top_experts(score, len(score)) if e not in set(members[i])]
-        bank = shadows_mod.ShadowBank(family.kernel(), len(score), order[:n_sh], lay.dtype, opts.shadow,
+        bank = shadows_mod.ShadowBank(family.kernel(), len(score), order[:n_sh], lay.dtype, form,
                                       opts.shadow_group, opts.shadow_rank) if n_sh else None
         if bank is not None:
             for e in _progress(bank.experts, f"shadows of layer {i}", opts.progress):
@@ -399,8 +413,7 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
                     if (bank.row_of[e] < 0 and cache.get(i, e, bank.bank) is None
                             and read_full_precision(store, i, e, buffer)):
                         made = made or shadows_mod.ShadowBank(family.kernel(), len(score), list(range(len(score))),
-                                                              lay.dtype, opts.shadow, opts.shadow_group,
-                                                              opts.shadow_rank)
+                                                              lay.dtype, form, opts.shadow_group, opts.shadow_rank)
                         made.write(e, buffer)
                         cache.put(i, e, made.row_state(e))
             if opts.kernel != "eager" and any(b.experts.native is not None for b in blocks):
@@ -412,7 +425,7 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
                 except OSError:
                     cache_ok = False
             cache.release(i)  # the rows are copies in the bank: no mapped cache pages left behind
-        measured = errors[i] if errors else {}
+        measured = errors[form][i] if errors.get(form) else {}
         err = {"shadow": measured.get("shadow", bank.weight_error() if bank is not None else 1.0), "wait": 0.0,
                "exchange": measured.get("exchange", 1.0), "skip": 1.0}
         seconds = {"shadow": bank.time_one() if bank is not None else 0.0,
@@ -428,7 +441,7 @@ def _make_choosers(folder, ckpt, family, store, lay, sizing, policy, opts, block
         for i, chooser in enumerate(choosers):
             if chooser.shadows is not None:
                 names = list(chooser.shadows.bank)
-                chooser.source = partial(_cached_shadow, cache, i, names)
+                chooser.source = partial(_cached_shadow, caches[forms[i]], i, names)
     return choosers
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pcmoe.formats import SHADOWS  # the shadow forms load() accepts, as plan files name them
+from pcmoe.formats import (
+    SHADOWS,  # noqa: F401  (the shadow forms load() accepts, as plan files name them)
+    FormatError,
+    parse_shadow,
+)
 
 POLICIES = ("full", "committee", "random-keep", "magnitude-keep", "static-frequency", "on-demand", "topk-reduce")
 STRATEGIES = ("exchange", "skip", "hybrid")
@@ -52,7 +56,8 @@ class LoadOptions:
     evict: bool = True             # drop read ranges from the page cache
     cache_dir: str | None = None   # where expert norms are cached
     progress: bool = True
-    shadow: str | None = None      # shadow experts beside the committee: int2 | int3 | lowrank (pcmoe/shadow.py)
+    shadow: str | tuple | None = None  # shadows beside the committee: int1 | int2 | int3 | lowrank, or one per
+                                       # MoE layer ("int2,int1,none,...", a tuple after validate; pcmoe/shadow.py)
     shadow_group: int | None = None  # int2 / int3: input columns per group (default 128)
     shadow_rank: int | None = None   # lowrank: rank of the factors (default 32)
     shadow_experts: int | None = None  # shadows per layer (None: every expert outside the initial committee)
@@ -222,10 +227,10 @@ def validate(policy: str, opts: LoadOptions, top_k: int, quantisable: bool, fami
         raise PcmoeError(f"unknown nonexpert_quantize {opts.nonexpert_quantize!r}; use int8, int4 or full")
     if opts.quantize and not quantisable:
         raise PcmoeError(f"quantised experts are not supported for {family_name}")
-    if opts.shadow not in (None, "none", *SHADOWS):
-        raise PcmoeError(f"unknown shadow {opts.shadow!r}; use {', '.join(SHADOWS)} or none")
-    if opts.shadow == "none":
-        opts.shadow = None
+    try:
+        opts.shadow = parse_shadow(opts.shadow)
+    except FormatError as e:
+        raise PcmoeError(f"{e}; give one form for every MoE layer or a comma-separated form per layer") from None
     if opts.miss_action not in MISS_ACTIONS:
         raise PcmoeError(f"unknown miss action {opts.miss_action!r}; choose one of {', '.join(MISS_ACTIONS)}")
     if opts.shadow and not quantisable:

@@ -174,11 +174,12 @@ class Engine:
         """plan_budget for a load with shadow experts: the loader's sizing (committees and shadow
         counts in one budget, pcmoe.budget.shadow_sizing) for the new budget."""
         from pcmoe.budget import shadow_sizing
-        from pcmoe.shadow import shadow_nbytes
+        from pcmoe.shadow import layer_forms, shadow_nbytes
 
         o, block = self.options, self.layers[0].block.experts
         staging, full = self.io.buffer_nbytes, _full_expert_bytes(block)
-        one = shadow_nbytes(self.family.kernel(), block.dtype, o.shadow, o.shadow_group, o.shadow_rank)
+        one = [shadow_nbytes(self.family.kernel(), block.dtype, form, o.shadow_group, o.shadow_rank) if form else 0
+               for form in layer_forms(o.shadow, len(self.layers))]
         return shadow_sizing(self.model_bytes, budget, one, policy=self.policy, swapped=self.policy == "committee",
                              spare_slots=o.spare_slots, bytes_per_step=self.sizing.bytes_per_step,
                              staging_bytes=staging, wait_bytes=full if o.wait_above is not None else 0,
@@ -246,11 +247,12 @@ class Engine:
         the (resized) committee that the scheduler will not promote (`fills`): a kept row is
         copied, a new one comes from the shadow cache or is made from the stored full-precision
         weights, as the load makes them. The old bank is dropped, so its memory returns."""
-        from pcmoe.shadow import ShadowBank
+        from pcmoe.shadow import ShadowBank, layer_forms
         from pcmoe.store import read_full_precision
 
         chooser = getattr(self.layers[i].controller, "chooser", None)
-        if chooser is None:
+        form = layer_forms(self.options.shadow, len(self.layers))[i]
+        if chooser is None or form is None:
             return
         committee, old, o = self.layers[i].committee, chooser.shadows, self.options
         filling = set(fills)
@@ -261,7 +263,7 @@ class Engine:
             chooser.shadows, chooser._seen = None, None
             return
         block = self.layers[i].block.experts
-        bank = ShadowBank(self.family.kernel(), committee.num_experts, wanted, block.dtype, o.shadow,
+        bank = ShadowBank(self.family.kernel(), committee.num_experts, wanted, block.dtype, form,
                           o.shadow_group, o.shadow_rank)
         buffer = None
         for e in wanted:

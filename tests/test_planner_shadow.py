@@ -190,8 +190,14 @@ def test_plan_files_carry_the_shadow_form(tmp_path):
 
     assert check_shadow({"shadow": "int3"}) == "int3"
     assert check_shadow({"shadow": "none"}) is None and check_shadow({}) is None
-    with pytest.raises(FormatError, match="plan shadow 'int9' is not one of none, int2, int3, lowrank"):
+    with pytest.raises(FormatError, match="plan shadow 'int9' is not one of none, int1, int2, int3, vq6"):
         check_shadow({"shadow": "int9"})
+    # one form per layer; the same form everywhere is kept per layer, "none" everywhere is no shadows
+    assert check_shadow({"shadow": ["vq7", "none", "int2"]}) == ("vq7", None, "int2")
+    assert check_shadow({"shadow": ["none", "none"]}) is None
+    for bad in (["int2", 3], [], {"a": 1}, 5):
+        with pytest.raises(FormatError, match="plan shadow"):
+            check_shadow({"shadow": bad})
 
     # a plan's shadow form reaches the loader: every non-member of a planned layer gets a shadow,
     # and the planner's price of those shadows is the loader's

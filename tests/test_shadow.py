@@ -17,7 +17,7 @@ from pcmoe.testing import ALL_FAMILIES, make_checkpoint
 QUANTISABLE = [f for f in ALL_FAMILIES if REGISTRY[f].tiny_config is not None and f != "gpt_oss"]
 
 
-@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("bits", [1, 2, 3])
 def test_planes_round_trip_and_dequantize_twin(bits):
     torch.manual_seed(0)
     w = torch.randn(16, 64)
@@ -40,7 +40,7 @@ def test_planes_round_trip_and_dequantize_twin(bits):
     assert err <= (plain.view(16, 64) - w).pow(2).sum() + 1e-6
 
 
-@pytest.mark.parametrize("mode", ["int2", "int3", "lowrank"])
+@pytest.mark.parametrize("mode", ["int1", "int2", "int3", "vq6", "vq8", "lowrank"])
 def test_shadow_fast_path_agrees_with_its_reference(mode):
     torch.manual_seed(1)
     kernel = GluKernel(64, 32, torch.nn.functional.silu)
@@ -74,9 +74,56 @@ def test_many_token_shadows_pad_their_rows_without_changing_outputs(monkeypatch)
     assert torch.equal(bank.forward_one(x, 1), unpadded) and rows == [16]
 
 
+def test_one_bit_codes_are_the_two_means_of_each_group():
+    """int1: each group's two levels are the means of the weights on either side of their midpoint
+    (least squared error), not the ends of a clipped range: ~0.6 relative error on normal weights."""
+    torch.manual_seed(3)
+    w = torch.randn(32, 256)
+    codes, sm = S.quantize_group(w, 1, 128)
+    deq = S.dequantize(S.pack_planes(codes, 1), sm, torch.float32)
+    rel = float((deq - w).norm() / w.norm())
+    assert 0.55 < rel < 0.65                                   # sqrt(1 - 2/pi) = 0.603 for a normal distribution
+    wg, cg = w.view(32, 2, 128), codes.view(32, 2, 128).bool()
+    lo = (wg * ~cg).sum(-1) / (~cg).sum(-1)
+    hi = (wg * cg).sum(-1) / cg.sum(-1)
+    assert torch.allclose(sm[..., 1], lo, atol=1e-5) and torch.allclose(sm[..., 0] + sm[..., 1], hi, atol=1e-5)
+    assert torch.equal(cg, wg > ((lo + hi) / 2)[..., None])    # a fixed point: every weight at its nearer level
+    flat = torch.full((2, 128), 0.25)                          # a constant group: one level, exact
+    c, m = S.quantize_group(flat, 1, 128)
+    assert torch.equal(S.dequantize(S.pack_planes(c, 1), m, torch.float32), flat)
+
+
+def test_vector_codes_round_trip_and_dequantize_twin():
+    """vq: the codes are each vector's nearest codebook entry (k-means' last assignment), the fast
+    and the weight-by-weight dequantisation agree, and the error falls with the code bits."""
+    torch.manual_seed(4)
+    weights = {"a": torch.randn(16, 64), "b": torch.randn(8, 32) * 3}
+    errors = []
+    for bits in (4, 6, 8):
+        codebook, coded = S.quantize_vq(weights, bits, {"a": 32, "b": 32})
+        assert codebook.shape == (2 ** bits, S.VQ_DIM)
+        num = den = 0.0
+        for name, w in weights.items():
+            codes, scale = coded[name]
+            assert codes.shape == (w.shape[0], w.shape[1] // S.VQ_DIM) and scale.shape == (w.shape[0], w.shape[1] // 32)
+            vectors, _ = S._vq_vectors(w, 32)
+            assert torch.equal(codes.reshape(-1).long(), S._nearest(vectors, codebook))
+            planes = S.pack_planes(codes, bits)
+            fast = S.dequantize_vq(planes, scale, codebook, torch.float32)
+            assert torch.allclose(fast, S.dequantize_vq_reference(planes, scale, codebook, torch.float32), atol=1e-5)
+            num, den = num + float((fast - w).pow(2).sum()), den + float(w.pow(2).sum())
+        errors.append((num / den) ** 0.5)
+    assert errors[0] > errors[1] > errors[2] > 0
+    again, _ = S.quantize_vq(weights, 6, {"a": 32, "b": 32})
+    assert torch.equal(again, S.quantize_vq(weights, 6, {"a": 32, "b": 32})[0])   # deterministic
+
+
 def test_shadow_bytes_are_the_bits_they_claim():
     kernel = GluKernel(256, 256, torch.nn.functional.silu)   # the shipped LM's expert: 196608 weights
     weights = 3 * 256 * 256
+    assert S.shadow_nbytes(kernel, torch.bfloat16, "int1") == weights // 8 + weights // 128 * 4
+    # vq7: 7 bits per 4 weights, a bf16 scale per 256 inputs, a 128 x 4 bf16 codebook
+    assert S.shadow_nbytes(kernel, torch.bfloat16, "vq7") == weights * 7 // 32 + weights // 256 * 2 + 128 * 4 * 2
     assert S.shadow_nbytes(kernel, torch.bfloat16, "int2") == weights * 2 // 8 + weights // 128 * 4
     assert S.shadow_nbytes(kernel, torch.bfloat16, "int3") == weights * 3 // 8 + weights // 128 * 4
     assert S.shadow_nbytes(kernel, torch.bfloat16, "lowrank", rank=8) == 8 * 2 * (512 + 256 + 256 + 256)
@@ -185,16 +232,37 @@ def test_chooser_actions_and_exact_wait(qwen):
     assert auto.stats(since=counters)["shadowed"] == st["shadowed"]
 
 
+def test_shadow_forms_per_layer(qwen):
+    """One form per MoE layer ("none" = no shadows there): each layer's bank has its own form and
+    the budget counts each layer's own shadow bytes; one form for all = that form in every layer."""
+    probe = pcmoe.load(qwen, policy="full", progress=False)
+    L, kernel, dtype = len(probe.layers), probe.family.kernel(), probe.blocks[0].experts.dtype
+    for forms in (["int1", "none", "int2"][:L], ["int2"] * L):
+        budget = _budget(qwen, 1, 0) + sum(3 * S.shadow_nbytes(kernel, dtype, f) for f in forms if f != "none")
+        engine = pcmoe.load(qwen, budget=budget, policy="magnitude-keep", progress=False, shadow=",".join(forms),
+                            shadow_experts=3)
+        banks = [c.chooser.shadows for c in engine.controllers]
+        assert [b.mode if b is not None else "none" for b in banks] == forms
+        assert engine.committee_sizes == [1] * L
+        assert engine.stats()["shadow_bytes"] == sum(b.nbytes for b in banks if b is not None) <= budget
+        _logits(engine, IDS)
+        assert engine.stats()["shadowed"] > 0
+
+
 def test_shadow_options_are_checked(qwen):
-    with pytest.raises(PcmoeError, match="unknown shadow"):
-        pcmoe.load(qwen, budget="50%experts", shadow="int1", progress=False)
+    with pytest.raises(PcmoeError, match="shadow 'int9' is not one of"):
+        pcmoe.load(qwen, budget="50%experts", shadow="int9", progress=False)
+    with pytest.raises(PcmoeError, match="shadow 'int9' is not one of"):
+        pcmoe.load(qwen, budget="50%experts", shadow="int2,int9", progress=False)
+    with pytest.raises(PcmoeError, match="shadow forms name 3 layers"):
+        pcmoe.load(qwen, budget="50%experts", shadow="int2,int1,int2", progress=False)
     with pytest.raises(PcmoeError, match="unknown miss action"):
         pcmoe.load(qwen, budget="50%experts", shadow="int2", miss_action="pray", progress=False)
     with pytest.raises(PcmoeError, match="policy on-demand"):
         pcmoe.load(qwen, budget="50%experts", policy="on-demand", shadow="int2", progress=False)
 
 
-@pytest.mark.parametrize("mode", ["int2", "int3"])
+@pytest.mark.parametrize("mode", ["int1", "int2", "int3", "vq7", "vq8"])
 def test_native_shadow_kernel_agrees_with_the_eager_path(mode):
     if S.native_kernels() is None:
         pytest.skip(f"native kernels not available: {S._native_state[1]}")
@@ -294,7 +362,7 @@ def test_shipped_models_carry_their_measured_shadow_errors(model):
     with contextlib.closing(Checkpoint(folder, read_config_dict(folder))) as ckpt:
         fingerprint = ckpt.fingerprint()
     for mode in ("int2", "int3"):
-        errors = S.read_errors(folder, fingerprint, LoadOptions(shadow=mode, cache_dir="/nonexistent"))
+        errors = S.read_errors(folder, fingerprint, LoadOptions(cache_dir="/nonexistent"), mode)
         assert errors is not None and all(0 < e["shadow"] < 1 < e["exchange"] for e in errors)
 
 

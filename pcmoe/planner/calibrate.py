@@ -57,6 +57,9 @@ MEASURED_KV_TOKENS = 256         # the KV cache capacity the configuration measu
 TEXT_DEFAULTS = {"documents": "even", "doc_tokens": 512, "window": 256, "chunk": 32}
 DECODE_DEFAULTS = {"prompts": 3, "prompt_tokens": 64, "tokens": 64, "trials": 3, "warmup": 1}
 INTERVALS = {"tokens": (8, 16, 32), "inputs": (1, 2, 4)}
+# The shadow forms a calibration measures (so the planner can choose them), of those the experts allow.
+# The 1-bit and vector-quantised forms (pcmoe.shadow) are served but not yet measured for the planner.
+PLANNED_SHADOWS = ("int2", "int3")
 
 
 def cpu_name() -> str:
@@ -89,6 +92,7 @@ def model_facts(model_dir: str) -> dict:
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(full["dtype"], 4)
         kv = 2 * config["num_hidden_layers"] * heads * head_dim * itemsize
+    planned = [f for f in PLANNED_SHADOWS if f in full["shadow_bytes"]]
     return {
         "model_type": full["model_type"], "num_experts": [N] * L, "vision": vision,
         "expert_bytes": {p: [info[p]["expert_bytes"]] * L for p in info},
@@ -96,8 +100,8 @@ def model_facts(model_dir: str) -> dict:
         # where the runtime can quantise them (the lean decoder): a planner dimension
         "nonexpert_precisions": ["full", *full["nonexpert_bytes_quantized"]] * bool(full["nonexpert_bytes_quantized"]),
         # shadows of the non-members (pcmoe.shadow), in the group-quantised forms the experts allow
-        "shadow_modes": [NO_SHADOW, *full["shadow_bytes"]] * bool(full["shadow_bytes"]),
-        "shadow_bytes": {f: [b] * L for f, b in full["shadow_bytes"].items()},
+        "shadow_modes": [NO_SHADOW, *planned] * bool(planned),
+        "shadow_bytes": {f: [full["shadow_bytes"][f]] * L for f in planned},
         "n_buffers": full["swap_buffers"],
         # one staging buffer with every layer at a precision (quantised layers stage quantised bytes
         # when read from quantised copies, pcmoe.qcache; then no full-precision buffer per layer either)
