@@ -177,9 +177,14 @@ def test_measurement_specs_are_unique_valid_and_seeded(lm_with_profile):
     b = calibrate.measurement_specs(str(lm_with_profile), facts, stream, 20, seed=3, threads=1)
     keys = [s["key"] for s in a]
     # load + imports, 2 KV windows, 9 latency points, 1 non-expert run, 2 long runs; near: half as many again;
-    # 2 shadow forms x 2 sizes and half as many shadow samples again
-    assert facts["shadow_modes"] == ["none", "int2", "int3"]
-    assert len(set(keys)) == len(keys) and len(a) == 2 + 2 + 9 + 1 + 2 + 12 + 6 + 4 + 6
+    # 4 shadow forms x 2 sizes, half as many shadow samples again for version 3's two forms and a
+    # quarter as many for each later form
+    assert facts["shadow_modes"] == ["none", "int2", "int3", "vq6", "vq7"]
+    assert len(set(keys)) == len(keys) and len(a) == 2 + 2 + 9 + 1 + 2 + 12 + 6 + 8 + 6 + 2 * 3
+    forms = {s["config"]["shadow"] for s in a if s["key"].startswith("shadow-sample:")}
+    assert forms == {"int2", "int3", "vq6", "vq7"}
+    assert all(s["config"]["shadow"] == s["key"].split(":")[1] for s in a if s["key"].count(":") == 2
+               and s["key"].startswith("shadow-sample:"))
     drawn = [s["config"]["nonexpert_precision"] for s in a if s["key"].startswith(("sample:", "near:"))]
     assert set(drawn) == set(facts["nonexpert_precisions"]) == {"full", "int8"}  # sampled (int4: the head's shape)
     assert all(s["plan"]["nonexpert_precision"] == s["config"]["nonexpert_precision"] for s in a if s.get("config"))
