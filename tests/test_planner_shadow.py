@@ -1,4 +1,4 @@
-"""The planner's shadow gene (issue 13): a shadow form for every layer's non-members, priced by the
+"""The planner's shadow genes (issue 13): a shadow form per layer for its non-members, priced by the
 memory and latency models, learned by the quality model, searched, measured by calibrate and
 carried by plan files to the loader. Pure numpy except the plan-file test."""
 
@@ -45,8 +45,17 @@ def test_configs_carry_the_shadow_form():
         Config.from_dict(c.to_dict(), plain)
     with pytest.raises(PlanError, match="start with 'none'"):
         SearchSpace(num_experts=(4,), shadow_modes=("int2",))
-    assert space.size() == plain.size() * 3
-    assert space.encode([c]).genomes().shape == (1, 2 * 3 + 3)
+    assert space.size() == plain.size() * 3 ** 3          # a form per layer
+    assert space.encode([c]).genomes().shape == (1, 3 * 3 + 2)
+    # one form per layer: a tuple, a list in JSON; the same form everywhere is that form
+    mixed = dataclasses.replace(c, shadow=("int2", "none", "int3"))
+    assert mixed.to_dict()["shadow"] == ["int2", "none", "int3"]
+    assert Config.from_json(mixed.to_json(), space) == mixed and space.decode(space.encode([mixed]), 0) == mixed
+    assert Config.from_dict({**c.to_dict(), "shadow": ["int2"] * 3}, space) == c
+    with pytest.raises(PlanError, match="2 shadow forms but the model has 3"):
+        Config.from_dict({**c.to_dict(), "shadow": ["int2", "int3"]}, space)
+    with pytest.raises(PlanError, match="shadow 'int5' is not one of"):
+        Config.from_dict({**c.to_dict(), "shadow": ["int2", "int5", "none"]}, space)
 
 
 def test_memory_and_latency_price_a_shadow_per_non_member():
@@ -65,7 +74,14 @@ def test_memory_and_latency_price_a_shadow_per_non_member():
     full = space.encode([Config((4, 4, 4), ("bf16",) * 3, 8, shadow=s) for s in FORMS])
     assert np.ptp(mem(full)) == 0 and np.ptp(lat(full)) == 0
     # the least memory and latency never carry shadows
-    assert mem.least()[1].shadow[0] == 0 and lat.least()[1].shadow[0] == 0
+    assert (mem.least()[1].shadow == 0).all() and (lat.least()[1].shadow == 0).all()
+    # a form per layer: each layer's own bytes and time; the runtime offset of the largest form held
+    mixed = space.encode([dataclasses.replace(base, shadow=("int3", "int2", "int2"))])
+    assert mem(mixed)[0] - mem(batch)[0] == pytest.approx(2 * 200 + 3 * 140 + 900)
+    assert lat(mixed)[0] - lat(batch)[0] == pytest.approx(6e-5 * 2 / 4 + 4e-5 * 3 / 4)
+    # a form on a full layer (no non-member) costs nothing, its runtime offset neither
+    idle = space.encode([dataclasses.replace(base, shadow=("int2", "int3", "int2"))])
+    assert mem(idle)[0] == mem(batch)[1] and lat(idle)[0] == lat(batch)[1]
 
 
 def test_a_space_without_shadows_searches_as_before():
@@ -74,7 +90,7 @@ def test_a_space_without_shadows_searches_as_before():
     a, la = children(plain, pop, 32, np.random.default_rng(1))
     assert (a.shadow == 0).all()
     lows, highs = gene_ranges(plain)
-    assert highs[-1] == lows[-1] == 0           # the shadow gene has no choice: never mutated
+    assert (highs[6:9] == 0).all() and (lows[6:9] == 0).all()   # the shadow genes have no choice: never mutated
     b, _ = children(shadow_space(), pop, 32, np.random.default_rng(1))
     assert b.shadow.max() <= 2
 
@@ -86,8 +102,8 @@ def shadow_truth(space, keep):
 
     def loss(b: Batch):
         miss = 1 - b.sizes / N
-        members = np.where(b.shadow[:, None] > 0, b.sizes / N, 1.0)   # int4 members compute their share
-        return 2.0 + keep[b.shadow] * (w * miss).sum(1) + 0.02 * ((b.prec == 2) * members).sum(1)
+        members = np.where(b.shadow > 0, b.sizes / N, 1.0)   # int4 members compute their share
+        return 2.0 + (keep[b.shadow] * w * miss).sum(1) + 0.02 * ((b.prec == 2) * members).sum(1)
     return loss
 
 
@@ -105,11 +121,11 @@ def test_sensitivity_model_learns_what_shadows_leave():
     one = space.encode([Config((1, 1, 1), ("int8",) * 3, 8, shadow=f) for f in FORMS])
     assert model(one) == pytest.approx(truth(one), abs=0.02)
     # a form no sample used keeps k = 1: predicted to buy nothing
-    none_or_int2 = b.take(np.flatnonzero(b.shadow < 2))
+    none_or_int2 = b.take(np.flatnonzero((b.shadow < 2).all(axis=1)))
     assert SensitivityQuality(space, full_loss=2.0).fit(none_or_int2, truth(none_or_int2)).keep[2] == 1.0
-    # the MLP sees the form and its share per layer
+    # the MLP sees each layer's form and its share
     plain = SearchSpace((4, 4, 4), PRECISIONS, (8, 32))
-    assert mlp_features(space, b).shape[1] == mlp_features(plain, b).shape[1] + 2 + 2 * 3
+    assert mlp_features(space, b).shape[1] == mlp_features(plain, b).shape[1] + 2 * 2 * 3
 
 
 def test_search_picks_shadows_where_they_pay_and_agrees_with_exhaustive():
@@ -128,9 +144,32 @@ def test_search_picks_shadows_where_they_pay_and_agrees_with_exhaustive():
         if f > 1:
             assert got.config.shadow == "none"   # every expert resident: nothing to shadow
     assert chose - {"none"}       # below int4 all resident, shadows that leave a third of the loss pay
-    # shadows that leave all of the loss are never chosen
-    useless = Problem(space, problem.memory, shadow_truth(space, np.ones(3)), problem.latency)
+    # shadows that change nothing are never chosen (they cost bytes)
+    N = np.array(space.num_experts)
+
+    def unchanged(b: Batch):
+        return 2.0 + (np.array([0.4, 0.2, 0.3]) * (1 - b.sizes / N)).sum(1) + 0.02 * (b.prec == 2).sum(1)
+    useless = Problem(space, problem.memory, unchanged, problem.latency)
     assert all(genetic(useless, low + f * (int4 - low), seed=0).config.shadow == "none" for f in (0.2, 0.5, 0.8))
+
+
+def test_search_chooses_a_form_per_layer():
+    """Shadows pay in one layer only (the others lose little without their experts but shadows cost
+    bytes there): the search shadows that layer alone, as the exhaustive search does."""
+    space, profile = shadow_space(), shadow_profile()
+    N = np.array(space.num_experts)
+    w, keep = np.array([0.9, 0.02, 0.02]), np.array([1.0, 0.2, 0.1])
+
+    def truth(b: Batch):
+        return 2.0 + (keep[b.shadow] * w * (1 - b.sizes / N)).sum(1) + 0.01 * (b.prec == 2).sum(1)
+    problem = Problem(space, MemoryModel(space, profile), truth, LatencyModel(space, profile))
+    low = problem.memory.least()[0]
+    int4 = float(problem.memory(space.encode([Config((4, 4, 4), ("int4",) * 3, 8)]))[0])
+    limit = low + 0.3 * (int4 - low)
+    want, got = exhaustive(problem, limit), genetic(problem, limit, seed=0)
+    assert got.quality == pytest.approx(want.quality, abs=1e-6) and got.memory <= limit
+    forms = got.config.layer_shadows(3)
+    assert forms[0] != "none" and isinstance(got.config.shadow, tuple), got.config
 
 
 FACTS = {"model_type": "qwen3_moe", "num_experts": [4, 4], "vision": False,

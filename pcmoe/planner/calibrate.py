@@ -431,9 +431,10 @@ def derive(facts: dict, done: dict, fit: bool = True) -> dict:
         shadow_deltas = _shadow_runtime_deltas(space, list(configs), overhead)
         if shadow_deltas:
             profile["shadow_runtime_bytes"] = shadow_deltas
-            swapping = (batch.sizes < np.array(space.num_experts)).any(axis=1)
-            overhead = [o - shadow_deltas.get(space.shadow_modes[int(j)], 0) * bool(sw)
-                        for o, j, sw in zip(overhead, batch.shadow, swapping)]
+            swapping = batch.sizes < np.array(space.num_experts)                           # [P, L]
+            overhead = [o - max([shadow_deltas.get(space.shadow_modes[int(j)], 0) for j, s in zip(forms, sw)
+                                 if s and j > 0], default=0)
+                        for o, forms, sw in zip(overhead, batch.shadow, swapping)]
         # The runtime's own memory depends on the non-expert precision (on the shipped LM, runs with
         # int8 / int4 non-expert weights need 5-12 MB less beyond their bytes than full ones: the
         # quantised head returns bf16 logits): measured per precision, as an offset from full.
@@ -592,10 +593,11 @@ def _speed_features(space: SearchSpace, r: dict) -> list[float]:
         part = [n < N[i] and q == p for i, (n, q) in enumerate(zip(c.sizes, c.precisions))]
         f += [sum(full), sum(part), sum(n / N[i] for i, (n, ok) in enumerate(zip(c.sizes, part)) if ok)]
     nonfull = sum(n < N[i] for i, n in enumerate(c.sizes))
-    shadowed = sum((N[i] - n) / N[i] for i, n in enumerate(c.sizes))
+    forms = c.layer_shadows(space.layers)
     return (f + [nonfull * (c.interval == F) for F in space.intervals]
             + [float(c.nonexpert_precision == q) for q in space.nonexpert_precisions[1:]]
-            + [shadowed * (c.shadow == form) for form in space.shadow_modes[1:]])
+            + [sum((N[i] - n) / N[i] for i, n in enumerate(c.sizes) if forms[i] == form)
+               for form in space.shadow_modes[1:]])
 
 
 def _speed_factors(space: SearchSpace, configs: dict) -> tuple[dict[str, float], str | None]:

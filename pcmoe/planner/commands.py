@@ -10,7 +10,14 @@ from pathlib import Path
 from pcmoe.args import add_model, check_input_file, read_model_config
 from pcmoe.budget import format_bytes
 from pcmoe.options import PcmoeError
-from pcmoe.planner.planning import PROFILE_FILE, QUALITY_MODELS, format_latency, parse_latency, parse_memory
+from pcmoe.planner.planning import (
+    PROFILE_FILE,
+    QUALITY_MODELS,
+    format_latency,
+    parse_latency,
+    parse_memory,
+    shadow_text,
+)
 from pcmoe.planner.space import NO_SHADOW, PlanError
 
 VISION_TYPE = "pcmoe_vit_moe"
@@ -252,7 +259,7 @@ def _pareto(args, planner) -> int:
               f"{planner.quality_text(plan.quality):<22}  {' '.join(map(str, c.sizes))} / "
               f"{' '.join(c.precisions)} / F {c.interval}"
               + (f" / non-expert {c.nonexpert_precision}" if c.nonexpert_precision not in (None, "full") else "")
-              + (f" / shadows {c.shadow}" if c.shadow not in (None, NO_SHADOW) else ""))
+              + (f" / shadows {shadow_text(c.shadow)}" if c.shadow not in (None, NO_SHADOW) else ""))
         out.append({"limit_bytes": limit, **planner.plan_dict(plan, {"memory_bytes": limit})})
     png = args.png or str(Path(args.out).with_name("pareto.png") if args.out else "pareto.png")
     _plot(planner, out, png)

@@ -23,7 +23,7 @@ from pcmoe.budget import BudgetError, format_bytes
 from pcmoe.planner.predict import PROFILE_FORMAT, DeviceProfile, LatencyModel, MemoryModel
 from pcmoe.planner.quality import QualityFit, fit_quality, samples_from_dicts
 from pcmoe.planner.search import Plan, Problem, genetic
-from pcmoe.planner.space import NO_SHADOW, Batch, Config, PlanError, SearchSpace
+from pcmoe.planner.space import NO_SHADOW, Batch, Config, PlanError, SearchSpace, shadow_setting
 
 PROFILE_FILE = "device_profile.json"    # beside the checkpoint; profile.json is the routing profile
 PRECISION_NAMES = ("full", "int8", "int4")   # as plan files name them (pcmoe.formats)
@@ -172,7 +172,7 @@ class Planner:
     def describe(self, plan: Plan) -> str:
         c = plan.config
         nonexpert = f"; non-expert {c.nonexpert_precision}" if c.nonexpert_precision else ""
-        shadow = f"; shadows {c.shadow}" if c.shadow not in (None, NO_SHADOW) else ""
+        shadow = f"; shadows {shadow_text(c.shadow)}" if c.shadow not in (None, NO_SHADOW) else ""
         return (f"sizes {' '.join(map(str, c.sizes))}; precisions {' '.join(c.precisions)}{nonexpert}{shadow}; "
                 f"F {c.interval}; "
                 f"memory {format_bytes(plan.memory)}; latency {format_latency(plan.latency)}; "
@@ -187,7 +187,8 @@ class Planner:
         return {"format": "pcmoe-plan/1", "model_type": self.model_type, "num_experts": list(self.space.num_experts),
                 "committee_sizes": list(c.sizes), "precisions": list(c.precisions), "options": options,
                 "nonexpert_precision": c.nonexpert_precision or "full",
-                **({"shadow": c.shadow} if c.shadow not in (None, NO_SHADOW) else {}),
+                **({"shadow": list(c.shadow) if isinstance(c.shadow, tuple) else c.shadow}
+                   if c.shadow not in (None, NO_SHADOW) else {}),
                 "predicted": {"memory_bytes": int(plan.memory), "latency_s": plan.latency, "loss": plan.quality,
                               "quality": self.quality_value(plan.quality), "metric": self.metric,
                               "context_tokens": self.profile.context_tokens},
@@ -204,15 +205,24 @@ def config_of_plan(data: dict, space: SearchSpace | None = None) -> Config:
     precisions = data.get("precisions") or ["full"] * len(sizes)
     options = data.get("options") or {}
     nonexpert, shadow = data.get("nonexpert_precision"), data.get("shadow")
+    if isinstance(shadow, list):
+        shadow = shadow_setting(shadow)
     if space is not None:   # a quantised one / a shadow where none is searched: validate says no
-        nonexpert, shadow = space.nonexpert_of(nonexpert), space.shadow_of(shadow)
+        nonexpert = space.nonexpert_of(nonexpert)
+        shadow = shadow_setting([space.shadow_of(f) for f in shadow]) if isinstance(shadow, tuple) \
+            else space.shadow_of(shadow)
     return Config(sizes=tuple(sizes), precisions=tuple(precisions), interval=options.get("update_every", 16),
                   nonexpert_precision=nonexpert, shadow=shadow)
 
 
+def shadow_text(shadow) -> str:
+    """A configuration's shadow forms for people: "vq7", or "vq7 none int2 ..." per layer."""
+    return " ".join(map(str, shadow)) if isinstance(shadow, tuple) else str(shadow)
+
+
 def uniform_batch(space: SearchSpace) -> Batch:
-    """Every uniform configuration: the same size and precision in every layer (and each F,
-    non-expert precision and shadow form, which are one knob for the whole model anyway)."""
+    """Every uniform configuration: the same size, precision and shadow form in every layer (and
+    each F and non-expert precision, which are one knob for the whole model anyway)."""
     import itertools
 
     import numpy as np
@@ -225,7 +235,7 @@ def uniform_batch(space: SearchSpace) -> Batch:
                  prec=np.array([[p] * L for _, p, *_ in rows]).reshape(-1, L),
                  nonexpert=np.array([r[3] for r in rows], dtype=np.int64),
                  interval=np.array([r[2] for r in rows], dtype=np.int64),
-                 shadow=np.array([r[4] for r in rows], dtype=np.int64))
+                 shadow=np.array([[r[4]] * L for r in rows], dtype=np.int64).reshape(-1, L))
 
 
 def best_uniform(planner: Planner, memory: float | None, latency: float | None = None) -> Plan:

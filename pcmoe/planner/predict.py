@@ -237,9 +237,12 @@ class MemoryModel:
         """[P] bytes of the shadow experts and the runtime memory they need (0 without shadows or
         where every layer is full: then the loader makes none)."""
         layers = np.arange(self.space.layers)
-        swapping = (batch.sizes < np.array(self.space.num_experts)).any(axis=1)              # [P]
-        return (self.shadow_layer[batch.shadow[:, None], layers, batch.sizes - 1].sum(axis=1)
-                + swapping * self.shadow_runtime[batch.shadow])
+        swapping = batch.sizes < np.array(self.space.num_experts)                            # [P, L] non-full
+        # the measured runtime memory of the forms the non-full layers hold: the largest (either sign)
+        held = swapping & (batch.shadow > 0)                                                 # [P, L]
+        runtime = np.where(held, self.shadow_runtime[batch.shadow], -np.inf).max(axis=1)     # [P]
+        runtime = np.where(held.any(axis=1), runtime, 0.0)
+        return self.shadow_layer[batch.shadow, layers, batch.sizes - 1].sum(axis=1) + runtime
 
     def breakdown(self, batch: Batch, i: int = 0) -> dict[str, int]:
         one = batch.take([i])
@@ -346,7 +349,7 @@ class LatencyModel:
         layers = np.arange(self.space.layers)
         swapping = batch.sizes < np.array(self.space.num_experts)                           # [P, L] non-full
         update = (self.update[batch.interval[:, None], batch.prec] * swapping).sum(axis=1)  # [P]
-        shadows = self.shadow_layer_s[batch.shadow[:, None], layers, batch.sizes - 1].sum(axis=1)   # [P]
+        shadows = self.shadow_layer_s[batch.shadow, layers, batch.sizes - 1].sum(axis=1)       # [P]
         return (self.nonexpert[batch.nonexpert] + self.layer_s[layers, batch.prec, batch.sizes - 1].sum(axis=1)
                 + update + shadows)
 

@@ -56,10 +56,12 @@ def _onehot(idx: np.ndarray, count: int) -> np.ndarray:
 
 def mlp_features(space: SearchSpace, batch: Batch) -> np.ndarray:
     """[P, D]: kept fraction per layer, precision one-hots per layer, non-expert precision, F, and
-    (where shadows are searched) the shadow form and its missing fraction per layer."""
+    (where shadows are searched) each layer's shadow form and that form times the layer's missing fraction."""
     kept = batch.sizes / np.array(space.num_experts, dtype=np.float64)                      # [P, L]
-    shadow = _onehot(batch.shadow, max(1, len(space.shadow_modes)))                         # [P, SH-1]
-    by_layer = (shadow[:, :, None] * (1.0 - kept)[:, None, :]).reshape(len(batch), -1)      # [P, (SH-1) L]
+    SH = max(1, len(space.shadow_modes))
+    onehot = (batch.shadow[..., None] == np.arange(1, SH)).astype(np.float64)               # [P, L, SH-1]
+    shadow = onehot.reshape(len(batch), -1)                                                 # [P, L (SH-1)]
+    by_layer = (onehot * (1.0 - kept)[..., None]).reshape(len(batch), -1)                  # [P, L (SH-1)]
     return np.concatenate([kept, _onehot(batch.prec, len(space.precisions)),
                            _onehot(batch.nonexpert, max(1, len(space.nonexpert_precisions))),
                            _onehot(batch.interval, len(space.intervals)), shadow, by_layer], axis=1)
@@ -206,28 +208,31 @@ class SensitivityQuality:
         self.keep = np.ones(max(1, len(space.shadow_modes)))      # [SH] k(shadow form), fitted
 
     def _terms(self, batch: Batch, keep: np.ndarray | None = None) -> np.ndarray:
-        """[P, K] the non-negative-coefficient features (no intercept); the missing-expert segments
-        scaled by `keep` [SH] of each configuration's shadow form (default self.keep)."""
+        """[P, K] the non-negative-coefficient features (no intercept); each layer's missing-expert
+        segments scaled by `keep` [SH] of its shadow form (default self.keep). Linear in `keep`."""
         missing = (np.array(self.space.num_experts) - batch.sizes).astype(np.float64)              # [P, L]
-        scale = (self.keep if keep is None else keep)[batch.shadow][:, None]                     # [P, 1]
-        segments = [scale * np.clip(missing[:, [l]] - t[None, :-1], 0.0, np.diff(t)[None, :])
+        scale = (self.keep if keep is None else keep)[batch.shadow]                               # [P, L]
+        segments = [scale[:, [l]] * np.clip(missing[:, [l]] - t[None, :-1], 0.0, np.diff(t)[None, :])
                     for l, t in enumerate(self.knots)]
         P = len(self.space.precisions)
         # Members' precision weighs on the tokens they compute: all of a layer's without shadows (misses
         # are re-routed to members), the members' own share of experts with shadows (the rest go to shadows).
         N = np.array(self.space.num_experts)
-        members = np.where(batch.shadow[:, None] > 0, batch.sizes / N, 1.0)                       # [P, L]
+        members = np.where(batch.shadow > 0, batch.sizes / N, 1.0)                                # [P, L]
         lost = [(batch.prec >= j) * members for j in range(1, P)]                                   # [P, L] each
         n_ne = max(1, len(self.space.nonexpert_precisions))
         ne = [(batch.nonexpert >= j).astype(np.float64)[:, None] for j in range(1, n_ne)]
-        share = (missing / np.array(self.space.num_experts)).sum(axis=1)                          # [P]
+        layer_share = missing / np.array(self.space.num_experts)                                  # [P, L]
+        share = layer_share.sum(axis=1)                                                           # [P]
         # The first (most frequent) F is the reference, its update effect part of d_l: identifiable.
         interval = _onehot(batch.interval, len(self.space.intervals)) * share[:, None]           # [P, F-1]
         # Losses compound when many layers are short at once (measured: super-additive on the shipped LM);
-        # one non-negative term in the squared total missing share keeps the model monotone.
-        compound = scale * (share ** 2)[:, None]                                                  # [P, 1]
-        # A shadow's own error: what each form costs per expert it stands in for (the share shadowed).
-        shadowed = _onehot(batch.shadow, len(self.keep)) * share[:, None]                         # [P, SH-1]
+        # one non-negative term in the squared total missing share keeps the model monotone; each layer's
+        # part of it scaled by its form's keep (share x the keep-weighted share).
+        compound = ((scale * layer_share).sum(axis=1) * share)[:, None]                           # [P, 1]
+        # A shadow's own error: what each form costs per expert it stands in for (the share it shadows).
+        forms = (batch.shadow[..., None] == np.arange(1, len(self.keep))).astype(np.float64)     # [P, L, SH-1]
+        shadowed = (forms * layer_share[..., None]).sum(axis=1)                                   # [P, SH-1]
         return np.concatenate([*segments, *lost, *ne, interval, shadowed, compound], axis=1)
 
     def fit(self, batch: Batch, loss: np.ndarray, rounds: int = 8) -> SensitivityQuality:
@@ -236,12 +241,15 @@ class SensitivityQuality:
         self._fit_coef(batch, y)
         forms = [j for j in range(1, len(self.keep)) if (batch.shadow == j).any()]
         for _ in range(rounds if forms else 0):
+            # loss = rest + sum_j k_j D_j: D_j the missing-expert loss of the layers shadowed in form j
+            # (the missing-expert terms are linear in keep); one form at a time, the others held
             m = self._missing_columns
-            missing_loss = self._terms(batch, np.ones_like(self.keep))[:, m] @ self.coef[m]     # [S] without shadows
-            rest = self.base + self._terms(batch)[:, ~m] @ self.coef[~m]
+            unit = np.eye(len(self.keep))
+            part = np.stack([self._terms(batch, unit[j])[:, m] @ self.coef[m] for j in range(len(self.keep))])
+            rest = self.base + self._terms(batch)[:, ~m] @ self.coef[~m] + part[0]                 # [S]; k(none) = 1
             for j in forms:
-                rows = batch.shadow == j
-                d, r = missing_loss[rows], y[rows] - rest[rows]                                 # loss = rest + k d
+                r = y - rest - sum(self.keep[i] * part[i] for i in forms if i != j)
+                d = part[j]
                 self.keep[j] = float(np.clip((d @ r) / (d @ d), 0.0, 1.0)) if d @ d > 0 else 1.0
             self._fit_coef(batch, y)
         return self

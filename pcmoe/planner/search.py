@@ -29,7 +29,7 @@ import numpy as np
 from pcmoe.budget import format_bytes
 from pcmoe.planner.moves import children, fit_to_limits, layer_moves
 from pcmoe.planner.predict import LatencyModel, MemoryModel
-from pcmoe.planner.space import NO_SHADOW, Batch, Config, PlanError, SearchSpace
+from pcmoe.planner.space import NO_SHADOW, Batch, Config, PlanError, SearchSpace, shadow_setting
 
 OBJECTIVES = ("quality", "latency", "memory")
 
@@ -122,8 +122,10 @@ def _joint_infeasible(problem, memory_limit, latency_limit, search) -> Infeasibl
 def _plan(problem, batch, values, i, method, evaluated) -> Plan:
     mem, lat, q = values
     config = problem.space.decode(batch, i)
-    if config.shadow is not None and config.sizes == problem.space.num_experts:
-        config = dataclasses.replace(config, shadow=NO_SHADOW)   # no layer has a non-member to shadow
+    if config.shadow is not None:   # a full layer has no non-member to shadow: "none" there
+        forms = [NO_SHADOW if n == N else f for n, N, f in
+                 zip(config.sizes, problem.space.num_experts, config.layer_shadows(problem.space.layers))]
+        config = dataclasses.replace(config, shadow=shadow_setting(forms))
     return Plan(config=config, memory=float(mem[i]),
                 latency=float(lat[i]) if problem.latency is not None else None, quality=float(q[i]),
                 method=method, evaluated=evaluated)
@@ -228,7 +230,7 @@ def exhaustive(problem: Problem, memory_limit: float | None, latency_limit: floa
     _check(problem, memory_limit, latency_limit, objective)
     P, NE, F = len(space.precisions), max(1, len(space.nonexpert_precisions)), len(space.intervals)
     SH = max(1, len(space.shadow_modes))
-    radix = np.array([n * P for n in space.num_experts] + [NE, F, SH])     # mixed-radix digits
+    radix = np.array([n * P * SH for n in space.num_experts] + [NE, F])     # mixed-radix digits
     limits, winners = (memory_limit, latency_limit), []
     for start in range(0, total, chunk):
         code = np.arange(start, min(total, start + chunk))
@@ -236,8 +238,8 @@ def exhaustive(problem: Problem, memory_limit: float | None, latency_limit: floa
         for r in radix:
             digits.append(code % r)
             code = code // r
-        layer = np.stack(digits[:-3], axis=1)                            # [C, L] = size index * P + precision
-        batch = Batch(layer // P + 1, layer % P, digits[-3], digits[-2], digits[-1])
+        layer = np.stack(digits[:-2], axis=1)                   # [C, L] = (size index * P + precision) * SH + form
+        batch = Batch(layer // (P * SH) + 1, layer // SH % P, digits[-2], digits[-1], layer % SH)
         values = problem.evaluate(batch)
         winners.append(batch.take([_order(values, *limits, objective, quality_tol)[0]]))
     best = Batch.concat(winners)

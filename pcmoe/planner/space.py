@@ -2,8 +2,8 @@
 
 A configuration decides, per MoE layer, how many experts stay resident (the committee size,
 1..N_l) and at which precision they are held; optionally the precision of the non-expert
-weights; optionally the form of the shadow experts (pcmoe.shadow: a low-bit stand-in of every
-expert outside its layer's committee, or none); and the committee update interval F (tokens
+weights; optionally, per MoE layer, the form of the shadow experts (pcmoe.shadow: a low-bit
+stand-in of every expert outside the layer's committee, or none); and the committee update interval F (tokens
 between updates, from a short list). These are the knobs whose effect on memory, latency and
 quality the profile measures, so they are all the search may move. The paper's genome (§6.6) is
 the sizes and F; precision is added because a committee of int4 experts beats a bf16 committee of
@@ -16,7 +16,8 @@ Config JSON (also the "config" of a quality sample in the profile):
   {"committee_sizes": [8, 16, ...],                # resident experts per MoE layer
    "expert_precisions": ["int4", "bf16", ...],     # per MoE layer, one of the space's precisions
    "nonexpert_precision": "full" | "int8" | "int4" | null,   # attention + LM head; null: as stored
-   "shadow": "none" | "int2" | "int3" | null,      # shadows of the non-members; null: none
+   "shadow": "none" | "int2" | ... | ["vq7", "none", ...] | null,   # shadows of the non-members: one form
+                                                   # for every layer or one per layer; null: none
    "update_every": 16}                             # F, tokens between committee updates
 """
 
@@ -34,6 +35,13 @@ NO_SHADOW = "none"
 
 class PlanError(BudgetError):
     """A configuration, profile or constraint the planner cannot use; the message is one line."""
+
+
+def shadow_setting(forms) -> str | tuple | None:
+    """Per-layer shadow forms as a configuration holds them: one form where every layer has the
+    same (None for all None), else a tuple of one per layer."""
+    forms = tuple(forms)
+    return forms[0] if len(set(forms)) == 1 else forms
 
 
 @dataclass(frozen=True)
@@ -83,9 +91,9 @@ class SearchSpace:
 
     def size(self) -> int:
         """How many configurations the space holds."""
-        count = len(self.intervals) * max(1, len(self.nonexpert_precisions)) * max(1, len(self.shadow_modes))
+        count = len(self.intervals) * max(1, len(self.nonexpert_precisions))
         for n in self.num_experts:
-            count *= n * len(self.precisions)
+            count *= n * len(self.precisions) * max(1, len(self.shadow_modes))
         return count
 
     # -- Config <-> Batch ----------------------------------------------------------------------
@@ -101,8 +109,9 @@ class SearchSpace:
                                 if self.nonexpert_precisions and c.nonexpert_precision is not None else 0
                                 for c in configs], dtype=np.int64),
             interval=np.array([self.intervals.index(c.interval) for c in configs], dtype=np.int64),
-            shadow=np.array([self.shadow_modes.index(c.shadow) if self.shadow_modes and c.shadow is not None else 0
-                             for c in configs], dtype=np.int64))
+            shadow=np.array([[self.shadow_modes.index(f) if self.shadow_modes and f is not None else 0
+                              for f in c.layer_shadows(self.layers)] for c in configs],
+                            dtype=np.int64).reshape(len(configs), self.layers))
 
     def decode(self, batch: Batch, i: int) -> Config:
         return Config(sizes=tuple(int(n) for n in batch.sizes[i]),
@@ -110,13 +119,14 @@ class SearchSpace:
                       interval=self.intervals[int(batch.interval[i])],
                       nonexpert_precision=self.nonexpert_precisions[int(batch.nonexpert[i])]
                       if self.nonexpert_precisions else None,
-                      shadow=self.shadow_modes[int(batch.shadow[i])] if self.shadow_modes else None)
+                      shadow=shadow_setting([self.shadow_modes[int(j)] for j in batch.shadow[i]])
+                      if self.shadow_modes else None)
 
     def full(self) -> Batch:
         """The full model: every expert resident at the most precise precision (one configuration)."""
         zeros = np.zeros(1, dtype=np.int64)
         return Batch(np.array([self.num_experts], dtype=np.int64), np.zeros((1, self.layers), dtype=np.int64),
-                     zeros, zeros.copy())
+                     zeros, zeros.copy())   # shadow: none in every layer
 
     def all_resident(self) -> Batch:
         """Every expert resident, at each precision and each non-expert precision: configurations a
@@ -133,7 +143,8 @@ class SearchSpace:
                      prec=rng.integers(0, len(self.precisions), (count, self.layers)),
                      nonexpert=rng.integers(0, max(1, len(self.nonexpert_precisions)), count),
                      interval=rng.integers(0, len(self.intervals), count),
-                     shadow=rng.integers(0, len(self.shadow_modes), count) if self.shadow_modes else None)
+                     shadow=rng.integers(0, len(self.shadow_modes), (count, self.layers)) if self.shadow_modes
+                     else None)
 
 
 @dataclass(frozen=True)
@@ -142,7 +153,8 @@ class Config:
     precisions: tuple[str, ...]       # expert precision per MoE layer
     interval: int                     # F, tokens between committee updates
     nonexpert_precision: str | None = None
-    shadow: str | None = None         # form of the shadows of every layer's non-members (space.shadow_modes)
+    shadow: str | tuple | None = None  # form of the shadows of the non-members (space.shadow_modes): one
+                                       # for every layer, or a tuple of one per layer
 
     def validate(self, space: SearchSpace) -> Config:
         L = space.layers
@@ -167,18 +179,25 @@ class Config:
         elif self.nonexpert_precision is not None:
             raise PlanError(f"non-expert precision {self.nonexpert_precision!r} given but the search space keeps "
                             "non-expert weights as they are")
+        if isinstance(self.shadow, tuple) and len(self.shadow) != L:
+            raise PlanError(f"the configuration has {len(self.shadow)} shadow forms but the model has {L} MoE layers")
         if space.shadow_modes:
-            if self.shadow is not None and self.shadow not in space.shadow_modes:
-                raise PlanError(f"shadow {self.shadow!r} is not one of {', '.join(space.shadow_modes)}")
-        elif self.shadow is not None:
+            for form in self.layer_shadows(L):
+                if form is not None and form not in space.shadow_modes:
+                    raise PlanError(f"shadow {form!r} is not one of {', '.join(space.shadow_modes)}")
+        elif any(f not in (None, NO_SHADOW) for f in self.layer_shadows(L)):
             raise PlanError(f"shadow {self.shadow!r} given but the search space has no shadow experts")
         return self
+
+    def layer_shadows(self, layers: int) -> tuple:
+        """The shadow form of each MoE layer (None where none is set)."""
+        return tuple(self.shadow) if isinstance(self.shadow, tuple) else (self.shadow,) * layers
 
     def to_dict(self) -> dict:
         out = {"committee_sizes": list(self.sizes), "expert_precisions": list(self.precisions),
                "nonexpert_precision": self.nonexpert_precision, "update_every": self.interval}
         if self.shadow is not None:
-            out["shadow"] = self.shadow
+            out["shadow"] = list(self.shadow) if isinstance(self.shadow, tuple) else self.shadow
         return out
 
     @classmethod
@@ -192,8 +211,16 @@ class Config:
         if not isinstance(sizes, list) or not isinstance(precisions, list):
             raise PlanError("committee_sizes and expert_precisions must be lists, one entry per MoE layer")
         nonexpert, shadow = data.get("nonexpert_precision"), data.get("shadow")
+        if isinstance(shadow, list):
+            if not all(f is None or isinstance(f, str) for f in shadow):
+                raise PlanError("shadow must be a form or a list of forms, one per MoE layer")
+            shadow = shadow_setting(shadow)
+        elif shadow is not None and not isinstance(shadow, str):
+            raise PlanError("shadow must be a form or a list of forms, one per MoE layer")
         if space is not None:
-            nonexpert, shadow = space.nonexpert_of(nonexpert), space.shadow_of(shadow)
+            nonexpert = space.nonexpert_of(nonexpert)
+            shadow = shadow_setting([space.shadow_of(f) for f in shadow]) if isinstance(shadow, tuple) \
+                else space.shadow_of(shadow)
         config = cls(sizes=tuple(sizes), precisions=tuple(precisions), interval=data["update_every"],
                      nonexpert_precision=nonexpert, shadow=shadow)
         return config.validate(space) if space is not None else config
@@ -217,24 +244,26 @@ class Batch:
     prec: np.ndarray         # [P, L] index into space.precisions
     nonexpert: np.ndarray    # [P]    index into space.nonexpert_precisions (0 when not searched)
     interval: np.ndarray     # [P]    index into space.intervals
-    shadow: np.ndarray | None = None   # [P] index into space.shadow_modes (0 = none; None: all 0)
+    shadow: np.ndarray | None = None   # [P, L] index into space.shadow_modes per layer (0 = none; None: all 0)
 
     def __post_init__(self):
         if self.shadow is None:
-            object.__setattr__(self, "shadow", np.zeros(len(self.interval), dtype=np.int64))
+            object.__setattr__(self, "shadow", np.zeros(self.sizes.shape, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.interval)
 
     def genomes(self) -> np.ndarray:
-        """[P, 2L + 3] int rows, one per configuration (to deduplicate and sort)."""
-        return np.concatenate([self.sizes, self.prec, self.nonexpert[:, None], self.interval[:, None],
-                               self.shadow[:, None]], axis=1)
+        """[P, 3L + 2] int rows, one per configuration (to deduplicate and sort): sizes, precisions
+        and shadow forms per layer, then the non-expert precision and F."""
+        return np.concatenate([self.sizes, self.prec, self.shadow, self.nonexpert[:, None], self.interval[:, None]],
+                              axis=1)
 
     @classmethod
     def from_genomes(cls, g: np.ndarray, layers: int) -> Batch:
-        return cls(sizes=g[:, :layers], prec=g[:, layers:2 * layers], nonexpert=g[:, 2 * layers],
-                   interval=g[:, 2 * layers + 1], shadow=g[:, 2 * layers + 2])
+        L = layers
+        return cls(sizes=g[:, :L], prec=g[:, L:2 * L], shadow=g[:, 2 * L:3 * L], nonexpert=g[:, 3 * L],
+                   interval=g[:, 3 * L + 1])
 
     def take(self, idx) -> Batch:
         return Batch(self.sizes[idx], self.prec[idx], self.nonexpert[idx], self.interval[idx], self.shadow[idx])
