@@ -1,7 +1,9 @@
 """Shadow forms below 2 bits (issue 13's 7 MB target): on the shipped LM, with int4 members and int4
 non-expert weights (what llama.cpp's q4_K_M quantises too), held-out perplexity at weight budgets
 from 6.3 to 9.7 MB for every shadow form, per-layer mixes, and the best configuration without
-shadows; each form's measured relative output error per layer; decode speed at 7 MB as a ratio to
+shadows; what the planner picks for those weight budgets (`pcmoe plan --weights`: committee
+sizes, precisions and a shadow form per layer) and what it measures; each form's measured relative
+output error per layer; decode speed at 7 MB as a ratio to
 the int4 committee without shadows at the same memory (interleaved runs, min of 5). Writes
 docs/results/shadow_forms.json, .md and .png (atomically).
 
@@ -68,6 +70,38 @@ def quality_runs(max_tokens: int) -> list[dict]:
         rows.append({**row, "ppl": result["ppl"], "tokens": result["tokens"], "resident_bytes": st["resident_bytes"],
                      "shadow_bytes": st["shadow_bytes"], "committee_sizes": st["committee_sizes"],
                      "shadowed": st["shadowed"], "exchanged": st["exchanged"], "skipped": st["skipped"]})
+        engine.close()
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+PLANNED = ("7MB", "7.5MB", "8MB", "9.7MB")
+
+
+def planned_runs(max_tokens: int) -> list[dict]:
+    """`pcmoe plan --weights W` for each budget, then the plan measured like the rows above."""
+    import sys
+    import tempfile
+
+    docs = read_documents(LM / "eval" / "heldout.txt")
+    rows = []
+    for budget in PLANNED:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "plan.json"
+            done = subprocess.run([sys.executable, "-m", "pcmoe", "plan", "--model", str(LM), "--weights", budget,
+                                   "-o", str(path)], capture_output=True, text=True)
+            if done.returncode != 0:
+                rows.append({"budget": budget, "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
+                continue
+            plan = json.loads(path.read_text())
+            engine = pcmoe.load(LM, plan=str(path), progress=False)
+        result = perplexity(engine, docs, max_tokens=max_tokens, progress=False)
+        st = engine.stats()
+        rows.append({"budget": budget, "policy": engine.policy, "committee_sizes": plan["committee_sizes"],
+                     "precisions": plan["precisions"], "nonexpert_precision": plan["nonexpert_precision"],
+                     "shadow": plan.get("shadow"), "update_every": plan["options"].get("update_every"),
+                     "predicted_weight_bytes": plan["predicted"]["memory_bytes"], "ppl": result["ppl"],
+                     "resident_bytes": st["resident_bytes"], "shadowed": st["shadowed"], "swaps": st["swaps"]})
         engine.close()
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -148,6 +182,19 @@ def markdown(data: dict) -> str:
             return f"{r['ppl']:.2f} ({r['ppl'] / full:.3f}x, {r['shadow'] or r['policy']})" if r else "-"
         out.append(f"| {budget} | {cell(kinds.get('no shadows'))} | {cell(kinds.get('one form'))} | "
                    f"{cell(kinds.get('mixed'))} |")
+    if data.get("planned"):
+        out += ["", "## Planned (`pcmoe plan --weights W`, then the plan measured as above)", "",
+                "| weights | policy | committee | precisions | shadow forms per layer | F | ppl | x full | "
+                "resident MB | swaps |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in data["planned"]:
+            if "error" in r:
+                out.append(f"| {r['budget']} | - | - | - | - | - | - | - | - | {r['error'][:80]} |")
+                continue
+            forms = r["shadow"] if isinstance(r["shadow"], str) else " ".join(r["shadow"] or ["none"])
+            precs = sorted(set(r["precisions"]))
+            out.append(f"| {r['budget']} | {r['policy']} | {r['committee_sizes']} | {' '.join(precs)} "
+                       f"(non-expert {r['nonexpert_precision']}) | {forms} | {r['update_every']} | {r['ppl']:.2f} | "
+                       f"{r['ppl'] / full:.3f} | {r['resident_bytes'] / 1e6:.2f} | {r['swaps']} |")
     if data.get("errors"):
         out += ["", "## Relative output error per layer (router-weighted; exchange ~1.0-1.2, skip 1.0)", "",
                 "| form | bytes per expert | layer errors |", "|---|---|---|"]
@@ -177,6 +224,9 @@ def plot(data: dict, path: Path) -> None:
         if "ppl" in r and r["budget"] and not r["mixed"]:
             name = f"int4 members + {r['shadow']} shadows" if r["shadow"] else f"no shadows: {r['policy']}"
             curves.setdefault(name, []).append((r["resident_bytes"] / 1e6, r["ppl"]))
+    planned = sorted((r["resident_bytes"] / 1e6, r["ppl"]) for r in data.get("planned", []) if "ppl" in r)
+    if planned:
+        curves["planned (pcmoe plan --weights)"] = planned
     for name, pts in sorted(curves.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
@@ -213,6 +263,7 @@ def main() -> None:
     data["bytes"] = {f: S.shadow_nbytes(probe.family.kernel(), probe.blocks[0].experts.dtype, f) for f in FORMS}
     probe.close()
     data["quality"] = quality_runs(args.max_tokens)
+    data["planned"] = planned_runs(args.max_tokens)
     if not args.skip_decode:
         data["decode"] = decode_runs()
     atomic_write_text(Path(args.out + ".json"), json.dumps(data, indent=1))
