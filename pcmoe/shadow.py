@@ -13,8 +13,10 @@ Two compact forms of an expert's [out, in] linear weights:
                 codebook per expert (k-means over all its linear weights, which share it), times a
                 bf16 RMS scale per group of `group` input columns: b / 4 bits per weight (1.5 / 1.75 /
                 2.0), plus 16 bits per group and the codebook (2^b x 4 x 2 bytes per expert). Codes
-                are b bit-planes over the [out, in/4] vectors. Per weight error it beats int2 at fewer
+                are packed over the [out, in/4] vectors (below). Per weight error it beats int2 at fewer
                 bytes (relative weight error on the shipped LM: vq7 0.36, vq8 0.31, int2 0.35, int1 0.60).
+                Codes are packed per row as a little-endian bit stream, 8 codes in b bytes (".c"), so
+                the one-token kernel reads a group of 8 codes with one load and shifts.
   lowrank       W ~ A B with A [out, r] and B [r, in] from the SVD (2 r (out + in) bytes).
 
 A `ShadowBank` holds the shadows of one layer's experts (a fixed set, chosen at load) stacked over
@@ -72,7 +74,8 @@ def shadow_shapes(shape: tuple[int, int], mode: str, group: int | None = None,
         if in_f % (8 * VQ_DIM):
             raise ValueError(f"vq shadows need an input size that is a multiple of 32 (got {in_f})")
         group = fit_group(in_f, group or DEFAULT_GROUP[mode])
-        return {".p": ((bits_of(mode), out_f, in_f // (8 * VQ_DIM)), torch.uint8), ".s": ((out_f, in_f // group), None)}
+        codes = ((out_f, in_f // (8 * VQ_DIM) * bits_of(mode)), torch.uint8)
+        return {".c": codes, ".s": ((out_f, in_f // group), None)}
     group = fit_group(in_f, group or DEFAULT_GROUP[mode])
     return {".p": ((bits_of(mode), out_f, in_f // 8), torch.uint8), ".s": ((out_f, in_f // group, 2), None)}
 
@@ -202,7 +205,7 @@ def dequantize_into(out: torch.Tensor, planes: torch.Tensor, scale_min: torch.Te
         if codebook is None:
             out[r0:r1].copy_(dequantize(planes[:, r0:r1], scale_min[r0:r1], out.dtype))
         else:
-            out[r0:r1].copy_(dequantize_vq(planes[:, r0:r1], scale_min[r0:r1], codebook, out.dtype))
+            out[r0:r1].copy_(dequantize_vq(planes[r0:r1], scale_min[r0:r1], codebook, out.dtype))
 
 
 def dequantize_reference(planes: torch.Tensor, scale_min: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -272,27 +275,49 @@ def quantize_vq(weights: dict[str, torch.Tensor], bits: int, groups: dict[str, i
     return codebook, out
 
 
-def dequantize_vq(planes: torch.Tensor, scale: torch.Tensor, codebook: torch.Tensor,
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [out, V] (0..2^b-1, V a multiple of 8) -> [out, V/8 * b] uint8: each run of 8 codes
+    as one b-byte little-endian integer, code j in bits b*j .. b*j+b-1."""
+    out_f, vectors = codes.shape
+    runs = codes.view(out_f, vectors // 8, 8).long()                            # [out, V/8, 8]
+    value = (runs << (bits * torch.arange(8))).sum(dim=-1)                      # [out, V/8] < 2^(8b)
+    return ((value[..., None] >> (8 * torch.arange(bits))) & 0xFF).to(torch.uint8).view(out_f, -1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """pack_codes' inverse: [out, V/8 * b] uint8 -> codes [out, V] uint8."""
+    out_f = packed.shape[0]
+    run_bytes = packed.view(out_f, -1, bits).long()                             # [out, V/8, b]
+    value = (run_bytes << (8 * torch.arange(bits))).sum(dim=-1)                 # [out, V/8]
+    codes = (value[..., None] >> (bits * torch.arange(8))) & (2 ** bits - 1)   # [out, V/8, 8]
+    return codes.to(torch.uint8).view(out_f, -1)
+
+
+def dequantize_vq(packed: torch.Tensor, scale: torch.Tensor, codebook: torch.Tensor,
                   dtype: torch.dtype) -> torch.Tensor:
-    """Fast: [out, in] weights in `dtype` from code bit-planes [b, out, V/8], scale [out, G] and codebook [K, 4]."""
-    codes = unpack_planes(planes)                                                # [out, V]
+    """Fast: [out, in] weights in `dtype` from packed codes [out, V/8 * b], scale [out, G] and codebook [K, 4]."""
+    bits = int(codebook.shape[0]).bit_length() - 1
+    codes = unpack_codes(packed, bits)                                           # [out, V]
     out_f, vectors = codes.shape
     w = codebook.float()[codes.long()].view(out_f, scale.shape[1], -1) * scale.float()[..., None]
     return w.view(out_f, vectors * VQ_DIM).to(dtype)
 
 
-def dequantize_vq_reference(planes: torch.Tensor, scale: torch.Tensor, codebook: torch.Tensor,
+def dequantize_vq_reference(packed: torch.Tensor, scale: torch.Tensor, codebook: torch.Tensor,
                             dtype: torch.dtype) -> torch.Tensor:
-    """Slow twin of dequantize_vq: each vector's code read bit by bit, its weights looked up one by one."""
-    bits, out_f, cols = planes.shape
-    in_f = cols * 8 * VQ_DIM
+    """Slow twin of dequantize_vq: each vector's code read bit by bit from the stream, its weights
+    looked up one by one."""
+    bits = int(codebook.shape[0]).bit_length() - 1
+    out_f, cols = packed.shape
+    in_f = cols * 8 // bits * VQ_DIM
     group = in_f // scale.shape[1]
-    p, sc, cb = planes.tolist(), scale.float().tolist(), codebook.float().tolist()
+    p, sc, cb = packed.tolist(), scale.float().tolist(), codebook.float().tolist()
     w = torch.empty(out_f, in_f, dtype=torch.float32)
     for o in range(out_f):
         row = []
         for v in range(in_f // VQ_DIM):
-            code = sum(((p[b][o][v // 8] >> (v % 8)) & 1) << b for b in range(bits))
+            first = bits * v   # the code's first bit in the row's stream
+            code = sum(((p[o][(first + i) // 8] >> ((first + i) % 8)) & 1) << i for i in range(bits))
             row.extend(cb[code][j] * sc[o][(VQ_DIM * v + j) // group] for j in range(VQ_DIM))
         w[o] = torch.tensor(row)
     return w.to(dtype)
@@ -402,7 +427,7 @@ class ShadowBank:
         codebook, coded = quantize_vq(linear, bits_of(self.mode), groups)
         self.bank[CODEBOOK][row].copy_(codebook)
         for name, (codes, scale) in coded.items():
-            self.bank[name + ".p"][row].copy_(pack_planes(codes, bits_of(self.mode)))
+            self.bank[name + ".c"][row].copy_(pack_codes(codes, bits_of(self.mode)))
             self.bank[name + ".s"][row].copy_(scale)
 
     def row_state(self, expert: int) -> dict[str, torch.Tensor]:
@@ -447,7 +472,7 @@ class ShadowBank:
                 out[name] = (a.float() @ b.float()).to(self.dtype) if reference else a @ b
             elif self.mode in VQ_BITS:
                 deq = dequantize_vq_reference if reference else dequantize_vq
-                out[name] = deq(self.bank[name + ".p"][row], self.bank[name + ".s"][row], self.bank[CODEBOOK][row],
+                out[name] = deq(self.bank[name + ".c"][row], self.bank[name + ".s"][row], self.bank[CODEBOOK][row],
                                 self.dtype)
             else:
                 deq = dequantize_reference if reference else dequantize
@@ -479,9 +504,10 @@ class ShadowBank:
             return self.kernel(x, _LowRankView(self.bank, row))
         dense = _dense_scratch(self.kernel, self.dtype)
         codebook = self.bank[CODEBOOK][row] if self.mode in VQ_BITS else None
+        codes = ".c" if self.mode in VQ_BITS else ".p"
         for name in self.kernel.tensors:
             if name in self.kernel.linear_weights:
-                dequantize_into(dense[name], self.bank[name + ".p"][row], self.bank[name + ".s"][row],
+                dequantize_into(dense[name], self.bank[name + codes][row], self.bank[name + ".s"][row],
                                 codebook=codebook)
             else:
                 dense[name] = self.bank[name][row]
@@ -530,6 +556,7 @@ class ShadowCache:
         from pcmoe.qcache import cache_root
 
         key = spec_key(form, opts.shadow_group, opts.shadow_rank).replace("/", "-")
+        key += "-packed" if form in VQ_BITS else ""   # not the bit-plane files of the first vq layout
         return ShadowCache(cache_root(opts.cache_dir) / fingerprint / f"shadows-{key}")
 
     @staticmethod
@@ -653,7 +680,7 @@ def _load_native():
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         return None, f"the shadow kernel does not load ({e})"
-    if lib.pcmoe_shadow_abi() != 2:
+    if lib.pcmoe_shadow_abi() != 3:
         return None, "the shadow kernel is from another pcmoe version"
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.pcmoe_shadow_glu.argtypes = [i, p, p, i, p, p, i, p, p, i, i, p]
@@ -674,8 +701,9 @@ def native_fits(bank: ShadowBank) -> bool:
     if bank.mode not in DEFAULT_GROUP or not isinstance(k, GluKernel) or bank.dtype != torch.bfloat16 or not silu:
         return False
     for name in k.linear_weights:
-        if bank.mode in VQ_BITS:      # groups of whole bytes of 8 vector codes
-            in_features, groups = bank.bank[name + ".p"].shape[-1] * 8 * VQ_DIM, bank.bank[name + ".s"].shape[-1]
+        if bank.mode in VQ_BITS:      # groups of whole runs of 8 vector codes
+            in_features = bank.bank[name + ".c"].shape[-1] * 8 // bits_of(bank.mode) * VQ_DIM
+            groups = bank.bank[name + ".s"].shape[-1]
             if (in_features // groups) % (8 * VQ_DIM):
                 return False
         else:                         # groups of whole 16-weight masks
@@ -689,10 +717,10 @@ def _native_one(bank: ShadowBank, x: torch.Tensor, expert: int, out: torch.Tenso
     """One token [1, H] through expert's shadow with the native kernel -> [1, H] float32 (into
     `out`, [H] float32, when given)."""
     if bank._args is None:  # the bank is never reallocated: each row's addresses are fixed
-        gu_p, gu_s, dn_p, dn_s = (bank.bank[n] for n in ("gate_up.p", "gate_up.s", "down.p", "down.s"))
         bits = bits_of(bank.mode)
         if bank.mode in VQ_BITS:
-            hidden, inter = gu_p.shape[-1] * 8 * VQ_DIM, dn_p.shape[-1] * 8 * VQ_DIM
+            gu_p, gu_s, dn_p, dn_s = (bank.bank[n] for n in ("gate_up.c", "gate_up.s", "down.c", "down.s"))
+            hidden, inter = gu_p.shape[-1] * 8 // bits * VQ_DIM, dn_p.shape[-1] * 8 // bits * VQ_DIM
             codes = 2 ** bits
             table = max(hidden, inter) // VQ_DIM * codes
             bank._scratch = torch.empty(3 * inter + 4 * codes + table, dtype=torch.float32)
@@ -702,6 +730,7 @@ def _native_one(bank: ShadowBank, x: torch.Tensor, expert: int, out: torch.Tenso
                           for r in range(gu_p.shape[0])]
             bank._call = bank.native.pcmoe_shadow_vq_glu
         else:
+            gu_p, gu_s, dn_p, dn_s = (bank.bank[n] for n in ("gate_up.p", "gate_up.s", "down.p", "down.s"))
             hidden, inter = gu_p.shape[-1] * 8, dn_p.shape[-1] * 8
             bank._scratch = torch.empty(3 * inter + hidden + inter + 16, dtype=torch.float32)
             bank._args = [(bits, gu_p[r].data_ptr(), gu_s[r].data_ptr(), hidden // gu_s.shape[-2],

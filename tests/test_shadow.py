@@ -99,7 +99,7 @@ def test_vector_codes_round_trip_and_dequantize_twin():
     torch.manual_seed(4)
     weights = {"a": torch.randn(16, 64), "b": torch.randn(8, 32) * 3}
     errors = []
-    for bits in (4, 6, 8):
+    for bits in (4, 6, 7, 8):
         codebook, coded = S.quantize_vq(weights, bits, {"a": 32, "b": 32})
         assert codebook.shape == (2 ** bits, S.VQ_DIM)
         num = den = 0.0
@@ -108,12 +108,16 @@ def test_vector_codes_round_trip_and_dequantize_twin():
             assert codes.shape == (w.shape[0], w.shape[1] // S.VQ_DIM) and scale.shape == (w.shape[0], w.shape[1] // 32)
             vectors, _ = S._vq_vectors(w, 32)
             assert torch.equal(codes.reshape(-1).long(), S._nearest(vectors, codebook))
-            planes = S.pack_planes(codes, bits)
-            fast = S.dequantize_vq(planes, scale, codebook, torch.float32)
-            assert torch.allclose(fast, S.dequantize_vq_reference(planes, scale, codebook, torch.float32), atol=1e-5)
+            packed = S.pack_codes(codes, bits)
+            assert packed.shape == (w.shape[0], w.shape[1] // S.VQ_DIM * bits // 8)
+            assert torch.equal(S.unpack_codes(packed, bits), codes)
+            fast = S.dequantize_vq(packed, scale, codebook, torch.float32)
+            assert torch.allclose(fast, S.dequantize_vq_reference(packed, scale, codebook, torch.float32), atol=1e-5)
             num, den = num + float((fast - w).pow(2).sum()), den + float(w.pow(2).sum())
         errors.append((num / den) ** 0.5)
-    assert errors[0] > errors[1] > errors[2] > 0
+    assert errors[0] > errors[1] > errors[2] > errors[3] > 0
+    top = torch.full((2, 16), 255, dtype=torch.uint8)          # 8-bit codes fill all 64 bits of a run
+    assert torch.equal(S.unpack_codes(S.pack_codes(top, 8), 8), top)
     again, _ = S.quantize_vq(weights, 6, {"a": 32, "b": 32})
     assert torch.equal(again, S.quantize_vq(weights, 6, {"a": 32, "b": 32})[0])   # deterministic
 

@@ -76,40 +76,31 @@ EXPORT void pcmoe_shadow_glu(int bits, const uint8_t *gu_planes, const uint16_t 
     gemv_planes(bits, dn_planes, dn_sm, h, hsum, y, hidden, inter, dn_group);
 }
 
-/* Vector-quantised weights [out, in]: each run of 4 inputs v is codebook[code[o][v]] * scale[o][g],
- * codes as b bit-planes [b][out][V/8] (bit j of byte c = vector 8c+j). So, with
- * table[v][k] = dot(codebook[k], x[4v..4v+3]) computed once per input,
+/* Vector-quantised weights [out, in]: each run of 4 inputs v is codebook[code[o][v]] * scale[o][g].
+ * A row's codes are a little-endian bit stream, 8 codes in `bits` bytes (code j of a run in bits
+ * bits*j ..). So, with table[v][k] = dot(codebook[k], x[4v..4v+3]) computed once per input,
  *     y[o] = sum_g scale[o,g] * sum_{v in g} table[v][code[o][v]]
  * cb: the codebook as float32 structure-of-arrays [4][K]; table: [in/4][K] floats of scratch. */
-static uint64_t spread_bits[256];   /* byte -> bit j moved to bit 0 of byte j (filled when loaded) */
-
-__attribute__((constructor)) static void fill_spread_bits(void) {
-    for (int v = 0; v < 256; v++) {
-        uint64_t u = 0;
-        for (int j = 0; j < 8; j++) u |= (uint64_t)((v >> j) & 1) << (8 * j);
-        spread_bits[v] = u;
-    }
-}
-
-static void gemv_vq(int bits, const uint8_t *planes, const uint16_t *scale, const float *cb, const float *x,
+static void gemv_vq(int bits, const uint8_t *codes, const uint16_t *scale, const float *cb, const float *x,
                     float *table, float *y, int out, int in, int group) {
-    const int K = 1 << bits, V = in / 4, cols = V / 8, groups = in / group, bytes_per_group = group / 32;
+    const int K = 1 << bits, V = in / 4, runs = V / 8, groups = in / group, runs_per_group = group / 32;
+    const uint64_t mask = (uint64_t)K - 1;
     for (int v = 0; v < V; v++) {
         const float x0 = x[4 * v], x1 = x[4 * v + 1], x2 = x[4 * v + 2], x3 = x[4 * v + 3];
         float *t = table + (size_t)v * K;
         for (int k = 0; k < K; k++) t[k] = cb[k] * x0 + cb[K + k] * x1 + cb[2 * K + k] * x2 + cb[3 * K + k] * x3;
     }
     for (int o = 0; o < out; o++) {
+        const uint8_t *row = codes + (size_t)o * runs * bits;
         float total = 0.0f;
         for (int g = 0; g < groups; g++) {
             float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};   /* 8 sums: no chain of dependent adds */
-            for (int c = g * bytes_per_group; c < (g + 1) * bytes_per_group; c++) {
-                /* the 8 codes of this byte column, one per byte of `codes`: plane b's byte spread so
-                 * that its bit j lands on bit b of byte j */
-                uint64_t codes = 0;
-                for (int b = 0; b < bits; b++) codes |= spread_bits[planes[((size_t)b * out + o) * cols + c]] << b;
+            for (int c = g * runs_per_group; c < (g + 1) * runs_per_group; c++) {
+                uint64_t run = 0;   /* little-endian: code j at bits*j; one 8-byte load but in a row's last run */
+                if (c + 1 < runs) memcpy(&run, row + (size_t)c * bits, 8);
+                else memcpy(&run, row + (size_t)c * bits, (size_t)bits);
                 const float *t = table + (size_t)c * 8 * K;
-                for (int j = 0; j < 8; j++) acc[j] += t[(size_t)j * K + ((codes >> (8 * j)) & 0xFF)];
+                for (int j = 0; j < 8; j++) acc[j] += t[(size_t)j * K + ((run >> (bits * j)) & mask)];
             }
             const float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
             total += sum * bf16_to_float(scale[(size_t)o * groups + g]);
@@ -120,8 +111,8 @@ static void gemv_vq(int bits, const uint8_t *planes, const uint16_t *scale, cons
 
 /* One token through a SiLU GLU vq shadow: x [H] float32 -> y [H] float32. codebook: [K][4] bf16,
  * shared by gate_up [2I, H] and down [H, I]; scratch: at least 3I + 4K + max(H, I) / 4 * K floats. */
-EXPORT void pcmoe_shadow_vq_glu(int bits, const uint16_t *codebook, const uint8_t *gu_planes, const uint16_t *gu_scale,
-                                int gu_group, const uint8_t *dn_planes, const uint16_t *dn_scale, int dn_group,
+EXPORT void pcmoe_shadow_vq_glu(int bits, const uint16_t *codebook, const uint8_t *gu_codes, const uint16_t *gu_scale,
+                                int gu_group, const uint8_t *dn_codes, const uint16_t *dn_scale, int dn_group,
                                 const float *x, float *y, int hidden, int inter, float *scratch) {
     const int K = 1 << bits;
     float *gate_up = scratch;                 /* [2I] */
@@ -130,12 +121,12 @@ EXPORT void pcmoe_shadow_vq_glu(int bits, const uint16_t *codebook, const uint8_
     float *table = cb + 4 * K;                /* [max(H, I) / 4][K] */
     for (int k = 0; k < K; k++)
         for (int d = 0; d < 4; d++) cb[d * K + k] = bf16_to_float(codebook[4 * k + d]);
-    gemv_vq(bits, gu_planes, gu_scale, cb, x, table, gate_up, 2 * inter, hidden, gu_group);
+    gemv_vq(bits, gu_codes, gu_scale, cb, x, table, gate_up, 2 * inter, hidden, gu_group);
     for (int i = 0; i < inter; i++) {
         float g = gate_up[i];
         h[i] = g / (1.0f + expf(-g)) * gate_up[inter + i];
     }
-    gemv_vq(bits, dn_planes, dn_scale, cb, h, table, y, hidden, inter, dn_group);
+    gemv_vq(bits, dn_codes, dn_scale, cb, h, table, y, hidden, inter, dn_group);
 }
 
-EXPORT int pcmoe_shadow_abi(void) { return 2; }
+EXPORT int pcmoe_shadow_abi(void) { return 3; }
