@@ -266,7 +266,7 @@ def test_shadow_options_are_checked(qwen):
         pcmoe.load(qwen, budget="50%experts", policy="on-demand", shadow="int2", progress=False)
 
 
-@pytest.mark.parametrize("mode", ["int1", "int2", "int3", "vq7", "vq8"])
+@pytest.mark.parametrize("mode", ["int1", "int2", "int3", "vq6", "vq7", "vq8"])
 def test_native_shadow_kernel_agrees_with_the_eager_path(mode):
     if S.native_kernels() is None:
         pytest.skip(f"native kernels not available: {S._native_state[1]}")
