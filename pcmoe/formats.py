@@ -108,6 +108,8 @@ def parse_shadow(value, what: str = "shadow") -> str | tuple[str | None, ...] | 
     if value is None:
         return None
     items = value.split(",") if isinstance(value, str) else value
+    if isinstance(items, (list, tuple)):   # None in a list: no shadows in that layer (as parse_shadow returns it)
+        items = ["none" if v is None else v for v in items]
     if not isinstance(items, (list, tuple)) or not items or any(not isinstance(v, str) for v in items):
         raise FormatError(f"{what} {value!r} is not one of none, {', '.join(SHADOWS)} or a list of them (one per "
                           "MoE layer)")

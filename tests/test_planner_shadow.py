@@ -234,6 +234,7 @@ def test_plan_files_carry_the_shadow_form(tmp_path):
     # one form per layer; the same form everywhere is kept per layer, "none" everywhere is no shadows
     assert check_shadow({"shadow": ["vq7", "none", "int2"]}) == ("vq7", None, "int2")
     assert check_shadow({"shadow": ["none", "none"]}) is None
+    assert check_shadow({"shadow": ("vq7", None, "int2")}) == ("vq7", None, "int2")   # parsed twice: the same
     for bad in (["int2", 3], [], {"a": 1}, 5):
         with pytest.raises(FormatError, match="plan shadow"):
             check_shadow({"shadow": bad})
@@ -259,3 +260,11 @@ def test_plan_files_carry_the_shadow_form(tmp_path):
     explicit = pcmoe.load(folder, plan=plan, policy="committee", progress=False, shadow="int3")
     assert explicit.stats()["per_layer"][0]["shadow_experts"] == N - 1    # an explicit --shadow wins
     assert explicit.stats()["shadow_bytes"] > engine.stats()["shadow_bytes"]
+    # a form per layer, "none" in some: each layer's own shadows (the planner writes such lists)
+    sizes2 = [1] * len(sizes)
+    forms = (["vq7", "none"] * len(sizes))[:len(sizes)]
+    mixed = pcmoe.load(folder, plan={**plan, "committee_sizes": sizes2, "shadow": forms}, policy="committee",
+                       progress=False)
+    assert mixed.options.shadow == tuple(None if f == "none" else f for f in forms)
+    assert [layer["shadow_experts"] for layer in mixed.stats()["per_layer"]] == \
+        [N - 1 if f != "none" else 0 for f in forms]
