@@ -56,8 +56,8 @@ class LoadOptions:
     evict: bool = True             # drop read ranges from the page cache
     cache_dir: str | None = None   # where expert norms are cached
     progress: bool = True
-    shadow: str | tuple | None = None  # shadows beside the committee: int1 | int2 | int3 | lowrank, or one per
-                                       # MoE layer ("int2,int1,none,...", a tuple after validate; pcmoe/shadow.py)
+    shadow: str | tuple | None = None  # shadows beside the committee: int1..int3 | vq6..vq8 | lowrank, or one
+                                       # per MoE layer ("int2,vq7,none,...", a tuple after validate; pcmoe/shadow.py)
     shadow_group: int | None = None  # int2 / int3: input columns per group (default 128)
     shadow_rank: int | None = None   # lowrank: rank of the factors (default 32)
     shadow_experts: int | None = None  # shadows per layer (None: every expert outside the initial committee)
