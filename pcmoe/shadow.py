@@ -3,20 +3,20 @@
 Dimension legend:  T tokens, H hidden size, I expert intermediate size, N experts in the layer,
                    G groups of `group` input columns, r rank, b bits, V = in/4 vectors, K = 2^b codes.
 
-Two compact forms of an expert's [out, in] linear weights:
+Three compact forms of an expert's [out, in] linear weights:
 
   int1 / int2 / int3   asymmetric group quantisation (groups of `group` input columns, a bf16 scale and
                 minimum per group, the clipping range searched per group for the least squared
-                error), codes stored as b bit-planes of 8 weights per byte: b bits per weight
-                exactly, plus 32 bits per group.
+                error; int1's two levels are the group's two means), codes stored as b bit-planes of
+                8 weights per byte: b bits per weight exactly, plus 32 bits per group.
   vq6 / vq7 / vq8   vector quantisation: each run of 4 input weights is one of 2^b vectors of a
                 codebook per expert (k-means over all its linear weights, which share it), times a
                 bf16 RMS scale per group of `group` input columns: b / 4 bits per weight (1.5 / 1.75 /
-                2.0), plus 16 bits per group and the codebook (2^b x 4 x 2 bytes per expert). Codes
-                are packed over the [out, in/4] vectors (below). Per weight error it beats int2 at fewer
-                bytes (relative weight error on the shipped LM: vq7 0.36, vq8 0.31, int2 0.35, int1 0.60).
-                Codes are packed per row as a little-endian bit stream, 8 codes in b bytes (".c"), so
-                the one-token kernel reads a group of 8 codes with one load and shifts.
+                2.0), plus 16 bits per group and the codebook (2^b x 4 x 2 bytes per expert). Per
+                weight error it beats int2 at fewer bytes (relative weight error on the shipped LM:
+                vq7 0.36, vq8 0.31, int2 0.35, int1 0.60). Codes are packed per row as a little-endian
+                bit stream, 8 codes in b bytes (".c"), so the one-token kernel reads a run of 8 codes
+                with one load and shifts.
   lowrank       W ~ A B with A [out, r] and B [r, in] from the SVD (2 r (out + in) bytes).
 
 A `ShadowBank` holds the shadows of one layer's experts (a fixed set, chosen at load) stacked over
