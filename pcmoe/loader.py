@@ -342,8 +342,12 @@ def _shadow_sizing(lay: _Layout, family, budget_spec, policy: str, plan_sizes, o
     from pcmoe.shadow import shadow_nbytes
 
     full = slot_nbytes(family.kernel(), lay.dtype, None)   # the exact-load scratch of --wait-above
-    one = [shadow_nbytes(family.kernel(), lay.dtype, form, opts.shadow_group, opts.shadow_rank) if form else 0
-           for form in _layer_forms(opts, lay)]
+    try:
+        one = [shadow_nbytes(family.kernel(), lay.dtype, form, opts.shadow_group, opts.shadow_rank) if form else 0
+               for form in _layer_forms(opts, lay)]
+    except ValueError as e:   # a form this model's expert shapes do not allow
+        raise PcmoeError(f"{e}: {family.model_types[0]} experts cannot have these shadows; choose another form "
+                         "(int1, int2 and int3 need inputs in multiples of 8)") from None
     return shadow_sizing(lay.sizes, parse_budget(budget_spec, lay.sizes), one, policy=policy,
                          swapped=policy in DYNAMIC_POLICIES, spare_slots=opts.spare_slots,
                          bytes_per_step=opts.bytes_per_step, staging_bytes=_staging_bytes(family, lay),

@@ -253,6 +253,15 @@ def test_shadow_forms_per_layer(qwen):
         assert engine.stats()["shadowed"] > 0
 
 
+def test_a_form_the_expert_shapes_do_not_allow_is_one_line(tmp_path):
+    folder = tmp_path / "switch"
+    make_checkpoint("switch_transformers", folder)       # experts of 48 inputs: no whole runs of 8 x 4 weights
+    with pytest.raises(PcmoeError, match="multiple of 32 .got 48.: switch_transformers experts cannot have"):
+        pcmoe.load(folder, budget="60%experts", policy="magnitude-keep", shadow="vq7", progress=False)
+    engine = pcmoe.load(folder, budget="60%experts", policy="magnitude-keep", shadow="int2", progress=False)
+    assert engine.stats()["shadow_bytes"] > 0
+
+
 def test_shadow_options_are_checked(qwen):
     with pytest.raises(PcmoeError, match="shadow 'int9' is not one of"):
         pcmoe.load(qwen, budget="50%experts", shadow="int9", progress=False)
