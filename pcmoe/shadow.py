@@ -506,11 +506,13 @@ class ShadowBank:
         codebook = self.bank[CODEBOOK][row] if self.mode in VQ_BITS else None
         codes = ".c" if self.mode in VQ_BITS else ".p"
         for name in self.kernel.tensors:
-            if name in self.kernel.linear_weights:
+            if name not in self.kernel.linear_weights:
+                dense[name] = self.bank[name][row]
+            elif self.native is not None:   # the native twin of dequantize_into (tested to agree)
+                _native_dequantize(self, name, row, dense[name])
+            else:
                 dequantize_into(dense[name], self.bank[name + codes][row], self.bank[name + ".s"][row],
                                 codebook=codebook)
-            else:
-                dense[name] = self.bank[name][row]
         # rows padded to a multiple of 8, as the grouped expert GEMM's (moe.GROUP_ROWS): a prefill meets
         # every count of missed tokens, and oneDNN keeps a primitive per count (~19 MiB more peak RSS
         # with int2 shadows on the shipped LM before)
@@ -639,7 +641,10 @@ class ShadowCache:
 
 NATIVE_SOURCE = __import__("pathlib").Path(__file__).with_name("native") / "shadow.c"
 _native_state: list = []     # [library or None, why]
-NATIVE_ROWS = 8  # up to this many tokens, one native call per token beats dequantising the expert (~15x)
+# Up to this many tokens for one shadow, one native call per token (int2 23 us, vq7 35 us per token on the
+# shipped LM) beats dequantising it natively once and multiplying (int2 132 us, vq7 213 us: the break-even is
+# 5.7 / 6.1 tokens; the torch dequantisation took 640 / 870 us)
+NATIVE_ROWS = 6
 
 
 def native_kernels():
@@ -680,13 +685,17 @@ def _load_native():
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         return None, f"the shadow kernel does not load ({e})"
-    if lib.pcmoe_shadow_abi() != 3:
+    if lib.pcmoe_shadow_abi() != 4:
         return None, "the shadow kernel is from another pcmoe version"
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.pcmoe_shadow_glu.argtypes = [i, p, p, i, p, p, i, p, p, i, i, p]
     lib.pcmoe_shadow_glu.restype = None
     lib.pcmoe_shadow_vq_glu.argtypes = [i, p, p, p, i, p, p, i, p, p, i, i, p]
     lib.pcmoe_shadow_vq_glu.restype = None
+    lib.pcmoe_shadow_dequant_planes.argtypes = [i, p, p, i, i, i, i, i, p]
+    lib.pcmoe_shadow_dequant_planes.restype = None
+    lib.pcmoe_shadow_dequant_vq.argtypes = [i, p, p, p, i, i, i, i, p]
+    lib.pcmoe_shadow_dequant_vq.restype = None
     return lib, "native"
 
 
@@ -743,6 +752,23 @@ def _native_one(bank: ShadowBank, x: torch.Tensor, expert: int, out: torch.Tenso
     y = torch.empty((1, hidden), dtype=torch.float32) if out is None else out.view(1, hidden)
     bank._call(*bank._args[bank.row_of[expert]], xf.data_ptr(), y.data_ptr(), hidden, inter, bank._scratch.data_ptr())
     return y
+
+
+def _native_dequantize(bank: ShadowBank, name: str, row: int, out: torch.Tensor) -> None:
+    """Row `row`'s linear weight `name` dequantised by the native kernel into `out` [out, in] bf16:
+    dequantize_into's twin (the same float32 arithmetic, rounded once to bf16), without its
+    per-chunk temporaries."""
+    out_f, in_f = out.shape
+    scale = bank.bank[name + ".s"][row]
+    if bank.mode in VQ_BITS:
+        codebook = bank.bank[CODEBOOK][row].float().contiguous()                    # [K, 4]
+        bank.native.pcmoe_shadow_dequant_vq(bits_of(bank.mode), bank.bank[name + ".c"][row].data_ptr(),
+                                            scale.data_ptr(), codebook.data_ptr(), in_f, in_f // scale.shape[-1],
+                                            0, out_f, out.data_ptr())
+    else:
+        bank.native.pcmoe_shadow_dequant_planes(bits_of(bank.mode), bank.bank[name + ".p"][row].data_ptr(),
+                                                scale.data_ptr(), out_f, in_f, in_f // scale.shape[-2], 0, out_f,
+                                                out.data_ptr())
 
 
 class _LowRankView(dict):

@@ -143,4 +143,60 @@ EXPORT void pcmoe_shadow_vq_glu(int bits, const uint16_t *codebook, const uint8_
     gemv_vq(bits, dn_codes, dn_scale, cb, h, table, y, hidden, inter, dn_group);
 }
 
-EXPORT int pcmoe_shadow_abi(void) { return 3; }
+/* Many tokens through one shadow: its weights dequantised once to bf16 rows (then an ordinary
+ * GEMM), the twins of shadow.dequantize / dequantize_vq: the same float32 products and sums, each
+ * rounded once to bf16 (round to nearest even, as torch's conversion). */
+
+/* rows [r0, r1) of bit-plane weights [out, in] -> dst [r1 - r0][in] bf16; 16 weights at a time: each
+ * plane's 16 bits are a mask adding 2^b to the codes, then code * scale + minimum */
+EXPORT void pcmoe_shadow_dequant_planes(int bits, const uint8_t *planes, const uint16_t *scale_min, int out, int in,
+                                        int group, int r0, int r1, uint16_t *dst) {
+    const int cols = in / 8, groups = in / group;
+    for (int o = r0; o < r1; o++) {
+        uint16_t *row = dst + (size_t)(o - r0) * in;
+        for (int g = 0; g < groups; g++) {
+            const __m512 scale = _mm512_set1_ps(bf16_to_float(scale_min[((size_t)o * groups + g) * 2]));
+            const __m512 minimum = _mm512_set1_ps(bf16_to_float(scale_min[((size_t)o * groups + g) * 2 + 1]));
+            for (int i = g * group; i < (g + 1) * group; i += 16) {
+                __m512 code = _mm512_setzero_ps();
+                for (int b = 0; b < bits; b++) {
+                    uint16_t m;
+                    memcpy(&m, planes + ((size_t)b * out + o) * cols + i / 8, 2);
+                    code = _mm512_mask_add_ps(code, (__mmask16)m, code, _mm512_set1_ps((float)(1 << b)));
+                }
+                const __m512 w = _mm512_add_ps(_mm512_mul_ps(code, scale), minimum);
+                _mm256_storeu_si256((__m256i *)(row + i), (__m256i)_mm512_cvtneps_pbh(w));
+            }
+        }
+    }
+}
+
+/* rows [r0, r1) of vq weights [out, in] (codes a bit stream per row; cb: the codebook as float32
+ * [K][4]) -> dst bf16; a run of 8 codes is 32 weights, two vectors of 4 codebook rows each */
+EXPORT void pcmoe_shadow_dequant_vq(int bits, const uint8_t *codes, const uint16_t *scale, const float *cb, int in,
+                                    int group, int r0, int r1, uint16_t *dst) {
+    const int runs = in / 32, groups = in / group;
+    const uint64_t mask = ((uint64_t)1 << bits) - 1;
+    for (int o = r0; o < r1; o++) {
+        const uint8_t *row = codes + (size_t)o * runs * bits;
+        uint16_t *out = dst + (size_t)(o - r0) * in;
+        for (int c = 0; c < runs; c++) {
+            uint64_t run = 0;
+            memcpy(&run, row + (size_t)c * bits, (size_t)bits);
+            const __m512 s = _mm512_set1_ps(bf16_to_float(scale[(size_t)o * groups + 32 * c / group]));
+            __m512 half[2];
+            for (int h = 0; h < 2; h++) {
+                __m512 v = _mm512_setzero_ps();
+                v = _mm512_insertf32x4(v, _mm_loadu_ps(cb + 4 * ((run >> (bits * (4 * h + 0))) & mask)), 0);
+                v = _mm512_insertf32x4(v, _mm_loadu_ps(cb + 4 * ((run >> (bits * (4 * h + 1))) & mask)), 1);
+                v = _mm512_insertf32x4(v, _mm_loadu_ps(cb + 4 * ((run >> (bits * (4 * h + 2))) & mask)), 2);
+                v = _mm512_insertf32x4(v, _mm_loadu_ps(cb + 4 * ((run >> (bits * (4 * h + 3))) & mask)), 3);
+                half[h] = _mm512_mul_ps(v, s);
+            }
+            _mm256_storeu_si256((__m256i *)(out + 32 * c), (__m256i)_mm512_cvtneps_pbh(half[0]));
+            _mm256_storeu_si256((__m256i *)(out + 32 * c + 16), (__m256i)_mm512_cvtneps_pbh(half[1]));
+        }
+    }
+}
+
+EXPORT int pcmoe_shadow_abi(void) { return 4; }
