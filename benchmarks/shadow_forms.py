@@ -11,7 +11,8 @@ docs/results/shadow_forms.json, .md and .png (atomically).
 
 --write-errors merges the measured errors into models/pcmoe-lm/pcmoe_shadow_errors.json (the
 chooser's per-layer errors; first 2048 tokens of eval/stdlib.txt, as that file's other forms).
-Perplexity does not depend on machine load; run the decode section alone on the machine.
+Perplexity does not depend on machine load; the eval speeds (teacher-forced chunks of 32 tokens: the
+prefill path) and the decode section do: run it alone on the machine.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def quality_runs(max_tokens: int) -> list[dict]:
         result = perplexity(engine, docs, max_tokens=max_tokens, progress=False)
         st = engine.stats()
         rows.append({**row, "ppl": result["ppl"], "tokens": result["tokens"], "resident_bytes": st["resident_bytes"],
+                     "eval_tokens_per_s": result["tokens_per_s"],
                      "shadow_bytes": st["shadow_bytes"], "committee_sizes": st["committee_sizes"],
                      "shadowed": st["shadowed"], "exchanged": st["exchanged"], "skipped": st["skipped"]})
         engine.close()
@@ -163,18 +165,18 @@ def markdown(data: dict) -> str:
     out = [f"# Shadow forms below 2 bits: shipped LM, held-out ppl (first {data['max_tokens']} tokens; full "
            f"{full:.2f})", "", f"Commit {m['commit']}, {m['machine']}, `{m['command']}`. Members and non-expert "
            "weights int4 throughout.", "",
-           "| budget | policy | shadows | ppl | x full | resident MB | committee | shadowed | exchanged | skipped |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| budget | policy | shadows | ppl | x full | resident MB | eval tokens/s | committee | shadowed "
+           "| exchanged | skipped |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["quality"]:
         opts = {k: v for k, v in r["options"].items() if k not in BASE and k != "shadow"}
         policy = _label(r["policy"], opts)
         if "error" in r:
-            out.append(f"| {r['budget']} | {policy} | {r['shadow'] or '-'} | - | - | - | - | - | - | "
+            out.append(f"| {r['budget']} | {policy} | {r['shadow'] or '-'} | - | - | - | - | - | - | - | "
                        f"{r['error'][:90]} |")
         else:
             out.append(f"| {r['budget'] or 'all'} | {policy} | {r['shadow'] or '-'} | {r['ppl']:.2f} | "
-                       f"{r['ppl'] / full:.3f} | {r['resident_bytes'] / 1e6:.2f} | {r['committee_sizes']} | "
-                       f"{r['shadowed']} | {r['exchanged']} | {r['skipped']} |")
+                       f"{r['ppl'] / full:.3f} | {r['resident_bytes'] / 1e6:.2f} | {r['eval_tokens_per_s']:.0f} | "
+                       f"{r['committee_sizes']} | {r['shadowed']} | {r['exchanged']} | {r['skipped']} |")
     out += ["", "## Best at each budget (x full)", "", "| budget | without shadows | one form | per-layer mix |",
             "|---|---|---|---|"]
     for budget, kinds in _best(data["quality"]).items():
