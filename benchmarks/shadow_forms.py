@@ -128,22 +128,34 @@ def error_runs(write: bool) -> dict:
 
 
 @torch.inference_mode()
-def decode_runs(repeats: int = 5, tokens: int = 48) -> list[dict]:
+def decode_runs(rounds: int = 5, repeats: int = 5, tokens: int = 48) -> list[dict]:
+    """`rounds` rounds of interleaved timing (each configuration's best of `repeats`); the ratio to the
+    committee per round, and its median (the machine's speed drifts between rounds by +-5 %)."""
+    import statistics
+
     engines = [pcmoe.load(LM, budget=DECODE_AT, policy=p, progress=False, **BASE, **o) for p, o in DECODE]
     prompt = engines[0].encode((LM / "eval" / "heldout.txt").read_text()[:2000])[:64]
-    best = [float("inf")] * len(engines)
-    for _ in range(repeats):  # interleaved: machine load slows every configuration alike
-        for i, engine in enumerate(engines):
-            logits, state = engine.prefill(prompt)
-            token = int(logits.argmax())
-            t0 = time.perf_counter()
-            for _ in range(tokens):
-                logits = engine.decode_step(state, token)
+    per_round = []
+    for _ in range(rounds):
+        best = [float("inf")] * len(engines)
+        for _ in range(repeats):  # interleaved: machine load slows every configuration alike
+            for i, engine in enumerate(engines):
+                logits, state = engine.prefill(prompt)
                 token = int(logits.argmax())
-            best[i] = min(best[i], (time.perf_counter() - t0) / tokens)
-    return [{"budget": DECODE_AT, "policy": p, "options": {**BASE, **o}, "ms_per_token": t * 1e3,
-             "speed_vs_committee": best[0] / t, "kernel": e.load_info["kernel"]}
-            for (p, o), t, e in zip(DECODE, best, engines)]
+                t0 = time.perf_counter()
+                for _ in range(tokens):
+                    logits = engine.decode_step(state, token)
+                    token = int(logits.argmax())
+                best[i] = min(best[i], (time.perf_counter() - t0) / tokens)
+        per_round.append(best)
+    out = []
+    for i, ((p, o), e) in enumerate(zip(DECODE, engines)):
+        ratios = [r[0] / r[i] for r in per_round]
+        out.append({"budget": DECODE_AT, "policy": p, "options": {**BASE, **o},
+                    "ms_per_token": statistics.median(r[i] for r in per_round) * 1e3,
+                    "speed_vs_committee": statistics.median(ratios), "ratios": ratios,
+                    "kernel": e.load_info["kernel"]})
+    return out
 
 
 def _best(rows: list[dict]) -> dict:
@@ -163,8 +175,9 @@ def markdown(data: dict) -> str:
     full = next(r["ppl"] for r in data["quality"] if r["policy"] == "full")
     m = data["meta"]
     out = [f"# Shadow forms below 2 bits: shipped LM, held-out ppl (first {data['max_tokens']} tokens; full "
-           f"{full:.2f})", "", f"Commit {m['commit']}, {m['machine']}, `{m['command']}`. Members and non-expert "
-           "weights int4 throughout.", "",
+           f"{full:.2f})", "", f"Commit {m['commit']}, {m['machine']}, `{m['command']}`"
+           + (f" (decode section: `--only-decode` at {m['decode_commit']})" if m.get("decode_commit") else "")
+           + ". Members and non-expert weights int4 throughout.", "",
            "| budget | policy | shadows | ppl | x full | resident MB | eval tokens/s | committee | shadowed "
            "| exchanged | skipped |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["quality"]:
@@ -204,10 +217,13 @@ def markdown(data: dict) -> str:
             out.append(f"| {key} | {data['bytes'].get(key.split('/')[0], '-')} | "
                        + " ".join(f"{e['shadow']:.3f}" for e in layers) + " |")
     if data.get("decode"):
-        out += ["", f"## Decode at {DECODE_AT} (one token, interleaved min of 5)", "",
-                "| policy | shadows | ms/token | speed vs the int4 committee | kernel |", "|---|---|---|---|---|"]
+        rounds = len(data["decode"][0].get("ratios", [0]))
+        out += ["", f"## Decode at {DECODE_AT} (one token; {rounds} rounds of interleaved runs, each the best of 5; "
+                "medians)", "", "| policy | shadows | ms/token | speed vs the int4 committee | per round | kernel |",
+                "|---|---|---|---|---|---|"]
         out += [f"| {r['policy']} | {r['options'].get('shadow', '-')} | {r['ms_per_token']:.3f} | "
-                f"{r['speed_vs_committee']:.3f} | {r['kernel']} |" for r in data["decode"]]
+                f"{r['speed_vs_committee']:.3f} | {' '.join(f'{x:.3f}' for x in r.get('ratios', []))} | "
+                f"{r['kernel']} |" for r in data["decode"]]
     return "\n".join(out) + "\n"
 
 
@@ -253,6 +269,8 @@ def main() -> None:
     ap.add_argument("--write-errors", action="store_true", help="merge the measured errors into the LM's "
                                                                 "pcmoe_shadow_errors.json")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--only-decode", action="store_true", help="rerun the decode section into the JSON already "
+                                                                "written")
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -260,6 +278,14 @@ def main() -> None:
     data = {"max_tokens": args.max_tokens,
             "meta": {"commit": commit.strip(), "machine": f"{model}, {torch.get_num_threads()} threads",
                      "command": "python benchmarks/shadow_forms.py" + (" --write-errors" if args.write_errors else "")}}
+    if args.only_decode:
+        data = json.loads(Path(args.out + ".json").read_text())
+        data["decode"] = decode_runs()
+        data["meta"]["decode_commit"] = commit.strip()
+        atomic_write_text(Path(args.out + ".json"), json.dumps(data, indent=1))
+        atomic_write_text(Path(args.out + ".md"), markdown(data))
+        print(f"wrote {args.out}.json, .md (decode section)")
+        return
     data["errors"] = error_runs(args.write_errors)   # first: the chooser reads them in the runs below
     probe = pcmoe.load(LM, policy="full", progress=False)
     data["bytes"] = {f: S.shadow_nbytes(probe.family.kernel(), probe.blocks[0].experts.dtype, f) for f in FORMS}
