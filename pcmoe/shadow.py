@@ -710,10 +710,10 @@ def native_fits(bank: ShadowBank) -> bool:
     if bank.mode not in DEFAULT_GROUP or not isinstance(k, GluKernel) or bank.dtype != torch.bfloat16 or not silu:
         return False
     for name in k.linear_weights:
-        if bank.mode in VQ_BITS:      # groups of whole runs of 8 vector codes
+        if bank.mode in VQ_BITS:      # groups of whole runs of 8 vector codes; rows in pairs
             in_features = bank.bank[name + ".c"].shape[-1] * 8 // bits_of(bank.mode) * VQ_DIM
             groups = bank.bank[name + ".s"].shape[-1]
-            if (in_features // groups) % (8 * VQ_DIM):
+            if (in_features // groups) % (8 * VQ_DIM) or bank.bank[name + ".c"].shape[-2] % 2:
                 return False
         else:                         # groups of whole 16-weight masks
             in_features, groups = bank.bank[name + ".p"].shape[-1] * 8, bank.bank[name + ".s"].shape[-2]
