@@ -243,10 +243,20 @@ def _nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> torc
     return torch.cat([torch.cdist(x[i:i + chunk], codebook).argmin(dim=1) for i in range(0, len(x), chunk)])
 
 
-def kmeans(x: torch.Tensor, k: int, rounds: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+KMEANS_FIT_ROWS = 65536   # vectors the codebook is fitted on (more: a seeded sample; every vector is then coded)
+
+
+def kmeans(x: torch.Tensor, k: int, rounds: int = 12, seed: int = 0,
+           fit_rows: int = KMEANS_FIT_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means of x [M, 4]: (codebook [k, 4], codes [M]). Deterministic: the first centres
-    are rows drawn with a fixed seed; an empty cluster takes the row farthest from its centre."""
+    are rows drawn with a fixed seed; an empty cluster takes the row farthest from its centre.
+    Above `fit_rows` vectors the rounds run on a seeded sample of that many and the codes are each
+    vector's nearest centre (a gigabyte model's expert has ~2M vectors: 6 s each fitted on all of
+    them; the shipped LM's have 49K, fitted on all)."""
     gen = torch.Generator().manual_seed(seed)
+    everything = x
+    if len(x) > fit_rows:
+        x = x[torch.randperm(len(x), generator=gen)[:fit_rows]]
     codebook = x[torch.randperm(len(x), generator=gen)[:k]].clone()
     if len(codebook) < k:                                                       # fewer vectors than codes
         codebook = torch.cat([codebook, codebook[:1].expand(k - len(codebook), -1)])
@@ -259,7 +269,7 @@ def kmeans(x: torch.Tensor, k: int, rounds: int = 12, seed: int = 0) -> tuple[to
         if empty.any():
             far = (x - codebook[codes]).pow(2).sum(dim=1).topk(int(empty.sum())).indices
             codebook[empty] = x[far]
-    return codebook, _nearest(x, codebook)
+    return codebook, _nearest(everything, codebook)
 
 
 def quantize_vq(weights: dict[str, torch.Tensor], bits: int, groups: dict[str, int]) -> tuple:

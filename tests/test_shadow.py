@@ -122,6 +122,19 @@ def test_vector_codes_round_trip_and_dequantize_twin():
     assert torch.equal(again, S.quantize_vq(weights, 6, {"a": 32, "b": 32})[0])   # deterministic
 
 
+def test_kmeans_on_a_sample_codes_every_vector():
+    """Above fit_rows vectors the codebook is fitted on a seeded sample; every vector still gets its
+    nearest centre, and the error stays close to fitting on all of them."""
+    torch.manual_seed(6)
+    x = torch.randn(6000, S.VQ_DIM)
+    full_cb, full_codes = S.kmeans(x, 32)
+    cb, codes = S.kmeans(x, 32, fit_rows=1500)
+    assert codes.shape == (6000,) and torch.equal(codes, S._nearest(x, cb))
+    assert torch.equal(cb, S.kmeans(x, 32, fit_rows=1500)[0])                 # deterministic
+    err = float((cb[codes] - x).pow(2).mean())
+    assert err <= 1.05 * float((full_cb[full_codes] - x).pow(2).mean())
+
+
 def test_shadow_bytes_are_the_bits_they_claim():
     kernel = GluKernel(256, 256, torch.nn.functional.silu)   # the shipped LM's expert: 196608 weights
     weights = 3 * 256 * 256
