@@ -14,8 +14,8 @@ from pcmoe.testing import generate_with_budget_changes
 def _load(folder, **options):
     options.setdefault("update_every", 4)
     options.setdefault("margin", 0.0)
-    return pcmoe.load(folder, policy="committee", progress=False, synchronous=True, shadow="int2", kernel="eager",
-                      **options)
+    options.setdefault("shadow", "int2")
+    return pcmoe.load(folder, policy="committee", progress=False, synchronous=True, kernel="eager", **options)
 
 
 def _generate(engine, changes: dict):
@@ -120,3 +120,23 @@ def test_the_admin_call_changes_a_shadow_engines_budget(tiny_lm):
             assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
             assert client.post("/admin/budget", json={"budget": "1kB"}, headers=ok).status_code == 400
             assert engine.committee_sizes == body["committee_sizes"]
+
+
+def test_live_budget_keeps_each_layers_shadow_form(tiny_lm):
+    """A form per layer ("none" in some): a budget change resizes each layer's bank in its own form,
+    and a layer without a form gets no shadows at any budget."""
+    probe = pcmoe.load(tiny_lm, policy="full", progress=False)
+    L = len(probe.layers)
+    forms = (["vq7", "none", "int2"] * L)[:L]
+    with _load(tiny_lm, budget="70%experts", shadow=",".join(forms)) as engine:
+        small = engine.plan_budget("40%experts")
+        assert [c for c, f in zip(small.shadow_counts, forms) if f == "none"] == [0] * forms.count("none")
+        tokens, seen = _generate(engine, {5: "40%experts", 15: "90%experts"})
+        assert len(tokens) == 30
+        assert _shadow_counts(seen[6]) == list(small.shadow_counts) and small.shadow_counts[0] > 0   # vq7 layer
+        for layer, form in zip(engine.layers, forms):
+            bank = layer.controller.chooser.shadows if layer.controller.chooser else None
+            assert (bank.mode if bank is not None else "none") in (form, "none")
+            if form == "none":
+                assert bank is None
+        _check_banks(engine)
