@@ -579,10 +579,11 @@ def _chooser_counts(controller) -> dict:
 
 
 def _shadow_row(controller, row: dict) -> dict:
-    """A layer's shadow experts in stats(): how many, their bytes and measured error, and answers."""
+    """A layer's shadow experts in stats(): their form, how many, their bytes and measured error, and answers."""
     chooser = getattr(controller, "chooser", None)
     bank = chooser.shadows if chooser is not None else None
-    return {"shadow_experts": len(bank.experts) if bank is not None else 0,
+    return {"shadow_form": bank.mode if bank is not None else None,
+            "shadow_experts": len(bank.experts) if bank is not None else 0,
             "shadow_bytes": bank.nbytes if bank is not None else 0,
             "shadow_error": chooser.errors.get("shadow") if bank is not None else None,
             "shadowed": row["shadowed"], "waited": row["waited"]}

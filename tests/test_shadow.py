@@ -260,6 +260,7 @@ def test_shadow_forms_per_layer(qwen):
                             shadow_experts=3)
         banks = [c.chooser.shadows for c in engine.controllers]
         assert [b.mode if b is not None else "none" for b in banks] == forms
+        assert [row["shadow_form"] or "none" for row in engine.stats()["per_layer"]] == forms
         assert engine.committee_sizes == [1] * L
         assert engine.stats()["shadow_bytes"] == sum(b.nbytes for b in banks if b is not None) <= budget
         _logits(engine, IDS)
