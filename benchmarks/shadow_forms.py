@@ -10,7 +10,8 @@ docs/results/shadow_forms.json, .md and .png (atomically).
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/shadow_forms.py [--max-tokens 4096] [--write-errors]
 
 --write-errors merges the measured errors into models/pcmoe-lm/pcmoe_shadow_errors.json (the
-chooser's per-layer errors; first 2048 tokens of eval/stdlib.txt, as that file's other forms).
+chooser's per-layer errors; first 2048 tokens of eval/stdlib.txt, as that file's other forms) and
+models/pcmoe-vit's (256 stream frames of the Fashion-MNIST train split, seed 5).
 Perplexity does not depend on machine load; the eval speeds (teacher-forced chunks of 32 tokens: the
 prefill path) and the decode section do: run it alone on the machine.
 """
@@ -127,6 +128,34 @@ def error_runs(write: bool) -> dict:
     return measured
 
 
+VIT = ROOT / "models" / "pcmoe-vit"
+
+
+def vision_error_runs(write: bool) -> dict:
+    """The same errors on the vision model: 256 stream frames of the Fashion-MNIST train split
+    (seed 5), as its pcmoe_shadow_errors.json's other forms."""
+    from pcmoe.models.vit_moe import frame_stream, load_fashion_mnist
+
+    engine = pcmoe.load(VIT, policy="full", progress=False)
+    images, labels = load_fashion_mnist("train")
+
+    def feed():
+        for frame, _ in frame_stream(images, labels, 256, seed=5):
+            engine.model(pixel_values=frame)
+    measured = S.measure(engine, feed, [(f, None, None) for f in FORMS])
+    engine.close()
+    if write:
+        import contextlib
+
+        from pcmoe.checkpoint import Checkpoint, read_config_dict
+
+        with contextlib.closing(Checkpoint(VIT, read_config_dict(VIT))) as ckpt:
+            fingerprint = ckpt.fingerprint()
+        S.write_errors(VIT / S.ERRORS_FILE, fingerprint, measured, 256,
+                       "Fashion-MNIST train split, 256 stream frames (seed 5)")
+    return measured
+
+
 @torch.inference_mode()
 def decode_runs(rounds: int = 5, repeats: int = 5, tokens: int = 48) -> list[dict]:
     """`rounds` rounds of interleaved timing (each configuration's best of `repeats`); the ratio to the
@@ -197,6 +226,11 @@ def markdown(data: dict) -> str:
             return f"{r['ppl']:.2f} ({r['ppl'] / full:.3f}x, {r['shadow'] or r['policy']})" if r else "-"
         out.append(f"| {budget} | {cell(kinds.get('no shadows'))} | {cell(kinds.get('one form'))} | "
                    f"{cell(kinds.get('mixed'))} |")
+    if data.get("vision_errors"):
+        out += ["", "## Vision model: relative output error per layer (256 train-split stream frames)", "",
+                "| form | layer errors |", "|---|---|"]
+        out += [f"| {key} | " + " ".join(f"{e['shadow']:.3f}" for e in layers) + " |"
+                for key, layers in data["vision_errors"].items()]
     if data.get("planned"):
         out += ["", "## Planned (`pcmoe plan --weights W`, then the plan measured as above)", "",
                 "| weights | policy | committee | precisions | shadow forms per layer | F | ppl | x full | "
@@ -287,6 +321,7 @@ def main() -> None:
         print(f"wrote {args.out}.json, .md (decode section)")
         return
     data["errors"] = error_runs(args.write_errors)   # first: the chooser reads them in the runs below
+    data["vision_errors"] = vision_error_runs(args.write_errors)
     probe = pcmoe.load(LM, policy="full", progress=False)
     data["bytes"] = {f: S.shadow_nbytes(probe.family.kernel(), probe.blocks[0].experts.dtype, f) for f in FORMS}
     probe.close()
