@@ -131,7 +131,7 @@ static void gemv_vq(int bits, const uint8_t *codes, const uint16_t *scale, const
         const size_t stride = (size_t)runs * bits;
         if (bits == 6) vq_rows_6(row, stride, sc, groups, table, runs, groups, runs_per_group, y + o);
         else if (bits == 7) vq_rows_7(row, stride, sc, groups, table, runs, groups, runs_per_group, y + o);
-        else vq_rows_8(row, stride, sc, groups, table, runs, groups, runs_per_group, y + o);
+        else vq_rows_8(row, stride, sc, groups, table, runs, groups, runs_per_group, y + o);   /* 6..8: VQ_BITS */
     }
 }
 
