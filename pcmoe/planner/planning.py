@@ -208,9 +208,7 @@ def config_of_plan(data: dict, space: SearchSpace | None = None) -> Config:
     if isinstance(shadow, list):
         shadow = shadow_setting(shadow)
     if space is not None:   # a quantised one / a shadow where none is searched: validate says no
-        nonexpert = space.nonexpert_of(nonexpert)
-        shadow = shadow_setting([space.shadow_of(f) for f in shadow]) if isinstance(shadow, tuple) \
-            else space.shadow_of(shadow)
+        nonexpert, shadow = space.nonexpert_of(nonexpert), space.shadow_of(shadow)
     return Config(sizes=tuple(sizes), precisions=tuple(precisions), interval=options.get("update_every", 16),
                   nonexpert_precision=nonexpert, shadow=shadow)
 

@@ -78,9 +78,11 @@ class SearchSpace:
             return self.nonexpert_precisions[0] if value is None else value
         return None if value == "full" else value
 
-    def shadow_of(self, value: str | None) -> str | None:
-        """A configuration's shadow form as this space names it: null is "none" where the space
-        searches shadows, and "none" is null where it does not."""
+    def shadow_of(self, value: str | tuple | list | None) -> str | tuple | None:
+        """A configuration's shadow form(s) as this space names them: null is "none" where the space
+        searches shadows, and "none" is null where it does not; one per layer for a tuple or list."""
+        if isinstance(value, (list, tuple)):
+            return shadow_setting([self.shadow_of(f) for f in value])
         if self.shadow_modes:
             return NO_SHADOW if value is None else value
         return None if value == NO_SHADOW else value
@@ -218,9 +220,7 @@ class Config:
         elif shadow is not None and not isinstance(shadow, str):
             raise PlanError("shadow must be a form or a list of forms, one per MoE layer")
         if space is not None:
-            nonexpert = space.nonexpert_of(nonexpert)
-            shadow = shadow_setting([space.shadow_of(f) for f in shadow]) if isinstance(shadow, tuple) \
-                else space.shadow_of(shadow)
+            nonexpert, shadow = space.nonexpert_of(nonexpert), space.shadow_of(shadow)
         config = cls(sizes=tuple(sizes), precisions=tuple(precisions), interval=data["update_every"],
                      nonexpert_precision=nonexpert, shadow=shadow)
         return config.validate(space) if space is not None else config

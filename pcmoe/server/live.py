@@ -25,7 +25,7 @@ def planned_sizes(engine, budget) -> tuple[list[int] | None, str]:
         return None, "uniform"
     try:
         from pcmoe.planner.planning import Planner, profile_file, read_profile_data
-        from pcmoe.planner.space import Config, shadow_setting
+        from pcmoe.planner.space import Config
 
         path = profile_file(engine.checkpoint.folder)
         if not path.exists():
@@ -38,9 +38,7 @@ def planned_sizes(engine, budget) -> tuple[list[int] | None, str]:
         interval = min(space.intervals, key=lambda f: abs(f - engine.options.update_every))
 
         nonexpert = engine.load_info.get("nonexpert_precision", "full") if space.nonexpert_precisions else None
-        held = getattr(engine.options, "shadow", None)   # one form, or one per layer (None: none there)
-        shadow = shadow_setting([space.shadow_of(f) for f in held]) if isinstance(held, tuple) \
-            else space.shadow_of(held)
+        shadow = space.shadow_of(getattr(engine.options, "shadow", None))   # one form, or one per layer
 
         def losses(candidates: list[list[int]]):
             return planner.quality(space.encode([Config(tuple(c), precisions, interval, nonexpert, shadow)
