@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 import pcmoe
+from pcmoe.bench.common import interleaved_decode_s
 from pcmoe.evaluate import perplexity
 from pcmoe.protocol import read_documents
 from pcmoe.system import atomic_write_text
@@ -90,16 +90,7 @@ def vision_runs(frames: int) -> list[dict]:
 def decode_runs(repeats: int = 5, tokens: int = 48) -> list[dict]:
     engines = [pcmoe.load(LM, budget=b, policy=p, progress=False, **o) for b, p, o in DECODE]
     prompt = engines[0].encode((LM / "eval" / "heldout.txt").read_text()[:2000])[:64]
-    best = [float("inf")] * len(engines)
-    for _ in range(repeats):  # interleaved: machine load slows every configuration alike
-        for i, engine in enumerate(engines):
-            logits, state = engine.prefill(prompt)
-            token = int(logits.argmax())
-            t0 = time.perf_counter()
-            for _ in range(tokens):
-                logits = engine.decode_step(state, token)
-                token = int(logits.argmax())
-            best[i] = min(best[i], (time.perf_counter() - t0) / tokens)
+    best = interleaved_decode_s(engines, prompt, repeats, tokens)
     return [{**_row(b, p, o), "ms_per_token": t * 1e3, "speed_vs_first": best[0] / t, "kernel": e.load_info["kernel"]}
             for (b, p, o), t, e in zip(DECODE, best, engines)]
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import torch
 
 import pcmoe
 from pcmoe import shadow as S
+from pcmoe.bench.common import git_commit, interleaved_decode_s, machine
 from pcmoe.evaluate import perplexity
 from pcmoe.protocol import read_documents
 from pcmoe.system import atomic_write_text
@@ -116,15 +116,10 @@ def error_runs(write: bool) -> dict:
     engine = pcmoe.load(LM, policy="full", progress=False)
     ids = engine.encode((LM / "eval" / "stdlib.txt").read_text())[:2048]
     measured = S.measure(engine, S.lm_feed(engine, ids), [(f, None, None) for f in FORMS])
-    engine.close()
     if write:
-        import contextlib
-
-        from pcmoe.checkpoint import Checkpoint, read_config_dict
-
-        with contextlib.closing(Checkpoint(LM, read_config_dict(LM))) as ckpt:
-            fingerprint = ckpt.fingerprint()
-        S.write_errors(LM / S.ERRORS_FILE, fingerprint, measured, len(ids), "eval/stdlib.txt (first 2048 tokens)")
+        S.write_errors(LM / S.ERRORS_FILE, engine.checkpoint.fingerprint(), measured, len(ids),
+                       "eval/stdlib.txt (first 2048 tokens)")
+    engine.close()
     return measured
 
 
@@ -143,16 +138,10 @@ def vision_error_runs(write: bool) -> dict:
         for frame, _ in frame_stream(images, labels, 256, seed=5):
             engine.model(pixel_values=frame)
     measured = S.measure(engine, feed, [(f, None, None) for f in FORMS])
-    engine.close()
     if write:
-        import contextlib
-
-        from pcmoe.checkpoint import Checkpoint, read_config_dict
-
-        with contextlib.closing(Checkpoint(VIT, read_config_dict(VIT))) as ckpt:
-            fingerprint = ckpt.fingerprint()
-        S.write_errors(VIT / S.ERRORS_FILE, fingerprint, measured, 256,
+        S.write_errors(VIT / S.ERRORS_FILE, engine.checkpoint.fingerprint(), measured, 256,
                        "Fashion-MNIST train split, 256 stream frames (seed 5)")
+    engine.close()
     return measured
 
 
@@ -164,19 +153,7 @@ def decode_runs(rounds: int = 5, repeats: int = 5, tokens: int = 48) -> list[dic
 
     engines = [pcmoe.load(LM, budget=DECODE_AT, policy=p, progress=False, **BASE, **o) for p, o in DECODE]
     prompt = engines[0].encode((LM / "eval" / "heldout.txt").read_text()[:2000])[:64]
-    per_round = []
-    for _ in range(rounds):
-        best = [float("inf")] * len(engines)
-        for _ in range(repeats):  # interleaved: machine load slows every configuration alike
-            for i, engine in enumerate(engines):
-                logits, state = engine.prefill(prompt)
-                token = int(logits.argmax())
-                t0 = time.perf_counter()
-                for _ in range(tokens):
-                    logits = engine.decode_step(state, token)
-                    token = int(logits.argmax())
-                best[i] = min(best[i], (time.perf_counter() - t0) / tokens)
-        per_round.append(best)
+    per_round = [interleaved_decode_s(engines, prompt, repeats, tokens) for _ in range(rounds)]
     out = []
     for i, ((p, o), e) in enumerate(zip(DECODE, engines)):
         ratios = [r[0] / r[i] for r in per_round]
@@ -306,16 +283,14 @@ def main() -> None:
     ap.add_argument("--only-decode", action="store_true", help="rerun the decode section into the JSON already "
                                                                 "written")
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), "unknown CPU")
+    commit = git_commit(ROOT)
     data = {"max_tokens": args.max_tokens,
-            "meta": {"commit": commit.strip(), "machine": f"{model}, {torch.get_num_threads()} threads",
+            "meta": {"commit": commit, "machine": f"{machine()['cpu']}, {torch.get_num_threads()} threads",
                      "command": "python benchmarks/shadow_forms.py" + (" --write-errors" if args.write_errors else "")}}
     if args.only_decode:
         data = json.loads(Path(args.out + ".json").read_text())
         data["decode"] = decode_runs()
-        data["meta"]["decode_commit"] = commit.strip()
+        data["meta"]["decode_commit"] = commit
         atomic_write_text(Path(args.out + ".json"), json.dumps(data, indent=1))
         atomic_write_text(Path(args.out + ".md"), markdown(data))
         print(f"wrote {args.out}.json, .md (decode section)")

@@ -209,6 +209,27 @@ def read_figures(meter: ReadMeter, result: dict, prompts, decode_tokens: int, co
 # -- files ---------------------------------------------------------------------------------------
 
 
+def interleaved_decode_s(engines, prompt: list[int], repeats: int = 5, tokens: int = 48) -> list[float]:
+    """Each engine's best seconds per greedy decode step over `repeats` runs of `tokens` steps after
+    a prefill of `prompt`, the engines taking turns (machine load then slows every one alike)."""
+    import time
+
+    import torch
+
+    best = [float("inf")] * len(engines)
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for i, engine in enumerate(engines):
+                logits, state = engine.prefill(prompt)
+                token = int(logits.argmax())
+                t0 = time.perf_counter()
+                for _ in range(tokens):
+                    logits = engine.decode_step(state, token)
+                    token = int(logits.argmax())
+                best[i] = min(best[i], (time.perf_counter() - t0) / tokens)
+    return best
+
+
 def savefig(fig, path: str | os.PathLike, dpi: int = 110) -> None:
     """Render a matplotlib figure to PNG and write it atomically (temporary name beside it, then
     os.replace): a reader never sees half a PNG."""
