@@ -289,15 +289,22 @@ def test_shadow_options_are_checked(qwen):
         pcmoe.load(qwen, budget="50%experts", policy="on-demand", shadow="int2", progress=False)
 
 
-@pytest.mark.parametrize("mode", ["int1", "int2", "int3", "vq6", "vq7", "vq8"])
-def test_native_shadow_kernel_agrees_with_the_eager_path(mode):
+def _native_test_bank(mode: str, seed: int):
+    """A bf16 SiLU GLU bank (H 256, I 128) with the shadows of experts 0 and 2 of 3 written (eager
+    still: use_native() is the caller's); skips where the native kernels do not run."""
     if S.native_kernels() is None:
         pytest.skip(f"native kernels not available: {S._native_state[1]}")
-    torch.manual_seed(2)
+    torch.manual_seed(seed)
     kernel = GluKernel(256, 128, torch.nn.functional.silu)
     bank = S.ShadowBank(kernel, 3, [0, 2], torch.bfloat16, mode)
     for e in (0, 2):
         bank.write(e, {n: (torch.randn(s) * 0.05).to(torch.bfloat16) for n, s in kernel.tensors.items()})
+    return kernel, bank
+
+
+@pytest.mark.parametrize("mode", ["int1", "int2", "int3", "vq6", "vq7", "vq8"])
+def test_native_shadow_kernel_agrees_with_the_eager_path(mode):
+    kernel, bank = _native_test_bank(mode, seed=2)
     x = torch.randn(3, 256).to(torch.bfloat16)
     eager = [bank.forward_one(x, e).float() for e in (0, 2)]
     assert bank.use_native()
@@ -313,13 +320,7 @@ def test_native_shadow_kernel_agrees_with_the_eager_path(mode):
 def test_native_dequantisation_is_the_eager_one(mode):
     """Many tokens through a native-backed shadow: the weights dequantised by the native kernel are
     bit-identical to dequantize_into's (the same float32 arithmetic, one rounding to bf16)."""
-    if S.native_kernels() is None:
-        pytest.skip(f"native kernels not available: {S._native_state[1]}")
-    torch.manual_seed(5)
-    kernel = GluKernel(256, 128, torch.nn.functional.silu)
-    bank = S.ShadowBank(kernel, 3, [0, 2], torch.bfloat16, mode)
-    for e in (0, 2):
-        bank.write(e, {n: (torch.randn(s) * 0.05).to(torch.bfloat16) for n, s in kernel.tensors.items()})
+    kernel, bank = _native_test_bank(mode, seed=5)
     assert bank.use_native()
     codes = ".c" if mode in S.VQ_BITS else ".p"
     for e in (0, 2):
